@@ -53,9 +53,10 @@ CREATE TABLE outbox_message (
     )
 );
 
--- The relay's claim: pending rows of owned partitions in commit order.
+-- The relay's claim: pending rows in commit order (filtered by owned partition). Ordered by
+-- seq alone so a claim reads the head of the backlog instead of sorting all of it.
 CREATE INDEX outbox_message_claim_idx
-    ON outbox_message (partition_id, seq)
+    ON outbox_message (seq)
     WHERE status = 'pending';
 
 -- Per-key ordering: the earliest unpublished row of a key blocks later ones.

@@ -1,0 +1,113 @@
+//! The embedded migrator against a real PostgreSQL.
+
+use migrations::{Error, MIGRATIONS, migrate};
+use sqlx::{Connection, PgConnection};
+use testkit::Postgres;
+
+async fn connect(url: &str) -> PgConnection {
+    PgConnection::connect(url).await.expect("connect")
+}
+
+#[tokio::test]
+async fn applies_everything_once_and_is_idempotent() {
+    let pg = Postgres::start().await.expect("start PostgreSQL");
+    let url = pg.fresh_database().await.expect("db");
+    let mut conn = connect(&url).await;
+
+    let first = migrate(&mut conn).await.expect("first run");
+    let all: Vec<i64> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(first.applied, all);
+    let second = migrate(&mut conn).await.expect("second run");
+    assert!(second.applied.is_empty(), "nothing to do the second time");
+
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = 'public' ORDER BY table_name",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("tables");
+    assert_eq!(
+        tables,
+        [
+            "dead_letter",
+            "inbox_message",
+            "outbox_message",
+            "outbox_toolkit_migration"
+        ]
+    );
+
+    // Named constraints hold: an unknown status is refused by the CHECK.
+    let refused = sqlx::query(
+        "INSERT INTO outbox_message (id, subject, event_type, source, partition_key, occurred_at, payload, status)
+         VALUES (gen_random_uuid(), 's', 't.v1', 'src', 'k', now(), '', 'lost')",
+    )
+    .execute(&mut conn)
+    .await
+    .expect_err("bad status");
+    assert_eq!(
+        refused.as_database_error().and_then(|e| e.constraint()),
+        Some("outbox_message_status_check")
+    );
+    // The partition is derived in SQL, the same for the same key.
+    let partitions: Vec<i16> = sqlx::query_scalar(
+        "INSERT INTO outbox_message (id, subject, event_type, source, partition_key, occurred_at, payload)
+         VALUES (gen_random_uuid(), 's', 't.v1', 'src', 'same', now(), ''),
+                (gen_random_uuid(), 's', 't.v1', 'src', 'same', now(), '')
+         RETURNING partition_id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("insert");
+    assert_eq!(partitions[0], partitions[1]);
+    assert!((0..256).contains(&partitions[0]));
+}
+
+#[tokio::test]
+async fn concurrent_migrators_serialise() {
+    let pg = Postgres::start().await.expect("start PostgreSQL");
+    let url = pg.fresh_database().await.expect("db");
+    let mut runs = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        runs.push(tokio::spawn(async move {
+            let mut conn = connect(&url).await;
+            migrate(&mut conn).await.expect("migrate").applied.len()
+        }));
+    }
+    let mut applied = Vec::new();
+    for run in runs {
+        applied.push(run.await.expect("task"));
+    }
+    applied.sort_unstable();
+    assert_eq!(
+        applied,
+        [0, 0, 0, MIGRATIONS.len()],
+        "exactly one process applies the schema"
+    );
+}
+
+#[tokio::test]
+async fn an_edited_migration_is_refused_and_nothing_changes() {
+    let pg = Postgres::start().await.expect("start PostgreSQL");
+    let url = pg.fresh_database().await.expect("db");
+    let mut conn = connect(&url).await;
+    migrate(&mut conn).await.expect("migrate");
+    sqlx::query("UPDATE outbox_toolkit_migration SET checksum = 'edited' WHERE version = 2")
+        .execute(&mut conn)
+        .await
+        .expect("tamper");
+    sqlx::query("DELETE FROM outbox_toolkit_migration WHERE version = 3")
+        .execute(&mut conn)
+        .await
+        .expect("forget 3");
+    match migrate(&mut conn).await {
+        Err(Error::Modified { version: 2, .. }) => {}
+        other => panic!("expected Modified for version 2, got {other:?}"),
+    }
+    let recorded: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_toolkit_migration")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+    assert_eq!(recorded, 2, "the refused run recorded nothing");
+}

@@ -1,0 +1,49 @@
+//! Write events in the same PostgreSQL transaction as the business change.
+//!
+//! [`Outbox::enqueue`] inserts a row into `outbox_message` through the caller's own
+//! connection, so the event commits or rolls back with the business rows: no dual write.
+//! Nothing is published from the request path; the relay publishes committed rows.
+//!
+//! ```no_run
+//! # use outbox::{Outbox, Event};
+//! # use serde::{Serialize, Deserialize};
+//! # #[derive(Serialize, Deserialize)] struct OrderCreated { order_id: String }
+//! # impl Event for OrderCreated {
+//! #     const NAME: &'static str = "order.created";
+//! #     const VERSION: u32 = 1;
+//! #     fn partition_key(&self) -> String { self.order_id.clone() }
+//! # }
+//! # async fn place(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! let outbox = Outbox::new("order-service")?;
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("INSERT INTO orders (id) VALUES ($1)").bind("o-1").execute(&mut *tx).await?;
+//! outbox.enqueue(&mut tx, &OrderCreated { order_id: "o-1".into() }).await?;
+//! tx.commit().await?; // the order and its event become visible together
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`config`]: [`OutboxConfig`], the producer settings, with `validate()`.
+//! - [`message`]: [`Message`], a raw or typed message before validation.
+//! - [`outbox`](mod@outbox): [`Outbox`], validation and the enqueue API.
+//! - [`store`]: all SQL on `outbox_message` issued by producers.
+//! - [`trace`]: capture of the current span's W3C trace context.
+//! - [`error`]: [`Error`], one variant per cause.
+
+pub mod config;
+pub mod error;
+pub mod message;
+pub mod outbox;
+pub mod store;
+pub mod trace;
+
+pub use config::OutboxConfig;
+pub use envelope::{Envelope, Event, MessageId, TraceContext};
+pub use error::{Error, ErrorKind};
+pub use message::Message;
+pub use outbox::Outbox;
+
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

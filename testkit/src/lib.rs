@@ -1,0 +1,37 @@
+//! Test-only kit: real PostgreSQL and `nats-server -js` processes on free ports, one per test,
+//! with kill/stop/restart/pause controls for chaos tests, and a fault-injecting TCP proxy.
+//! Linux only. Nothing here is mocked, and a missing binary is an error naming the install
+//! command, never a silent skip.
+//!
+//! Layout:
+//! - `postgres`: [`Postgres`] — initdb template cache, server process, [`Postgres::fresh_database`]
+//! - `nats`: [`NatsServer`], [`NatsConfig`] — `nats-server -js` with a temp JetStream store
+//! - `proxy`: [`TcpProxy`] — latency, stall and cut between a client and a server
+//! - `wait`: [`wait_until`] (poll a condition with a deadline) and [`free_port`]
+//! - `error`: [`Error`], the one error type, and [`Result`]
+//! - `process` (private): a server child and its process tree: log file, signals, kill on drop
+//! - `sys` (private): the only `unsafe` — signals, `geteuid`, `PR_SET_PDEATHSIG`, reaping
+//!
+//! `DATABASE_URL` / `NATS_URL`, when set, make [`Postgres::start`] / [`NatsServer::start`] use
+//! that external server instead; process controls then fail with [`Error::ExternalServer`].
+//!
+//! Cleanup: dropping a server (also while a test panics) stops it, SIGKILLs whatever is left
+//! of its process tree and deletes its directory. If the test process itself dies, the kernel
+//! SIGKILLs the servers (`PR_SET_PDEATHSIG`, set from one long-lived spawner thread because the
+//! signal fires when the spawning *thread* exits); their temp dirs are then left behind. The
+//! first server started makes the test process a child subreaper, so the backends of a killed
+//! postmaster are reaped by testkit rather than left as zombies.
+
+mod error;
+mod nats;
+mod postgres;
+mod process;
+mod proxy;
+mod sys;
+mod wait;
+
+pub use error::{Error, Result};
+pub use nats::{NatsConfig, NatsServer, find_nats_server};
+pub use postgres::{Postgres, find_postgres_bin_dir};
+pub use proxy::TcpProxy;
+pub use wait::{free_port, wait_until};
