@@ -2,7 +2,7 @@
 //!
 //! The numbered SQL files in `migrations/sql/` create the three tables, one owner each:
 //! `outbox_message` (outbox crate and relay), `inbox_message` (inbox crate) and
-//! `dead_letter` (dlq crate). [`migrate`] applies the ones a database lacks, in order, in one
+//! `dead_letter` (dlq crate), and `relay_instance` / `relay_partition_lease` (relay crate). [`migrate`] applies the ones a database lacks, in order, in one
 //! transaction, under an advisory lock so that several processes (relays starting together)
 //! can call it at once. Applied versions are recorded in `outbox_toolkit_migration`, a table
 //! of its own, so the toolkit's schema never collides with an application's own sqlx or
@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "dead_letter",
         sql: include_str!("../sql/0003_dead_letter.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "relay_partition",
+        sql: include_str!("../sql/0004_relay_partition.sql"),
     },
 ];
 

@@ -135,3 +135,375 @@ fn first_repeated(envs: &[Envelope]) -> Option<MessageId> {
         .map(|env| env.id)
         .find(|id| !seen.insert(id.as_uuid()))
 }
+
+// ---------------------------------------------------------------------------------------
+// Relay-side statements. The relay crate calls these; they live here so that every
+// statement on `outbox_message` has one home.
+// ---------------------------------------------------------------------------------------
+
+/// An outbox row claimed by a relay, with everything needed to publish it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedRow {
+    /// The message id.
+    pub id: Uuid,
+    /// Commit-ordered position.
+    pub seq: i64,
+    /// Subject to publish on.
+    pub subject: String,
+    /// Full versioned type.
+    pub event_type: String,
+    /// Producing service.
+    pub source: String,
+    /// Ordering key.
+    pub partition_key: String,
+    /// Event time.
+    pub occurred_at: time::OffsetDateTime,
+    /// Correlation id.
+    pub correlation_id: Option<String>,
+    /// Causing message.
+    pub causation_id: Option<Uuid>,
+    /// W3C traceparent.
+    pub traceparent: Option<String>,
+    /// W3C tracestate.
+    pub tracestate: Option<String>,
+    /// Payload media type.
+    pub content_type: Option<String>,
+    /// Free-form headers (a JSON object of strings).
+    pub headers: serde_json::Value,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Failed publish attempts so far.
+    pub attempts: i32,
+}
+
+impl ClaimedRow {
+    /// Rebuilds the envelope, validating every field as enqueue does. A row written around
+    /// the outbox API (plain SQL) can fail here; such a row can never be published.
+    pub fn to_envelope(&self) -> Result<Envelope, envelope::Error> {
+        use envelope::{EventType, HeaderText, Headers, PartitionKey, Subject, TraceContext};
+        let mut headers = Headers::new();
+        if let Some(map) = self.headers.as_object() {
+            for (name, value) in map {
+                let value = value.as_str().ok_or_else(|| envelope::Error::InvalidText {
+                    field: format!("header {name:?}"),
+                    reason: "stored value is not a string",
+                })?;
+                headers.insert(name.clone(), value)?;
+            }
+        }
+        Ok(Envelope {
+            id: MessageId::from_uuid(self.id),
+            subject: Subject::new(self.subject.clone())?,
+            event_type: EventType::parse(&self.event_type)?,
+            source: HeaderText::new("source", self.source.clone())?,
+            partition_key: PartitionKey::new(self.partition_key.clone())?,
+            occurred_at: self.occurred_at,
+            correlation_id: self
+                .correlation_id
+                .clone()
+                .map(|c| HeaderText::new("correlation id", c))
+                .transpose()?,
+            causation_id: self.causation_id.map(MessageId::from_uuid),
+            trace: self
+                .traceparent
+                .clone()
+                .map(|p| TraceContext::new(p, self.tracestate.clone()))
+                .transpose()?,
+            content_type: self
+                .content_type
+                .clone()
+                .map(|c| HeaderText::new("content type", c))
+                .transpose()?,
+            headers,
+            payload: bytes::Bytes::from(self.payload.clone()),
+        })
+    }
+}
+
+/// Claims up to `limit` pending, available rows of the partitions `owner` holds a live lease
+/// on, in `seq` order, for `claim_ttl_ms`; returns them in `seq` order.
+///
+/// Per-key order: a row is skipped while an earlier row of its key is claimed (in flight) or
+/// waiting out a backoff, so a key's rows are never published out of order across batches or
+/// relay instances. Rows locked by another transaction are skipped (`SKIP LOCKED`).
+pub async fn claim_batch(
+    conn: &mut PgConnection,
+    owner: &str,
+    limit: i64,
+    claim_ttl_ms: i64,
+) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    let mut rows: Vec<ClaimedRow> = sqlx::query_as(
+        "WITH owned AS (
+             SELECT partition_id FROM relay_partition_lease
+             WHERE owner = $1 AND lease_until > now()
+         ), candidate AS (
+             SELECT m.id FROM outbox_message m
+             WHERE m.status = 'pending'
+               AND m.available_at <= now()
+               AND m.partition_id IN (SELECT partition_id FROM owned)
+               AND NOT EXISTS (
+                   SELECT 1 FROM outbox_message e
+                   WHERE e.partition_key = m.partition_key
+                     AND e.seq < m.seq
+                     AND e.status <> 'published'
+                     AND (e.status = 'claimed' OR e.available_at > now())
+               )
+             ORDER BY m.seq
+             LIMIT $2
+             FOR UPDATE OF m SKIP LOCKED
+         )
+         UPDATE outbox_message o
+         SET status = 'claimed', claimed_by = $1,
+             claimed_until = now() + make_interval(secs => $3::double precision / 1000)
+         FROM candidate c
+         WHERE o.id = c.id
+         RETURNING o.id, o.seq, o.subject, o.event_type, o.source, o.partition_key,
+             o.occurred_at, o.correlation_id, o.causation_id, o.traceparent, o.tracestate,
+             o.content_type, o.headers, o.payload, o.attempts",
+    )
+    .bind(owner)
+    .bind(limit)
+    .bind(claim_ttl_ms)
+    .fetch_all(conn)
+    .await?;
+    rows.sort_unstable_by_key(|r| r.seq);
+    Ok(rows)
+}
+
+/// Where the broker stored one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The message id.
+    pub id: Uuid,
+    /// The PubAck's stream.
+    pub stream: String,
+    /// The PubAck's stream sequence.
+    pub stream_seq: i64,
+}
+
+/// Marks rows published with their PubAck, whatever their claim state (a row whose claim
+/// expired was still published). With `delete` the rows are removed instead of kept for the
+/// retention period. Returns how many rows changed.
+pub async fn mark_published(
+    conn: &mut PgConnection,
+    acks: &[Published],
+    delete: bool,
+) -> Result<u64, sqlx::Error> {
+    if acks.is_empty() {
+        return Ok(0);
+    }
+    if delete {
+        let ids: Vec<Uuid> = acks.iter().map(|a| a.id).collect();
+        let done = sqlx::query("DELETE FROM outbox_message WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(conn)
+            .await?;
+        return Ok(done.rows_affected());
+    }
+    let ids: Vec<Uuid> = acks.iter().map(|a| a.id).collect();
+    let streams: Vec<&str> = acks.iter().map(|a| a.stream.as_str()).collect();
+    let seqs: Vec<i64> = acks.iter().map(|a| a.stream_seq).collect();
+    let done = sqlx::query(
+        "UPDATE outbox_message o
+         SET status = 'published', published_at = now(), claimed_by = NULL,
+             claimed_until = NULL, last_error = NULL, stream = a.stream, stream_seq = a.seq
+         FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS a(id, stream, seq)
+         WHERE o.id = a.id AND o.status <> 'published'",
+    )
+    .bind(ids)
+    .bind(streams)
+    .bind(seqs)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A claimed row going back to `pending`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// The message id.
+    pub id: Uuid,
+    /// Whether this counts as a failed attempt.
+    pub failed: bool,
+    /// How long to wait before it may be claimed again, in milliseconds.
+    pub delay_ms: i64,
+    /// The error to record, if it failed.
+    pub error: Option<String>,
+}
+
+/// Returns claimed rows of `owner` to `pending`, counting failures and setting backoff.
+/// Rows no longer claimed by `owner` (rescued and re-claimed meanwhile) are left alone.
+pub async fn release(
+    conn: &mut PgConnection,
+    owner: &str,
+    rows: &[Release],
+) -> Result<u64, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let failed: Vec<i32> = rows.iter().map(|r| i32::from(r.failed)).collect();
+    let delays: Vec<i64> = rows.iter().map(|r| r.delay_ms).collect();
+    let errors: Vec<Option<&str>> = rows.iter().map(|r| r.error.as_deref()).collect();
+    let done = sqlx::query(
+        "UPDATE outbox_message o
+         SET status = 'pending', claimed_by = NULL, claimed_until = NULL,
+             attempts = o.attempts + r.failed,
+             available_at = now() + make_interval(secs => r.delay_ms::double precision / 1000),
+             last_error = coalesce(r.error, o.last_error)
+         FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::text[]) AS r(id, failed, delay_ms, error)
+         WHERE o.id = r.id AND o.status = 'claimed' AND o.claimed_by = $5",
+    )
+    .bind(ids)
+    .bind(failed)
+    .bind(delays)
+    .bind(errors)
+    .bind(owner)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes rows claimed by `owner` that are being moved to the dead-letter store, returning
+/// them; call it in the transaction that records the dead letters.
+pub async fn take_for_dead_letter(
+    conn: &mut PgConnection,
+    owner: &str,
+    ids: &[Uuid],
+) -> Result<Vec<ClaimedRow>, sqlx::Error> {
+    sqlx::query_as(
+        "DELETE FROM outbox_message
+         WHERE id = ANY($1) AND status = 'claimed' AND claimed_by = $2
+         RETURNING id, seq, subject, event_type, source, partition_key, occurred_at,
+             correlation_id, causation_id, traceparent, tracestate, content_type, headers,
+             payload, attempts",
+    )
+    .bind(ids)
+    .bind(owner)
+    .fetch_all(conn)
+    .await
+}
+
+/// Returns to `pending` the claims that expired or whose relay instance stopped
+/// heartbeating for `dead_after_ms`; at most `limit` rows. Returns how many.
+pub async fn release_expired(
+    conn: &mut PgConnection,
+    dead_after_ms: i64,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE outbox_message SET status = 'pending', claimed_by = NULL, claimed_until = NULL
+         WHERE id IN (
+             SELECT id FROM outbox_message
+             WHERE status = 'claimed'
+               AND (claimed_until < now()
+                    OR NOT EXISTS (
+                        SELECT 1 FROM relay_instance i
+                        WHERE i.instance_id = outbox_message.claimed_by
+                          AND i.heartbeat_at > now() - make_interval(secs => $1::double precision / 1000)))
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(dead_after_ms)
+    .bind(limit)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Returns every claim of `owner` to `pending` at once (a relay starting with the same
+/// instance id, or stopping). Returns how many.
+pub async fn release_all_claimed_by(
+    conn: &mut PgConnection,
+    owner: &str,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE outbox_message SET status = 'pending', claimed_by = NULL, claimed_until = NULL
+         WHERE status = 'claimed' AND claimed_by = $1",
+    )
+    .bind(owner)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Deletes up to `limit` published rows older than `retention_ms`. Returns how many.
+pub async fn delete_published_before(
+    conn: &mut PgConnection,
+    retention_ms: i64,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM outbox_message WHERE id IN (
+             SELECT id FROM outbox_message
+             WHERE status = 'published'
+               AND published_at < now() - make_interval(secs => $1::double precision / 1000)
+             LIMIT $2)",
+    )
+    .bind(retention_ms)
+    .bind(limit)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// The backlog as the relay reports it.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct Backlog {
+    /// Rows waiting to be published (pending or claimed).
+    pub unpublished: i64,
+    /// Of those, rows claimed by a relay right now.
+    pub claimed: i64,
+    /// Age of the oldest unpublished row, in seconds (0 when none).
+    pub oldest_age_seconds: f64,
+    /// Rows that failed at least once and are still unpublished.
+    pub retrying: i64,
+}
+
+/// Counts the backlog (an index scan of unpublished rows).
+pub async fn backlog(conn: &mut PgConnection) -> Result<Backlog, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*) AS unpublished,
+                count(*) FILTER (WHERE status = 'claimed') AS claimed,
+                coalesce(extract(epoch FROM now() - min(created_at))::float8, 0) AS oldest_age_seconds,
+                count(*) FILTER (WHERE attempts > 0) AS retrying
+         FROM outbox_message WHERE status <> 'published'",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// Published rows since `since`, in `seq` order, at most `limit` after `after_seq`: what
+/// reconcile compares with the stream.
+pub async fn published_since(
+    conn: &mut PgConnection,
+    since: time::OffsetDateTime,
+    after_seq: i64,
+    limit: i64,
+) -> Result<Vec<(Uuid, i64, Option<String>, Option<i64>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, seq, stream, stream_seq FROM outbox_message
+         WHERE status = 'published' AND published_at >= $1 AND seq > $2
+         ORDER BY seq LIMIT $3",
+    )
+    .bind(since)
+    .bind(after_seq)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Sets published rows back to `pending` so the relay publishes them again (reconcile, after
+/// the broker lost them). Returns how many.
+pub async fn republish(conn: &mut PgConnection, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE outbox_message
+         SET status = 'pending', published_at = NULL, stream = NULL, stream_seq = NULL,
+             available_at = now()
+         WHERE id = ANY($1) AND status = 'published'",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}

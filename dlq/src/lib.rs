@@ -1,0 +1,74 @@
+//! The dead-letter store: messages that could not be published (by the relay) or handled (by
+//! a consumer), parked with their reason, error chain and original bytes, never lost.
+//!
+//! # Layout
+//! - [`store`]: all SQL on `dead_letter`; [`store::record`] parks a message, in the caller's
+//!   transaction, so that moving a message here and removing it from where it was commit
+//!   together.
+//! - [`DeadLetter`]: a parked message as written; [`Source`]: who parked it.
+
+pub mod store;
+
+use serde::Serialize;
+
+/// Who failed to deliver a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Source {
+    /// The relay could not publish an outbox row.
+    Relay,
+    /// A consumer's handler could not process a delivered message.
+    Consumer,
+}
+
+impl Source {
+    /// The value stored in `dead_letter.source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Relay => "relay",
+            Source::Consumer => "consumer",
+        }
+    }
+}
+
+/// A message to park, with why it failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// Who failed to deliver it.
+    pub source: Source,
+    /// The consumer whose handler failed, or the relay's name.
+    pub consumer: String,
+    /// The message id (`ce-id` / `Nats-Msg-Id`).
+    pub message_id: String,
+    /// The subject it was (to be) published on.
+    pub subject: String,
+    /// Its partition key, if known.
+    pub partition_key: Option<String>,
+    /// All its headers as name to value.
+    pub headers: serde_json::Map<String, serde_json::Value>,
+    /// The original payload bytes.
+    pub payload: Vec<u8>,
+    /// A short machine-readable cause, e.g. `no_stream`, `payload_too_large`, `decode`,
+    /// `handler`, `attempts_exhausted`.
+    pub reason: String,
+    /// The error and its causes, outermost first.
+    pub error_chain: Vec<String>,
+    /// How many delivery attempts were made.
+    pub attempts: i32,
+    /// Where the broker stored it, if it was stored.
+    pub stream: Option<String>,
+    /// The stream sequence, if it was stored.
+    pub stream_seq: Option<i64>,
+}
+
+/// The error chain of any error, outermost first, for [`DeadLetter::error_chain`].
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut chain = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        chain.push(cause.to_string());
+        source = cause.source();
+    }
+    chain
+}

@@ -1,0 +1,210 @@
+//! Relay settings: a plain struct with documented defaults and `validate()`.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// How the relay claims, publishes, retries and cleans. Every field has a default that suits
+/// one relay per service database on the same host as the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// This instance's name in `relay_instance`, `claimed_by` and partition leases; unique
+    /// among the relays of one database. Defaults to `relay-<hostname>-<pid>-<random>`.
+    pub instance_id: String,
+    /// Rows claimed per statement. Defaults to 512.
+    pub batch_size: usize,
+    /// Most messages sent and not yet acknowledged (the PubAck window); also bounds the
+    /// claimed rows held in memory (twice this). Defaults to 1024.
+    pub max_in_flight: usize,
+    /// How long to wait for a PubAck before the outcome counts as unknown and the row is
+    /// retried with the same id. Defaults to 5 s.
+    pub publish_timeout: Duration,
+    /// How long a claim lasts before the rescuer may return the row to `pending`; must
+    /// exceed twice `publish_timeout`. Defaults to 30 s.
+    pub claim_ttl: Duration,
+    /// Attempts after which a row failing with a permanent error (no stream for its
+    /// subject, larger than the broker accepts) moves to `dead_letter`. Transient errors
+    /// (broker down, timeouts) never dead-letter: the row waits. Defaults to 5.
+    pub max_permanent_attempts: u32,
+    /// First retry delay of a failed row; doubles per attempt, with jitter. Defaults to 100 ms.
+    pub retry_min_delay: Duration,
+    /// Largest retry delay of a failed row. Defaults to 30 s.
+    pub retry_max_delay: Duration,
+    /// Shortest wait between claims when the outbox is empty. Defaults to 1 ms.
+    pub poll_min_interval: Duration,
+    /// Longest wait between claims when the outbox stays empty (the idle cost: one cheap
+    /// indexed query per interval). Defaults to 100 ms.
+    pub poll_max_interval: Duration,
+    /// Also wake on `LISTEN outbox_message` notifications (needs the notify trigger, see
+    /// `relay notify enable`). Defaults to false.
+    pub listen_notify: bool,
+    /// How long a partition lease and an instance heartbeat stay valid; a killed instance's
+    /// partitions and claims are taken over after this. Defaults to 5 s.
+    pub lease_ttl: Duration,
+    /// How often leases and the heartbeat are renewed; must be under a third of
+    /// `lease_ttl`. Defaults to 1 s.
+    pub heartbeat_interval: Duration,
+    /// How long published rows are kept (for `status`, audits and `reconcile`). Zero
+    /// deletes a row as soon as its PubAck arrives. Defaults to 1 hour.
+    pub retention: Duration,
+    /// How often the cleaner deletes rows past the retention. Defaults to 30 s.
+    pub cleaner_interval: Duration,
+    /// How often the rescuer returns expired claims. Defaults to 1 s.
+    pub rescuer_interval: Duration,
+    /// How often backlog gauges are refreshed. Defaults to 5 s.
+    pub stats_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            instance_id: default_instance_id(),
+            batch_size: 512,
+            max_in_flight: 1024,
+            publish_timeout: Duration::from_secs(5),
+            claim_ttl: Duration::from_secs(30),
+            max_permanent_attempts: 5,
+            retry_min_delay: Duration::from_millis(100),
+            retry_max_delay: Duration::from_secs(30),
+            poll_min_interval: Duration::from_millis(1),
+            poll_max_interval: Duration::from_millis(100),
+            listen_notify: false,
+            lease_ttl: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            cleaner_interval: Duration::from_secs(30),
+            rescuer_interval: Duration::from_secs(1),
+            stats_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `relay-<hostname>-<pid>-<4 hex>`: unique enough that two processes never share it.
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    // The random bits of a UUIDv7 (its last bytes).
+    let random = uuid::Uuid::now_v7().as_u128() as u16;
+    format!("relay-{host}-{}-{random:04x}", std::process::id())
+}
+
+impl RelayConfig {
+    /// Refuses values that cannot work, naming the field and the rule.
+    pub fn validate(&self) -> Result<(), Error> {
+        let refuse = |msg: String| Err(Error::Config(msg));
+        if self.instance_id.is_empty()
+            || self.instance_id.len() > 200
+            || self.instance_id.chars().any(char::is_control)
+        {
+            return refuse("instance_id must be 1 to 200 printable characters".into());
+        }
+        if !(1..=10_000).contains(&self.batch_size) {
+            return refuse(format!(
+                "batch_size must be 1 to 10000, got {}",
+                self.batch_size
+            ));
+        }
+        if !(1..=65_536).contains(&self.max_in_flight) {
+            return refuse(format!(
+                "max_in_flight must be 1 to 65536, got {}",
+                self.max_in_flight
+            ));
+        }
+        if self.publish_timeout < Duration::from_millis(100) {
+            return refuse("publish_timeout must be at least 100ms".into());
+        }
+        if self.claim_ttl < self.publish_timeout * 2 {
+            return refuse(format!(
+                "claim_ttl ({:?}) must be at least twice publish_timeout ({:?}), or claims could expire while a publish is still in flight",
+                self.claim_ttl, self.publish_timeout
+            ));
+        }
+        if self.max_permanent_attempts == 0 {
+            return refuse("max_permanent_attempts must be at least 1".into());
+        }
+        if self.retry_min_delay.is_zero() || self.retry_min_delay > self.retry_max_delay {
+            return refuse("retry_min_delay must be positive and at most retry_max_delay".into());
+        }
+        if self.poll_min_interval.is_zero() || self.poll_min_interval > self.poll_max_interval {
+            return refuse(
+                "poll_min_interval must be positive and at most poll_max_interval".into(),
+            );
+        }
+        if self.poll_max_interval > Duration::from_secs(60) {
+            return refuse("poll_max_interval must be at most 60s".into());
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return refuse("lease_ttl must be at least 1s".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 3 > self.lease_ttl {
+            return refuse(format!(
+                "heartbeat_interval ({:?}) must be positive and at most a third of lease_ttl ({:?})",
+                self.heartbeat_interval, self.lease_ttl
+            ));
+        }
+        for (name, value) in [
+            ("cleaner_interval", self.cleaner_interval),
+            ("rescuer_interval", self.rescuer_interval),
+            ("stats_interval", self.stats_interval),
+        ] {
+            if value.is_zero() {
+                return refuse(format!("{name} must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows held in memory at most: the claim window.
+    pub(crate) fn max_held(&self) -> usize {
+        self.max_in_flight * 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_unsafe_values_are_refused() {
+        RelayConfig::default()
+            .validate()
+            .expect("defaults are valid");
+        let bad = [
+            RelayConfig {
+                batch_size: 0,
+                ..RelayConfig::default()
+            },
+            RelayConfig {
+                claim_ttl: Duration::from_secs(6),
+                ..RelayConfig::default()
+            },
+            RelayConfig {
+                heartbeat_interval: Duration::from_secs(2),
+                ..RelayConfig::default()
+            },
+            RelayConfig {
+                instance_id: String::new(),
+                ..RelayConfig::default()
+            },
+            RelayConfig {
+                max_permanent_attempts: 0,
+                ..RelayConfig::default()
+            },
+        ];
+        for config in bad {
+            let err = config.validate().expect_err("refused");
+            assert!(
+                err.to_string().starts_with("invalid relay configuration: "),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_instance_ids_differ() {
+        assert_ne!(default_instance_id(), default_instance_id());
+    }
+}

@@ -1,0 +1,40 @@
+//! The relay crate's error type.
+
+/// Why the relay (or one of its commands) stopped or refused to start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting is unusable; the message names it.
+    #[error("invalid relay configuration: {0}")]
+    Config(String),
+    /// PostgreSQL failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrating the schema failed.
+    #[error(transparent)]
+    Migrate(#[from] migrations::Error),
+    /// Connecting to NATS failed.
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect {
+        /// The server URL (no credentials).
+        url: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The JetStream stream is missing or does not match the configuration.
+    #[error("stream {stream}: {reason}")]
+    Stream {
+        /// The stream name.
+        stream: String,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
+    /// The HTTP listener could not start.
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}

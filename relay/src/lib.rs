@@ -1,0 +1,212 @@
+//! The relay: publishes committed outbox rows to NATS JetStream, at least once, deduplicated
+//! by the broker (`Nats-Msg-Id`), in commit order per partition key, with backoff on failure.
+//!
+//! [`Relay::run`] (or [`run`]) drives everything until its shutdown future completes; the
+//! `relay` binary wraps it with flags, environment variables, signals, logging and the HTTP
+//! endpoints.
+//!
+//! # Guarantees
+//! - Every committed outbox row is published at least once; a duplicate within the stream's
+//!   duplicate window is dropped by the broker, so the stream holds it once.
+//! - Messages with the same partition key are published in `seq` (commit) order: never two
+//!   of one key unacknowledged at once, across batches and across instances.
+//! - A row is marked published only after its PubAck; a crash between publish and mark
+//!   republishes it with the same id.
+//! - A failing row never blocks other keys; after `max_permanent_attempts` permanent
+//!   failures it moves to `dead_letter` with the reason. Broker outages never dead-letter.
+//! - On shutdown the relay finishes in-flight publishes, returns the other claimed rows to
+//!   `pending` and gives up its partitions.
+//!
+//! # Layout
+//! - [`config`]: [`RelayConfig`] with defaults and `validate()`.
+//! - [`publisher`]: the [`Publisher`] seam, JetStream and in-memory implementations, stream
+//!   creation/verification.
+//! - `dispatcher` (private): claim, publish, mark, overlapped; per-key ordering.
+//! - `partitions` (private): partition leases shared among instances.
+//! - `maintenance` (private): rescuer, cleaner, backlog stats.
+//! - [`store`]: SQL on the relay's own tables (instances, partition leases).
+//! - [`reconcile`]: republish rows the stream no longer holds.
+//! - [`health`]: readiness state; [`http`]: `/health`, `/health/ready`, `/metrics`.
+//! - [`metrics`]: metric names.
+//! - [`error`]: the crate error, [`Error`].
+
+pub mod config;
+mod dispatcher;
+pub mod error;
+pub mod health;
+pub mod http;
+mod maintenance;
+pub mod metrics;
+mod partitions;
+pub mod publisher;
+pub mod reconcile;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::RelayConfig;
+pub use error::Error;
+pub use health::{Health, HealthReport};
+pub use publisher::Publisher;
+
+/// The `LISTEN` channel the optional notify trigger signals.
+pub const NOTIFY_CHANNEL: &str = "outbox_message";
+
+/// A configured relay, ready to run.
+pub struct Relay<P> {
+    config: RelayConfig,
+    pool: PgPool,
+    publisher: Arc<P>,
+    health: Health,
+}
+
+impl<P: Publisher> Relay<P> {
+    /// Validates the configuration. The pool should allow at least 6 connections (claim,
+    /// flush, leases, rescuer, cleaner, stats; one more with `listen_notify`).
+    pub fn new(config: RelayConfig, pool: PgPool, publisher: P) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Relay {
+            config,
+            pool,
+            publisher: Arc::new(publisher),
+            health: Health::default(),
+        })
+    }
+
+    /// The readiness state, updated while the relay runs.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    /// Publishes until `shutdown` completes, then stops cleanly (see the crate guarantees).
+    /// Returns an error only if it cannot start; database and broker failures while running
+    /// are retried with backoff and reported through [`Health`].
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let Relay {
+            config,
+            pool,
+            publisher,
+            health,
+        } = self;
+        let me = config.instance_id.clone();
+        {
+            let mut conn = pool.acquire().await?;
+            let released = outbox::store::release_all_claimed_by(&mut conn, &me).await?;
+            if released > 0 {
+                tracing::info!(
+                    released,
+                    "released claims left by an earlier run of this instance"
+                );
+            }
+        }
+        health.set_database(true);
+        health.set_broker(publisher.is_connected());
+        tracing::info!(instance = %me, "relay starting");
+
+        let stop_dispatch = CancellationToken::new();
+        let stop_background = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let wake = Arc::new(Notify::new());
+        tasks.spawn(partitions::run(
+            config.clone(),
+            pool.clone(),
+            health.clone(),
+            stop_background.clone(),
+        ));
+        tasks.spawn(maintenance::rescuer(
+            config.clone(),
+            pool.clone(),
+            stop_background.clone(),
+        ));
+        tasks.spawn(maintenance::cleaner(
+            config.clone(),
+            pool.clone(),
+            stop_background.clone(),
+        ));
+        tasks.spawn(maintenance::stats(
+            config.clone(),
+            pool.clone(),
+            health.clone(),
+            stop_background.clone(),
+        ));
+        tasks.spawn(watch_broker(
+            publisher.clone(),
+            health.clone(),
+            stop_background.clone(),
+        ));
+        if config.listen_notify {
+            tasks.spawn(listen(pool.clone(), wake.clone(), stop_background.clone()));
+        }
+        tasks.close();
+
+        let dispatcher = dispatcher::Dispatcher::new(config, pool, publisher, health, wake);
+        let stopper = stop_dispatch.clone();
+        let dispatch = tokio::spawn(dispatcher.run(stop_dispatch));
+        shutdown.await;
+        stopper.cancel();
+        if let Err(e) = dispatch.await {
+            tracing::error!(error = %e, "dispatcher task failed");
+        }
+        // Only now give up partitions: nothing of ours is in flight any more.
+        stop_background.cancel();
+        tasks.wait().await;
+        tracing::info!(instance = %me, "relay stopped");
+        Ok(())
+    }
+}
+
+/// Builds a [`Relay`] and runs it; see [`Relay::run`].
+pub async fn run<P: Publisher>(
+    config: RelayConfig,
+    pool: PgPool,
+    publisher: P,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    Relay::new(config, pool, publisher)?.run(shutdown).await
+}
+
+async fn watch_broker<P: Publisher>(publisher: Arc<P>, health: Health, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => health.set_broker(publisher.is_connected()),
+        }
+    }
+}
+
+/// Wakes the dispatcher on `NOTIFY outbox_message`; reconnects with a delay on failure.
+async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        let session = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(NOTIFY_CHANNEL).await?;
+            tracing::info!("listening for outbox notifications");
+            loop {
+                listener.recv().await?;
+                wake.notify_one();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            result = session => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

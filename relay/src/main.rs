@@ -1,0 +1,481 @@
+//! The `relay` daemon: flags and environment in, `relay::run` out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use relay::publisher::jetstream::{
+    JetStreamPublisher, NatsConfig, StreamOutcome, StreamSpec, ensure_stream,
+};
+use relay::{RelayConfig, http};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Publishes the transactional outbox to NATS JetStream.
+#[derive(Parser, Debug)]
+#[command(name = "relay", version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// PostgreSQL URL of the service database (TLS through `sslmode=` in the URL).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    nats_url: String,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "NATS_USER", global = true)]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, global = true)]
+    nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", hide_env_values = true, global = true)]
+    nats_token: Option<String>,
+    /// NATS credentials file (JWT + nkey).
+    #[arg(long, env = "NATS_CREDS", global = true)]
+    nats_creds: Option<PathBuf>,
+    /// NATS nkey seed.
+    #[arg(long, env = "NATS_NKEY", hide_env_values = true, global = true)]
+    nats_nkey: Option<String>,
+    /// CA certificate to trust for NATS TLS.
+    #[arg(long, env = "NATS_TLS_CA", global = true)]
+    nats_tls_ca: Option<PathBuf>,
+    /// Client certificate for NATS TLS (with --nats-tls-key).
+    #[arg(long, env = "NATS_TLS_CERT", global = true)]
+    nats_tls_cert: Option<PathBuf>,
+    /// Client key for NATS TLS.
+    #[arg(long, env = "NATS_TLS_KEY", global = true)]
+    nats_tls_key: Option<PathBuf>,
+    /// Refuse a NATS connection without TLS.
+    #[arg(long, env = "NATS_TLS_REQUIRED", global = true)]
+    nats_tls_required: bool,
+    /// JetStream stream the outbox publishes to.
+    #[arg(long, env = "RELAY_STREAM", default_value = "OUTBOX", global = true)]
+    stream: String,
+    /// Subjects the stream must capture, comma-separated (e.g. `order.>`).
+    #[arg(
+        long,
+        env = "RELAY_STREAM_SUBJECTS",
+        value_delimiter = ',',
+        default_value = ">",
+        global = true
+    )]
+    stream_subjects: Vec<String>,
+    /// Log format.
+    #[arg(
+        long,
+        env = "RELAY_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Apply the toolkit's schema (outbox, inbox, dead letters, relay leases).
+    Migrate,
+    /// Publish the outbox until SIGTERM or Ctrl-C.
+    Run(RunArgs),
+    /// Manage the JetStream stream.
+    #[command(subcommand)]
+    Stream(StreamCommand),
+    /// Backlog, oldest pending age, instances and partitions, dead letters.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish rows published since a time that the stream no longer holds.
+    Reconcile {
+        /// RFC 3339 time (2026-11-22T10:00:00Z) or an age (30m, 2h).
+        #[arg(long)]
+        since: String,
+        /// Only report what would be republished.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StreamCommand {
+    /// Create the stream if missing, or verify it captures the configured subjects.
+    Ensure {
+        /// Dedup window (the server default is 2m).
+        #[arg(long, env = "RELAY_DUPLICATE_WINDOW", value_parser = parse_duration, default_value = "2m")]
+        duplicate_window: Duration,
+        /// Replicas (3 in a cluster).
+        #[arg(long, env = "RELAY_STREAM_REPLICAS", default_value_t = 1)]
+        replicas: usize,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Unique name of this instance (default: relay-<host>-<pid>-<random>).
+    #[arg(long, env = "RELAY_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Address for /health, /health/ready and /metrics.
+    #[arg(long, env = "RELAY_HTTP_ADDR", default_value = "127.0.0.1:9090")]
+    http_addr: SocketAddr,
+    /// Rows per claim.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = RelayConfig::default().batch_size)]
+    batch_size: usize,
+    /// PubAcks in flight at most.
+    #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = RelayConfig::default().max_in_flight)]
+    max_in_flight: usize,
+    /// PubAck timeout.
+    #[arg(long, env = "RELAY_PUBLISH_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    publish_timeout: Duration,
+    /// Claim lease.
+    #[arg(long, env = "RELAY_CLAIM_TTL", value_parser = parse_duration, default_value = "30s")]
+    claim_ttl: Duration,
+    /// Permanent failures before a row is dead-lettered.
+    #[arg(long, env = "RELAY_MAX_PERMANENT_ATTEMPTS", default_value_t = RelayConfig::default().max_permanent_attempts)]
+    max_permanent_attempts: u32,
+    /// First retry delay.
+    #[arg(long, env = "RELAY_RETRY_MIN_DELAY", value_parser = parse_duration, default_value = "100ms")]
+    retry_min_delay: Duration,
+    /// Largest retry delay.
+    #[arg(long, env = "RELAY_RETRY_MAX_DELAY", value_parser = parse_duration, default_value = "30s")]
+    retry_max_delay: Duration,
+    /// Shortest idle poll interval.
+    #[arg(long, env = "RELAY_POLL_MIN", value_parser = parse_duration, default_value = "1ms")]
+    poll_min: Duration,
+    /// Longest idle poll interval.
+    #[arg(long, env = "RELAY_POLL_MAX", value_parser = parse_duration, default_value = "100ms")]
+    poll_max: Duration,
+    /// Also wake on LISTEN/NOTIFY.
+    #[arg(long, env = "RELAY_LISTEN_NOTIFY")]
+    listen_notify: bool,
+    /// Partition lease / liveness TTL.
+    #[arg(long, env = "RELAY_LEASE_TTL", value_parser = parse_duration, default_value = "5s")]
+    lease_ttl: Duration,
+    /// Lease renewal interval.
+    #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "1s")]
+    heartbeat_interval: Duration,
+    /// How long published rows are kept (0 deletes on PubAck).
+    #[arg(long, env = "RELAY_RETENTION", value_parser = parse_duration, default_value = "1h")]
+    retention: Duration,
+    /// Apply migrations before starting.
+    #[arg(long, env = "RELAY_MIGRATE")]
+    migrate: bool,
+    /// Create or verify the stream before starting.
+    #[arg(long, env = "RELAY_ENSURE_STREAM")]
+    ensure_stream: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or("a unit is required: ms, s, m, h or d")?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 5s, 2m, 1h"))?;
+    let seconds = |s: u64| Duration::from_secs(n.saturating_mul(s));
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(seconds(1)),
+        "m" => Ok(seconds(60)),
+        "h" => Ok(seconds(3600)),
+        "d" => Ok(seconds(86_400)),
+        _ => Err(format!(
+            "{text:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+        )),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn nats_config(global: &Global, name: Option<String>) -> NatsConfig {
+    NatsConfig {
+        url: global.nats_url.clone(),
+        user: global.nats_user.clone(),
+        password: global.nats_password.clone(),
+        token: global.nats_token.clone(),
+        creds_file: global.nats_creds.clone(),
+        nkey_seed: global.nats_nkey.clone(),
+        tls_ca: global.nats_tls_ca.clone(),
+        tls_cert: global.nats_tls_cert.clone(),
+        tls_key: global.nats_tls_key.clone(),
+        tls_required: global.nats_tls_required,
+        name,
+    }
+}
+
+fn pool(global: &Global, connections: u32) -> anyhow::Result<PgPool> {
+    let url = global
+        .database_url
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("no database: set DATABASE_URL or pass --database-url"))?;
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?;
+    Ok(PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.application_name("relay")))
+}
+
+fn stream_spec(global: &Global, duplicate_window: Duration, replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: global.stream.clone(),
+        subjects: global.stream_subjects.clone(),
+        duplicate_window,
+        replicas,
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let global = &cli.global;
+    match cli.command {
+        Command::Migrate => {
+            let pool = pool(global, 1)?;
+            let report = migrations::migrate(&mut *pool.acquire().await?).await?;
+            if report.applied.is_empty() {
+                println!("schema is up to date");
+            } else {
+                println!("applied migrations {:?}", report.applied);
+            }
+            Ok(())
+        }
+        Command::Stream(StreamCommand::Ensure {
+            duplicate_window,
+            replicas,
+        }) => {
+            let client = nats_config(global, None).connect().await?;
+            let publisher = JetStreamPublisher::new(client, Duration::from_secs(5), 1);
+            let spec = stream_spec(global, duplicate_window, replicas);
+            let outcome = tokio::time::timeout(
+                Duration::from_secs(30),
+                ensure_stream(publisher.context(), &spec),
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("NATS at {} did not answer within 30s", global.nats_url)
+            })??;
+            match outcome {
+                StreamOutcome::Created => {
+                    println!("created stream {} for {:?}", spec.name, spec.subjects)
+                }
+                StreamOutcome::Verified => {
+                    println!("stream {} captures {:?}", spec.name, spec.subjects)
+                }
+            }
+            Ok(())
+        }
+        Command::Status { json } => status(global, json).await,
+        Command::Reconcile { since, dry_run } => {
+            let since = parse_since(&since)?;
+            let pool = pool(global, 2)?;
+            let client = nats_config(global, None).connect().await?;
+            let publisher = JetStreamPublisher::new(client, Duration::from_secs(5), 1);
+            let report = relay::reconcile::reconcile(
+                &pool,
+                publisher.context(),
+                &global.stream,
+                since,
+                dry_run,
+            )
+            .await?;
+            println!(
+                "checked={} present={} {}={}",
+                report.checked,
+                report.present,
+                if dry_run {
+                    "would_republish"
+                } else {
+                    "republished"
+                },
+                report.republished
+            );
+            Ok(())
+        }
+        Command::Run(args) => run(global, args).await,
+    }
+}
+
+fn parse_since(text: &str) -> anyhow::Result<time::OffsetDateTime> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(at) = time::OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok(at);
+    }
+    let age = parse_duration(text)
+        .map_err(|e| anyhow::anyhow!("--since: {e}; or give an RFC 3339 time"))?;
+    Ok(time::OffsetDateTime::now_utc() - age)
+}
+
+async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
+    let pool = pool(global, 1)?;
+    let mut conn = pool.acquire().await?;
+    let backlog = outbox::store::backlog(&mut conn).await?;
+    let instances = relay::store::instances(&mut conn).await?;
+    let dead = dlq::store::count_dead(&mut conn, dlq::Source::Relay).await?;
+    if json {
+        let value = serde_json::json!({
+            "backlog": backlog.unpublished,
+            "claimed": backlog.claimed,
+            "retrying": backlog.retrying,
+            "oldest_pending_age_seconds": backlog.oldest_age_seconds,
+            "dead_letters": dead,
+            "instances": instances.iter().map(|i| serde_json::json!({
+                "instance_id": i.instance_id,
+                "heartbeat_age_seconds": i.heartbeat_age_seconds,
+                "partitions": i.partitions,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{value}");
+    } else {
+        println!(
+            "backlog:           {} unpublished ({} claimed, {} retrying)",
+            backlog.unpublished, backlog.claimed, backlog.retrying
+        );
+        println!("oldest pending:    {:.1}s", backlog.oldest_age_seconds);
+        println!("dead letters:      {dead} (relay)");
+        println!("instances:         {}", instances.len());
+        for i in &instances {
+            println!(
+                "  {:<40} {:>3} partitions, heartbeat {:.1}s ago",
+                i.instance_id, i.partitions, i.heartbeat_age_seconds
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
+    let config = RelayConfig {
+        instance_id: args
+            .instance_id
+            .unwrap_or_else(relay::config::default_instance_id),
+        batch_size: args.batch_size,
+        max_in_flight: args.max_in_flight,
+        publish_timeout: args.publish_timeout,
+        claim_ttl: args.claim_ttl,
+        max_permanent_attempts: args.max_permanent_attempts,
+        retry_min_delay: args.retry_min_delay,
+        retry_max_delay: args.retry_max_delay,
+        poll_min_interval: args.poll_min,
+        poll_max_interval: args.poll_max,
+        listen_notify: args.listen_notify,
+        lease_ttl: args.lease_ttl,
+        heartbeat_interval: args.heartbeat_interval,
+        retention: args.retention,
+        ..RelayConfig::default()
+    };
+    config.validate()?;
+    let pool = pool(global, 10)?;
+    if args.migrate {
+        migrations::migrate(&mut *pool.acquire().await?).await?;
+    }
+    let client = nats_config(global, Some(config.instance_id.clone()))
+        .connect()
+        .await?;
+    let publisher = JetStreamPublisher::new(client, config.publish_timeout, config.max_in_flight);
+    if args.ensure_stream {
+        let spec = stream_spec(global, Duration::from_secs(120), 1);
+        ensure_stream(publisher.context(), &spec).await?;
+    }
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(relay::metrics::PUBLISH_LATENCY.to_owned()),
+            &[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(relay::metrics::BATCH_SIZE.to_owned()),
+            &[1.0, 2.0, 8.0, 32.0, 128.0, 512.0, 2048.0],
+        )?
+        .install_recorder()?;
+    let relay = relay::Relay::new(config, pool, publisher)?;
+    let stop = CancellationToken::new();
+    let listener = http::bind(args.http_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /health, /health/ready, /metrics");
+    let server = tokio::spawn(http::serve(
+        listener,
+        relay.health(),
+        Some(prometheus),
+        stop.clone(),
+    ));
+    relay.run(shutdown_signal()).await?;
+    stop.cancel();
+    server.await??;
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,97 @@
+//! Background upkeep: the rescuer returns expired claims, the cleaner deletes published rows
+//! past the retention, and the stats task refreshes the backlog gauges.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::health::Health;
+use crate::metrics as m;
+
+const RESCUE_LIMIT: i64 = 10_000;
+const CLEAN_LIMIT: i64 = 10_000;
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Every `rescuer_interval`: claims past `claimed_until`, or held by an instance that has not
+/// heartbeated for `lease_ttl`, go back to `pending`.
+pub(crate) async fn rescuer(config: RelayConfig, pool: PgPool, stop: CancellationToken) {
+    every(config.rescuer_interval, &stop, || async {
+        let mut conn = pool.acquire().await?;
+        let rescued =
+            outbox::store::release_expired(&mut conn, millis(config.lease_ttl), RESCUE_LIMIT)
+                .await?;
+        if rescued > 0 {
+            metrics::counter!(m::RESCUED).increment(rescued);
+            tracing::info!(rescued, "returned expired claims to pending");
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Every `cleaner_interval`: deletes published rows older than `retention`, in chunks.
+pub(crate) async fn cleaner(config: RelayConfig, pool: PgPool, stop: CancellationToken) {
+    every(config.cleaner_interval, &stop, || async {
+        let mut conn = pool.acquire().await?;
+        loop {
+            let deleted = outbox::store::delete_published_before(
+                &mut conn,
+                millis(config.retention),
+                CLEAN_LIMIT,
+            )
+            .await?;
+            metrics::counter!(m::CLEANED).increment(deleted);
+            if deleted < CLEAN_LIMIT as u64 || stop.is_cancelled() {
+                break;
+            }
+        }
+        crate::store::forget_dead_instances(&mut conn, Duration::from_secs(24 * 3600)).await?;
+        Ok(())
+    })
+    .await;
+}
+
+/// Every `stats_interval`: backlog and oldest-pending gauges.
+pub(crate) async fn stats(
+    config: RelayConfig,
+    pool: PgPool,
+    health: Health,
+    stop: CancellationToken,
+) {
+    every(config.stats_interval, &stop, || async {
+        let mut conn = pool.acquire().await?;
+        let backlog = outbox::store::backlog(&mut conn).await?;
+        metrics::gauge!(m::BACKLOG).set(backlog.unpublished as f64);
+        metrics::gauge!(m::OLDEST_PENDING_AGE).set(backlog.oldest_age_seconds);
+        health.set_backlog(u64::try_from(backlog.unpublished).unwrap_or(0));
+        Ok(())
+    })
+    .await;
+}
+
+async fn every<F, Fut>(interval: Duration, stop: &CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), sqlx::Error>>,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let result = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = work() => r,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "maintenance task failed; retrying next interval");
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Metric names, all prefixed `relay_`. Exported in Prometheus format on `/metrics`.
+
+/// Counter: messages acknowledged by the broker (duplicates included).
+pub const PUBLISHED: &str = "relay_published_total";
+/// Counter: acknowledgements that were duplicates (already stored inside the dedup window).
+pub const DUPLICATES: &str = "relay_duplicates_total";
+/// Counter: failed publishes, labelled `kind` (unavailable, timeout, no_stream, ...).
+pub const FAILED: &str = "relay_publish_failures_total";
+/// Counter: rows returned to pending with a backoff after a failure.
+pub const RETRIED: &str = "relay_retries_total";
+/// Counter: rows moved to `dead_letter`, labelled `reason`.
+pub const DEAD_LETTERED: &str = "relay_dead_lettered_total";
+/// Counter: expired claims returned to pending by the rescuer.
+pub const RESCUED: &str = "relay_rescued_total";
+/// Counter: published rows deleted by the cleaner.
+pub const CLEANED: &str = "relay_cleaned_total";
+/// Gauge: unpublished rows (pending or claimed).
+pub const BACKLOG: &str = "relay_backlog";
+/// Gauge: age of the oldest unpublished row, seconds.
+pub const OLDEST_PENDING_AGE: &str = "relay_oldest_pending_age_seconds";
+/// Gauge: messages sent and awaiting a PubAck.
+pub const IN_FLIGHT: &str = "relay_in_flight";
+/// Gauge: partitions this instance owns.
+pub const PARTITIONS_OWNED: &str = "relay_partitions_owned";
+/// Histogram: send-to-PubAck latency, seconds.
+pub const PUBLISH_LATENCY: &str = "relay_publish_latency_seconds";
+/// Histogram: rows per claim.
+pub const BATCH_SIZE: &str = "relay_batch_size";

@@ -1,0 +1,147 @@
+//! All SQL on the relay's own tables, `relay_instance` and `relay_partition_lease`.
+//! (Statements on `outbox_message` live in `outbox::store`, on `dead_letter` in `dlq::store`.)
+
+use sqlx::PgConnection;
+
+/// The number of outbox partitions (see `outbox_message.partition_id`).
+pub const PARTITIONS: i64 = 256;
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+/// Records that `instance` is alive now.
+pub async fn heartbeat(conn: &mut PgConnection, instance: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO relay_instance (instance_id) VALUES ($1)
+         ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()",
+    )
+    .bind(instance)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How many instances heartbeated within `ttl` (at least 1: the caller).
+pub async fn live_instances(
+    conn: &mut PgConnection,
+    ttl: std::time::Duration,
+) -> Result<i64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM relay_instance
+         WHERE heartbeat_at > now() - make_interval(secs => $1)",
+    )
+    .bind(ms(ttl))
+    .fetch_one(conn)
+    .await?;
+    Ok(n.max(1))
+}
+
+/// Extends the leases `instance` still holds; returns their partitions, ascending.
+pub async fn renew_leases(
+    conn: &mut PgConnection,
+    instance: &str,
+    ttl: std::time::Duration,
+) -> Result<Vec<i16>, sqlx::Error> {
+    let mut owned: Vec<i16> = sqlx::query_scalar(
+        "UPDATE relay_partition_lease SET lease_until = now() + make_interval(secs => $2)
+         WHERE owner = $1 RETURNING partition_id",
+    )
+    .bind(instance)
+    .bind(ms(ttl))
+    .fetch_all(conn)
+    .await?;
+    owned.sort_unstable();
+    Ok(owned)
+}
+
+/// Takes up to `count` partitions that have no owner or an expired lease; returns them.
+pub async fn acquire_leases(
+    conn: &mut PgConnection,
+    instance: &str,
+    count: i64,
+    ttl: std::time::Duration,
+) -> Result<Vec<i16>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE relay_partition_lease SET owner = $1, acquired_at = now(),
+             lease_until = now() + make_interval(secs => $3)
+         WHERE partition_id IN (
+             SELECT partition_id FROM relay_partition_lease
+             WHERE owner IS NULL OR lease_until < now()
+             ORDER BY partition_id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)
+         RETURNING partition_id",
+    )
+    .bind(instance)
+    .bind(count)
+    .bind(ms(ttl))
+    .fetch_all(conn)
+    .await
+}
+
+/// Gives up the listed partitions of `instance` (or all of them when `partitions` is None).
+pub async fn release_leases(
+    conn: &mut PgConnection,
+    instance: &str,
+    partitions: Option<&[i16]>,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE relay_partition_lease SET owner = NULL, lease_until = NULL, acquired_at = NULL
+         WHERE owner = $1 AND ($2::smallint[] IS NULL OR partition_id = ANY($2))",
+    )
+    .bind(instance)
+    .bind(partitions)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Removes `instance` from the live set (on clean shutdown).
+pub async fn forget_instance(conn: &mut PgConnection, instance: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM relay_instance WHERE instance_id = $1")
+        .bind(instance)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes instances silent for longer than `older_than` (housekeeping).
+pub async fn forget_dead_instances(
+    conn: &mut PgConnection,
+    older_than: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM relay_instance WHERE heartbeat_at < now() - make_interval(secs => $1)",
+    )
+    .bind(ms(older_than))
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// One row of `relay status`: an instance and how many partitions it holds.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct InstanceStatus {
+    /// The instance id.
+    pub instance_id: String,
+    /// Seconds since its last heartbeat.
+    pub heartbeat_age_seconds: f64,
+    /// Partitions it holds with a live lease.
+    pub partitions: i64,
+}
+
+/// Every known instance with its live partition count, most partitions first.
+pub async fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceStatus>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT i.instance_id,
+                extract(epoch FROM now() - i.heartbeat_at)::float8 AS heartbeat_age_seconds,
+                count(l.partition_id) AS partitions
+         FROM relay_instance i
+         LEFT JOIN relay_partition_lease l ON l.owner = i.instance_id AND l.lease_until > now()
+         GROUP BY i.instance_id, i.heartbeat_at
+         ORDER BY partitions DESC, i.instance_id",
+    )
+    .fetch_all(conn)
+    .await
+}
