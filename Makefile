@@ -4,7 +4,7 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
-.PHONY: help tools test lint fmt
+.PHONY: help tools test lint fmt bench
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -18,6 +18,13 @@ test: tools ## Install what is missing, then run every test against real Postgre
 lint: ## cargo fmt --check and cargo clippy --all-targets -- -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+bench: tools ## Run the four end-to-end scenarios at their default sizes, then the criterion micro-benchmarks (see BENCHMARKS.md)
+	$(CARGO) run --release --locked -p bench -- relay-drain
+	$(CARGO) run --release --locked -p bench -- relay-latency
+	$(CARGO) run --release --locked -p bench -- producer-overhead
+	$(CARGO) run --release --locked -p bench -- relay-backlog
+	$(CARGO) bench --locked -p bench
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

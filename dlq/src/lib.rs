@@ -6,6 +6,13 @@
 //!   transaction, so that moving a message here and removing it from where it was commit
 //!   together.
 //! - [`DeadLetter`]: a parked message as written; [`Source`]: who parked it.
+//! - [`retry_to_outbox`]: a relay dead letter goes back to the outbox.
+//!
+//! The `dlq` binary (`src/main.rs`) lists, shows, retries, purges and counts dead letters.
+//! Retry semantics: a consumer's dead letter is marked `retry_requested` and re-run by that
+//! consumer's own runtime from the parked bytes (exactly once, in one transaction with its
+//! new status; no other consumer sees it again, however long after the original publish);
+//! a relay dead letter returns to the outbox with its original id.
 
 pub mod store;
 
@@ -71,4 +78,47 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> Vec<String> {
         source = cause.source();
     }
     chain
+}
+
+/// Why a relay dead letter could not go back to the outbox.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetryError {
+    /// The parked headers and bytes do not make a valid message any more.
+    #[error("dead letter {id} cannot be rebuilt into a message: {reason}")]
+    Invalid {
+        /// The dead letter.
+        id: i64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The database failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Sends a relay dead letter back to the outbox with its original id, and marks it
+/// `retried`, in the caller's transaction: the relay publishes it again.
+pub async fn retry_to_outbox(conn: &mut sqlx::PgConnection, letter: &store::Stored) -> Result<(), RetryError> {
+    use std::str::FromStr;
+    let mut map = async_nats::HeaderMap::new();
+    if let Some(headers) = letter.headers.as_object() {
+        for (name, value) in headers {
+            let parsed = (
+                async_nats::HeaderName::from_str(name),
+                value.as_str().map(async_nats::HeaderValue::from_str),
+            );
+            if let (Ok(name), Some(Ok(value))) = parsed {
+                map.insert(name, value);
+            }
+        }
+    }
+    let envelope = envelope::nats::from_message(&letter.subject, Some(&map), bytes::Bytes::from(letter.payload.clone()))
+        .map_err(|e| RetryError::Invalid {
+            id: letter.id,
+            reason: e.to_string(),
+        })?;
+    outbox::store::insert(conn, &envelope).await?;
+    store::mark_retried(conn, letter.id).await?;
+    Ok(())
 }

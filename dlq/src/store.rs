@@ -58,3 +58,184 @@ pub async fn count_dead(
         .fetch_one(conn)
         .await
 }
+
+/// A dead letter as stored.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
+pub struct Stored {
+    /// Its id (what `dlq show` and `dlq retry` take).
+    pub id: i64,
+    /// `relay` or `consumer`.
+    pub source: String,
+    /// The consumer whose handler failed, or `relay`.
+    pub consumer: String,
+    /// The message id.
+    pub message_id: String,
+    /// The subject.
+    pub subject: String,
+    /// The partition key, if known.
+    pub partition_key: Option<String>,
+    /// All headers, name to value.
+    pub headers: serde_json::Value,
+    /// The original bytes.
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    /// Short cause.
+    pub reason: String,
+    /// Error and causes, outermost first.
+    pub error_chain: serde_json::Value,
+    /// Delivery or publish attempts.
+    pub attempts: i32,
+    /// First failure.
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_failed_at: time::OffsetDateTime,
+    /// Latest failure.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_failed_at: time::OffsetDateTime,
+    /// `dead`, `retry_requested` or `retried`.
+    pub status: String,
+    /// Failures and retries, oldest first.
+    pub history: serde_json::Value,
+}
+
+const COLUMNS: &str = "id, source, consumer, message_id, subject, partition_key, headers, payload, reason,
+    error_chain, attempts, first_failed_at, last_failed_at, status, history";
+
+/// Locks and returns up to `limit` retry requests of `consumer`, oldest first; call it in the
+/// transaction that re-runs them and records the result, so that a request runs once.
+pub async fn take_retry_requests(conn: &mut PgConnection, consumer: &str, limit: i64) -> Result<Vec<Stored>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM dead_letter
+         WHERE consumer = $1 AND status = 'retry_requested'
+         ORDER BY id LIMIT $2
+         FOR UPDATE SKIP LOCKED"
+    )))
+    .bind(consumer)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Records that a retried dead letter succeeded.
+pub async fn mark_retried(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE dead_letter SET status = 'retried',
+             history = history || jsonb_build_array(jsonb_build_object('action', 'retried', 'at', now()))
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Asks for another attempt at dead letters `ids` that are `dead`: consumer dead letters are
+/// re-run by that consumer's own runtime; relay dead letters go back to the outbox through
+/// the `dlq` CLI. Returns how many changed.
+pub async fn request_retry(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE dead_letter SET status = 'retry_requested',
+             history = history || jsonb_build_array(jsonb_build_object('action', 'retry_requested', 'at', now()))
+         WHERE id = ANY($1) AND status = 'dead'",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Which dead letters a command applies to; `None` fields do not filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Exactly these ids.
+    pub ids: Option<Vec<i64>>,
+    /// This consumer (or `relay`).
+    pub consumer: Option<String>,
+    /// This subject.
+    pub subject: Option<String>,
+    /// This reason.
+    pub reason: Option<String>,
+    /// This status.
+    pub status: Option<String>,
+    /// Last failed at or after.
+    pub since: Option<time::OffsetDateTime>,
+    /// Last failed before.
+    pub until: Option<time::OffsetDateTime>,
+}
+
+const FILTER: &str = "($1::bigint[] IS NULL OR id = ANY($1))
+    AND ($2::text IS NULL OR consumer = $2)
+    AND ($3::text IS NULL OR subject = $3)
+    AND ($4::text IS NULL OR reason = $4)
+    AND ($5::text IS NULL OR status = $5)
+    AND ($6::timestamptz IS NULL OR last_failed_at >= $6)
+    AND ($7::timestamptz IS NULL OR last_failed_at < $7)";
+
+macro_rules! bind_filter {
+    ($query:expr, $f:expr) => {
+        $query
+            .bind(&$f.ids)
+            .bind(&$f.consumer)
+            .bind(&$f.subject)
+            .bind(&$f.reason)
+            .bind(&$f.status)
+            .bind($f.since)
+            .bind($f.until)
+    };
+}
+
+/// Dead letters matching `filter`, newest failure first, at most `limit`.
+pub async fn list(conn: &mut PgConnection, filter: &Filter, limit: i64) -> Result<Vec<Stored>, sqlx::Error> {
+    let sql = format!("SELECT {COLUMNS} FROM dead_letter WHERE {FILTER} ORDER BY last_failed_at DESC, id DESC LIMIT $8");
+    bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+        .bind(limit)
+        .fetch_all(conn)
+        .await
+}
+
+/// One dead letter by id.
+pub async fn get(conn: &mut PgConnection, id: i64) -> Result<Option<Stored>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM dead_letter WHERE id = $1")))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Deletes the dead letters matching `filter`; returns how many.
+pub async fn purge(conn: &mut PgConnection, filter: &Filter) -> Result<u64, sqlx::Error> {
+    let sql = format!("DELETE FROM dead_letter WHERE {FILTER}");
+    let done = bind_filter!(sqlx::query(sqlx::AssertSqlSafe(sql)), filter).execute(conn).await?;
+    Ok(done.rows_affected())
+}
+
+/// Counts the dead letters matching `filter`.
+pub async fn count(conn: &mut PgConnection, filter: &Filter) -> Result<i64, sqlx::Error> {
+    let sql = format!("SELECT count(*) FROM dead_letter WHERE {FILTER}");
+    bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter).fetch_one(conn).await
+}
+
+/// One line of `dlq stats`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
+pub struct Stat {
+    /// Consumer (or `relay`).
+    pub consumer: String,
+    /// Reason.
+    pub reason: String,
+    /// Status.
+    pub status: String,
+    /// How many.
+    pub count: i64,
+    /// Oldest first failure in the group.
+    #[serde(with = "time::serde::rfc3339")]
+    pub oldest: time::OffsetDateTime,
+}
+
+/// Counts by consumer, reason and status.
+pub async fn stats(conn: &mut PgConnection) -> Result<Vec<Stat>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT consumer, reason, status, count(*) AS count, min(first_failed_at) AS oldest
+         FROM dead_letter GROUP BY consumer, reason, status
+         ORDER BY consumer, reason, status",
+    )
+    .fetch_all(conn)
+    .await
+}

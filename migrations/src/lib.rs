@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "relay_partition",
         sql: include_str!("../sql/0004_relay_partition.sql"),
     },
+    Migration {
+        version: 5,
+        name: "inbox_outcome",
+        sql: include_str!("../sql/0005_inbox_outcome.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -518,18 +518,30 @@ async fn dead_letter(
         let Some(why) = dead.iter().find(|d| d.id == row.id) else {
             continue;
         };
-        let mut headers = row.headers.as_object().cloned().unwrap_or_default();
-        for (name, value) in [
-            ("ce-type", Some(row.event_type.clone())),
-            ("ce-source", Some(row.source.clone())),
-            ("ce-partitionkey", Some(row.partition_key.clone())),
-            ("traceparent", row.traceparent.clone()),
-            ("Content-Type", row.content_type.clone()),
-        ] {
-            if let Some(value) = value {
-                headers.insert(name.to_owned(), serde_json::Value::String(value));
+        // The full wire headers when the row is valid, so that `dlq retry` can rebuild the
+        // message; otherwise what the row holds.
+        let headers = match row.to_envelope().map(|env| envelope::nats::to_headers(&env)) {
+            Ok(Ok(map)) => map
+                .iter()
+                .filter_map(|(name, values)| {
+                    let value = values.first()?.as_str().to_owned();
+                    Some((name.to_string(), serde_json::Value::String(value)))
+                })
+                .collect(),
+            _ => {
+                let mut headers = row.headers.as_object().cloned().unwrap_or_default();
+                for (name, value) in [
+                    ("ce-type", Some(row.event_type.clone())),
+                    ("ce-source", Some(row.source.clone())),
+                    ("ce-partitionkey", Some(row.partition_key.clone())),
+                ] {
+                    if let Some(value) = value {
+                        headers.insert(name.to_owned(), serde_json::Value::String(value));
+                    }
+                }
+                headers
             }
-        }
+        };
         let letter = dlq::DeadLetter {
             source: dlq::Source::Relay,
             consumer: "relay".to_owned(),

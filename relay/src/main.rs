@@ -108,6 +108,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install or remove the NOTIFY trigger used by `run --listen-notify`.
+    Notify {
+        #[arg(value_enum)]
+        action: NotifyAction,
+    },
     /// Republish rows published since a time that the stream no longer holds.
     Reconcile {
         /// RFC 3339 time (2026-11-22T10:00:00Z) or an age (30m, 2h).
@@ -117,6 +122,16 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum NotifyAction {
+    /// Install the trigger (producers then pay one NOTIFY per transaction).
+    Enable,
+    /// Remove it (relays poll only).
+    Disable,
+    /// Say whether it is installed.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -324,6 +339,28 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { json } => status(global, json).await,
+        Command::Notify { action } => {
+            let pool = pool(global, 1)?;
+            let mut conn = pool.acquire().await?;
+            match action {
+                NotifyAction::Enable => {
+                    relay::store::enable_notify(&mut conn).await?;
+                    println!("notify trigger installed: run relays with --listen-notify");
+                }
+                NotifyAction::Disable => {
+                    relay::store::disable_notify(&mut conn).await?;
+                    println!("notify trigger removed");
+                }
+                NotifyAction::Status => {
+                    let on = relay::store::notify_enabled(&mut conn).await?;
+                    println!(
+                        "notify trigger {}",
+                        if on { "installed" } else { "not installed" }
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Reconcile { since, dry_run } => {
             let since = parse_since(&since)?;
             let pool = pool(global, 2)?;

@@ -145,3 +145,45 @@ pub async fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceStatus>, s
     .fetch_all(conn)
     .await
 }
+
+/// Installs the statement-level trigger that sends `NOTIFY outbox_message` after inserts,
+/// for relays running with `listen_notify`. It costs producers a notification per
+/// transaction (PostgreSQL serialises commits that notify), which is why it is optional.
+pub async fn enable_notify(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(
+        "CREATE OR REPLACE FUNCTION outbox_message_notify() RETURNS trigger
+         LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_notify('outbox_message', '');
+             RETURN NULL;
+         END $$;
+         DROP TRIGGER IF EXISTS outbox_message_notify ON outbox_message;
+         CREATE TRIGGER outbox_message_notify AFTER INSERT ON outbox_message
+             FOR EACH STATEMENT EXECUTE FUNCTION outbox_message_notify();",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Removes the notify trigger (relays fall back to polling alone).
+pub async fn disable_notify(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(
+        "DROP TRIGGER IF EXISTS outbox_message_notify ON outbox_message;
+         DROP FUNCTION IF EXISTS outbox_message_notify();",
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether the notify trigger is installed.
+pub async fn notify_enabled(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger
+                        WHERE tgname = 'outbox_message_notify'
+                          AND tgrelid = 'outbox_message'::regclass)",
+    )
+    .fetch_one(conn)
+    .await
+}

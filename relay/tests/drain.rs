@@ -183,3 +183,44 @@ async fn poison_rows_go_to_dead_letter_while_other_keys_flow() {
         "the poison rows left the outbox"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_wakes_an_idle_relay_at_once() {
+    let env = env().await;
+    relay::store::enable_notify(&mut env.pool.acquire().await.expect("acquire"))
+        .await
+        .expect("install trigger");
+    let slow_poll = Duration::from_secs(30);
+    let config = relay::RelayConfig {
+        listen_notify: true,
+        poll_min_interval: slow_poll,
+        poll_max_interval: slow_poll,
+        ..test_config("relay-a")
+    };
+    let relay = start_in_process(&env, config).await;
+    wait_until(Duration::from_secs(10), "the relay owns partitions and listens", || async {
+        env.count("SELECT count(*) FROM relay_partition_lease WHERE owner = 'relay-a'").await == 256
+            && env
+                .count("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE '%LISTEN%outbox_message%' AND pid <> pg_backend_pid()")
+                .await
+                == 1
+    })
+    .await
+    .expect("listening");
+    // The relay's only claim so far found nothing; its next poll is 30 s away, so a publish
+    // within a few seconds can only come from the notification.
+    let expected = enqueue(&env.pool, 5, 5).await;
+    let client = env.nats_client().await;
+    wait_drained(&env, &client, expected.len(), Duration::from_secs(5)).await;
+    relay.stop().await;
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+
+    relay::store::disable_notify(&mut env.pool.acquire().await.expect("acquire"))
+        .await
+        .expect("remove trigger");
+    assert!(
+        !relay::store::notify_enabled(&mut env.pool.acquire().await.expect("acquire"))
+            .await
+            .expect("query")
+    );
+}

@@ -4,7 +4,8 @@
 //! command, never a silent skip.
 //!
 //! Layout:
-//! - `postgres`: [`Postgres`] — initdb template cache, server process, [`Postgres::fresh_database`]
+//! - `postgres`: [`Postgres`], [`PostgresConfig`] — initdb template cache, server process,
+//!   [`Postgres::fresh_database`]
 //! - `nats`: [`NatsServer`], [`NatsConfig`] — `nats-server -js` with a temp JetStream store
 //! - `proxy`: [`TcpProxy`] — latency, stall and cut between a client and a server
 //! - `wait`: [`wait_until`] (poll a condition with a deadline) and [`free_port`]
@@ -32,6 +33,6 @@ mod wait;
 
 pub use error::{Error, Result};
 pub use nats::{NatsConfig, NatsServer, find_nats_server};
-pub use postgres::{Postgres, find_postgres_bin_dir};
+pub use postgres::{Postgres, PostgresConfig, find_postgres_bin_dir};
 pub use proxy::TcpProxy;
 pub use wait::{free_port, wait_until};

@@ -35,12 +35,24 @@ const INITDB_ARGS: [&str; 5] = [
     "--no-sync",
 ];
 
+/// Options for a server started by [`Postgres::start_with`]; the default is the kit's fast
+/// server (`fsync=off`, `full_page_writes=off`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// Keep PostgreSQL's durable defaults (`fsync=on`, `full_page_writes=on`) instead of
+    /// turning them off for speed: for benchmarks whose numbers must include flushing the WAL
+    /// at commit. An external server (`DATABASE_URL`) keeps its own settings whatever this
+    /// says. Defaults to false.
+    pub durable: bool,
+}
+
 /// A PostgreSQL server for one test: a child process on a free port, or the external server
 /// named by `DATABASE_URL`.
 ///
-/// A started server has a trust-authenticated superuser `postgres`. It runs with `fsync=off`,
-/// which loses nothing when processes are killed (committed data is in the OS page cache) but
-/// would on an OS crash, which this kit does not simulate. Dropping it (also during a panic)
+/// A started server has a trust-authenticated superuser `postgres`. It runs with `fsync=off`
+/// (unless started [`durable`](PostgresConfig::durable)), which loses nothing when processes
+/// are killed (committed data is in the OS page cache) but would on an OS crash, which this
+/// kit does not simulate. Dropping it (also during a panic)
 /// stops the server (SIGQUIT), SIGKILLs whatever is left of its processes, and deletes its
 /// directory. The process also dies if the test process is killed (`PR_SET_PDEATHSIG`).
 pub struct Postgres {
@@ -71,9 +83,15 @@ impl Postgres {
     /// server runs as the `postgres` user (else `nobody`). Binaries: see
     /// [`find_postgres_bin_dir`]. Fails with the log tail if not ready within 30 s.
     pub async fn start() -> Result<Postgres> {
+        Self::start_with(PostgresConfig::default()).await
+    }
+
+    /// [`start`](Self::start) with options: `config.durable` keeps `fsync` and
+    /// `full_page_writes` on. With `DATABASE_URL` set, that server is used as it is configured.
+    pub async fn start_with(config: PostgresConfig) -> Result<Postgres> {
         match std::env::var(ENV_URL) {
             Ok(url) if !url.trim().is_empty() => Self::external(url).await,
-            _ => Self::start_managed().await,
+            _ => Self::start_managed(config).await,
         }
     }
 
@@ -99,7 +117,7 @@ impl Postgres {
         })
     }
 
-    async fn start_managed() -> Result<Postgres> {
+    async fn start_managed(config: PostgresConfig) -> Result<Postgres> {
         let run_as = RunAs::unprivileged();
         let dir = tempfile::Builder::new()
             .prefix("testkit-pg-")
@@ -119,7 +137,7 @@ impl Postgres {
             let mut process = ServerProcess::spawn(Spec {
                 server: SERVER,
                 program: bin_dir.join("postgres"),
-                args: server_args(&data_dir, &socket_dir, port),
+                args: server_args(&data_dir, &socket_dir, port, config.durable),
                 cwd: dir.path().to_owned(),
                 log: dir.path().join("postgres.log"),
                 run_as,
@@ -337,7 +355,7 @@ pub(crate) fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn server_args(data_dir: &Path, socket_dir: &Path, port: u16) -> Vec<OsString> {
+fn server_args(data_dir: &Path, socket_dir: &Path, port: u16, durable: bool) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "-D".into(),
         data_dir.into(),
@@ -349,8 +367,13 @@ fn server_args(data_dir: &Path, socket_dir: &Path, port: u16) -> Vec<OsString> {
         socket_dir.into(),
     ];
     // Never synchronous_commit=off: a killed server would lose acknowledged commits.
-    for setting in ["fsync=off", "full_page_writes=off", "shared_buffers=32MB"] {
-        args.extend(["-c".into(), setting.into()]);
+    let fast: &[&str] = if durable {
+        &[]
+    } else {
+        &["fsync=off", "full_page_writes=off"]
+    };
+    for setting in fast.iter().chain(&["shared_buffers=32MB"]) {
+        args.extend(["-c".into(), (*setting).into()]);
     }
     args
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use sqlx::{Connection, PgConnection};
-use testkit::Postgres;
+use testkit::{Postgres, PostgresConfig};
 use tokio::time::timeout;
 
 async fn connect(url: &str) -> PgConnection {
@@ -150,4 +150,35 @@ async fn stopped_servers_restart_with_their_data_and_drop_frees_the_port() {
     tokio::net::TcpStream::connect(addr)
         .await
         .expect_err("nothing listens after drop");
+}
+
+#[tokio::test]
+async fn a_durable_server_keeps_fsync_and_full_page_writes_on() {
+    let (durable, fast) = tokio::join!(
+        Postgres::start_with(PostgresConfig { durable: true }),
+        Postgres::start()
+    );
+    let (durable, fast) = (
+        durable.expect("start durable postgres"),
+        fast.expect("start postgres"),
+    );
+    let show = |url: String, setting: &'static str| async move {
+        let mut conn = connect(&url).await;
+        sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {setting}")))
+            .fetch_one(&mut conn)
+            .await
+            .expect(setting)
+    };
+    for setting in ["fsync", "full_page_writes"] {
+        assert_eq!(
+            show(durable.url().to_owned(), setting).await,
+            "on",
+            "{setting}"
+        );
+        assert_eq!(
+            show(fast.url().to_owned(), setting).await,
+            "off",
+            "{setting}"
+        );
+    }
 }

@@ -329,7 +329,7 @@ pub fn spawn_relay(env: &Env, instance: &str, extra: &[&str]) -> RelayProcess {
         .env("NATS_URL", env.nats.url())
         .env("RELAY_STREAM", STREAM)
         .env("RELAY_STREAM_SUBJECTS", "test.>")
-        .env("RUST_LOG", "relay=info,warn")
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -396,4 +396,31 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
     let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     Some((status, body))
+}
+
+/// Messages in the stream now (0 if it cannot be read).
+pub async fn stream_count(client: &async_nats::Client) -> u64 {
+    let js = jetstream::new(client.clone());
+    let Ok(mut stream) = js.get_stream(STREAM).await else {
+        return 0;
+    };
+    stream.info().await.map(|i| i.state.messages).unwrap_or(0)
+}
+
+/// Runs the relay binary with arguments and environment; returns (exit code, stdout, stderr).
+pub fn relay_cli(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_relay"));
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("NATS_URL")
+        .env("RUST_LOG", "error");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run relay");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -1,0 +1,165 @@
+//! `relay-backlog`: does the relay slow down when the backlog is large?
+//!
+//! Two phases, each on a fresh database and an emptied stream, with the relay in-process at
+//! its default configuration:
+//! - small: `small_events` rows; the rate is over the whole backlog (first row claimed to the
+//!   stream holding all of them).
+//! - large: `events` rows; the rate is over the first `measure` rows published, while the
+//!   rest of the backlog is still waiting behind them. Draining all of it would mix in the
+//!   rates of an ever smaller backlog, and take minutes; the first rows show the per-claim
+//!   cost with the full backlog in the table.
+//!
+//! Both rates count messages stored in the stream (PubAcks) per second from the relay's start.
+//! Backlogs are written by `INSERT ... SELECT generate_series` in chunks (timed as the fill),
+//! then `VACUUM ANALYZE` (as autovacuum would after a bulk load), with random (v4) ids:
+//! the relay does not order by id.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream;
+
+use crate::env::{self, Database, Poll, RunningRelay, Servers};
+use crate::stats;
+
+/// What `relay-backlog` measures.
+#[derive(Debug, Clone)]
+pub struct BacklogConfig {
+    /// Rows of the large backlog. Defaults to 1 000 000.
+    pub events: usize,
+    /// Rows of the small backlog. Defaults to 10 000.
+    pub small_events: usize,
+    /// Rows of the large backlog the rate is measured over. Defaults to 100 000.
+    pub measure: usize,
+    /// Payload bytes per row. Defaults to 1024.
+    pub payload: usize,
+    /// Distinct partition keys, assigned round-robin. Defaults to 1000.
+    pub keys: usize,
+}
+
+impl Default for BacklogConfig {
+    fn default() -> Self {
+        BacklogConfig {
+            events: 1_000_000,
+            small_events: 10_000,
+            measure: 100_000,
+            payload: 1024,
+            keys: 1000,
+        }
+    }
+}
+
+/// Rows per fill statement (each its own transaction).
+const FILL_CHUNK: usize = 100_000;
+
+const FILL: &str = "INSERT INTO outbox_message
+        (id, subject, event_type, source, partition_key, occurred_at, headers, payload)
+    SELECT gen_random_uuid(), $1, $2, $3, 'key-' || (g % $4), now(), '{}'::jsonb, $5
+    FROM generate_series($6::bigint, $7::bigint) AS g";
+
+/// Runs the scenario; returns `relay-backlog small_eps=<n> large_eps=<n> ratio=<r>`.
+pub async fn run(config: &BacklogConfig, fast_unsafe_db: bool) -> anyhow::Result<String> {
+    if config.events == 0 || config.small_events == 0 || config.measure == 0 || config.keys == 0 {
+        bail!("relay-backlog needs --events, --small-events, --measure and --keys above 0");
+    }
+    let measure = config.measure.min(config.events);
+    let servers = Servers::start(fast_unsafe_db).await?;
+    let js = jetstream::new(servers.nats_client("bench-admin").await?);
+    servers
+        .ensure_stream(&js, env::STREAM, env::STREAM_SUBJECTS)
+        .await?;
+    eprintln!(
+        "relay-backlog: small {} rows (all measured), large {} rows (first {measure} measured), {} B payload, {} keys",
+        config.small_events, config.events, config.payload, config.keys
+    );
+
+    let small = phase(&servers, &js, config, "small", config.small_events, None).await?;
+    let large = phase(&servers, &js, config, "large", config.events, Some(measure)).await?;
+    Ok(format!(
+        "relay-backlog small_eps={small:.0} large_eps={large:.0} ratio={:.2}",
+        stats::ratio(large, small)
+    ))
+}
+
+/// Fills a fresh database with `rows`, runs the relay until `measure` (default: all) rows are
+/// in the stream; returns that rate.
+async fn phase(
+    servers: &Servers,
+    js: &jetstream::Context,
+    config: &BacklogConfig,
+    name: &str,
+    rows: usize,
+    measure: Option<usize>,
+) -> anyhow::Result<f64> {
+    let db = servers.database().await?;
+    if name == "small" {
+        servers.report_durability(&db, js).await?;
+    }
+    let fill = fill(&db, config, rows).await?;
+    let vacuum = db.vacuum_analyze().await?;
+    eprintln!(
+        "relay-backlog: {name}: filled {rows} rows in {fill:.2?} ({:.0} rows/s), VACUUM ANALYZE {vacuum:.2?}",
+        stats::per_second(rows as u64, fill)
+    );
+    env::purge_stream(js, env::STREAM).await?;
+    let target = measure.unwrap_or(rows) as u64;
+
+    let start = Instant::now();
+    let relay = RunningRelay::start(
+        servers,
+        &db,
+        env::relay_config(&format!("bench-relay-backlog-{name}")),
+    )
+    .await?;
+    let (_, end) = env::poll(
+        &format!("{name} backlog publishing"),
+        Duration::from_millis(10),
+        Duration::from_secs(900),
+        || async {
+            let n = env::stream_messages(js, env::STREAM).await?;
+            Ok(if n >= target {
+                Poll::Done(())
+            } else {
+                Poll::Waiting(format!("{n}/{target} in the stream"))
+            })
+        },
+    )
+    .await?;
+    let elapsed = end - start;
+    let stop_start = Instant::now();
+    relay.stop(Duration::from_secs(300)).await?;
+    let eps = stats::per_second(target, elapsed);
+    eprintln!(
+        "relay-backlog: {name}: {target} of {rows} published in {elapsed:.2?} ({eps:.0}/s); relay stopped in {:.2?}",
+        stop_start.elapsed()
+    );
+    db.pool.close().await;
+    Ok(eps)
+}
+
+/// Inserts `rows` valid outbox rows in chunks; returns how long it took.
+async fn fill(db: &Database, config: &BacklogConfig, rows: usize) -> anyhow::Result<Duration> {
+    let payload = vec![b'x'; config.payload];
+    let keys = i64::try_from(config.keys).context("--keys is too large")?;
+    let start = Instant::now();
+    let mut done = 0usize;
+    while done < rows {
+        let end = rows.min(done + FILL_CHUNK);
+        sqlx::query(FILL)
+            .bind(env::SUBJECT)
+            .bind(crate::EVENT_TYPE)
+            .bind(crate::SOURCE)
+            .bind(keys)
+            .bind(&payload)
+            .bind(i64::try_from(done).context("row count")?)
+            .bind(i64::try_from(end - 1).context("row count")?)
+            .execute(&db.pool)
+            .await
+            .context("filling the outbox")?;
+        done = end;
+        if rows > FILL_CHUNK {
+            eprintln!("  filled {done}/{rows} after {:.1?}", start.elapsed());
+        }
+    }
+    Ok(start.elapsed())
+}

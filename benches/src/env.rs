@@ -1,0 +1,337 @@
+//! The servers a scenario runs against, a fresh migrated database, the durability report,
+//! JetStream streams, and the relay run in-process.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream;
+use relay::RelayConfig;
+use relay::publisher::jetstream::{JetStreamPublisher, NatsConfig, StreamSpec, ensure_stream};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use testkit::{NatsServer, Postgres, PostgresConfig};
+use tokio_util::sync::CancellationToken;
+
+/// The relay's stream: captures every subject the scenarios enqueue on.
+pub const STREAM: &str = "BENCH";
+/// Subject filter of [`STREAM`].
+pub const STREAM_SUBJECTS: &str = "bench.>";
+/// The subject of every outbox row the scenarios write.
+pub const SUBJECT: &str = "bench.event";
+/// The raw baseline's stream, identical to [`STREAM`] but on other subjects.
+pub const RAW_STREAM: &str = "BENCH_RAW";
+/// Subject filter of [`RAW_STREAM`].
+pub const RAW_STREAM_SUBJECTS: &str = "raw.>";
+/// The subject the raw baseline publishes on.
+pub const RAW_SUBJECT: &str = "raw.event";
+/// The duplicate window of both streams (the server default).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Connections of the relay's pool, as the `relay` binary opens.
+pub const RELAY_POOL_CONNECTIONS: u32 = 10;
+
+/// A PostgreSQL and a `nats-server -js`, alive as long as this value.
+pub struct Servers {
+    pg: Postgres,
+    nats: NatsServer,
+    durable: bool,
+}
+
+/// A fresh database with the toolkit's schema, and a small pool on it for setup and polling.
+pub struct Database {
+    /// Its URL.
+    pub url: String,
+    /// A pool of a few connections for setup and polling (not the relay's or producers').
+    pub pool: PgPool,
+}
+
+impl Servers {
+    /// Starts both servers (or uses `DATABASE_URL` / `NATS_URL`). PostgreSQL keeps `fsync` on
+    /// unless `fast_unsafe_db`.
+    pub async fn start(fast_unsafe_db: bool) -> anyhow::Result<Servers> {
+        let durable = !fast_unsafe_db;
+        let (pg, nats) = tokio::join!(
+            Postgres::start_with(PostgresConfig { durable }),
+            NatsServer::start()
+        );
+        Ok(Servers {
+            pg: pg.context("starting PostgreSQL")?,
+            nats: nats.context("starting nats-server")?,
+            durable,
+        })
+    }
+
+    /// A new database with the toolkit's migrations applied.
+    pub async fn database(&self) -> anyhow::Result<Database> {
+        let url = self
+            .pg
+            .fresh_database()
+            .await
+            .context("creating a database")?;
+        let pool = pool(&url, 3).await?;
+        let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
+        migrations::migrate(&mut conn)
+            .await
+            .context("applying migrations")?;
+        drop(conn);
+        Ok(Database { url, pool })
+    }
+
+    /// The NATS settings the relay would use, with a connection name.
+    pub fn nats_config(&self, name: &str) -> NatsConfig {
+        NatsConfig {
+            url: self.nats.url().to_owned(),
+            name: Some(name.to_owned()),
+            ..NatsConfig::default()
+        }
+    }
+
+    /// A connected NATS client named `name`.
+    pub async fn nats_client(&self, name: &str) -> anyhow::Result<async_nats::Client> {
+        self.nats_config(name)
+            .connect()
+            .await
+            .context("connecting to NATS")
+    }
+
+    /// Creates (or verifies) a file-storage stream named `name` capturing `subjects`, with the
+    /// settings `relay stream ensure` uses.
+    pub async fn ensure_stream(
+        &self,
+        js: &jetstream::Context,
+        name: &str,
+        subjects: &str,
+    ) -> anyhow::Result<()> {
+        ensure_stream(
+            js,
+            &StreamSpec {
+                name: name.to_owned(),
+                subjects: vec![subjects.to_owned()],
+                duplicate_window: DUPLICATE_WINDOW,
+                replicas: 1,
+            },
+        )
+        .await
+        .with_context(|| format!("creating stream {name}"))?;
+        Ok(())
+    }
+
+    /// Prints the durability settings in force to stderr: PostgreSQL's `fsync`,
+    /// `synchronous_commit` and friends, and the JetStream stream's storage.
+    pub async fn report_durability(
+        &self,
+        db: &Database,
+        js: &jetstream::Context,
+    ) -> anyhow::Result<()> {
+        let origin = if std::env::var("DATABASE_URL").is_ok_and(|u| !u.trim().is_empty()) {
+            "external server from DATABASE_URL"
+        } else if self.durable {
+            "testkit server started durable (fsync and full_page_writes at their defaults)"
+        } else {
+            "testkit server started with --fast-unsafe-db (fsync=off, full_page_writes=off)"
+        };
+        let mut settings = Vec::new();
+        for name in [
+            "server_version",
+            "fsync",
+            "synchronous_commit",
+            "full_page_writes",
+            "wal_sync_method",
+            "shared_buffers",
+        ] {
+            let value: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+                .fetch_one(&db.pool)
+                .await
+                .with_context(|| format!("SHOW {name}"))?;
+            settings.push(format!("{name}={value}"));
+        }
+        eprintln!("durability: PostgreSQL {} ({origin})", settings.join(" "));
+        let mut stream = js
+            .get_stream(STREAM)
+            .await
+            .with_context(|| format!("looking up stream {STREAM}"))?;
+        let config = stream
+            .info()
+            .await
+            .context("reading stream info")?
+            .config
+            .clone();
+        eprintln!(
+            "durability: JetStream stream {STREAM} storage={:?} replicas={} duplicate_window={:?}; \
+             nats-server sync_interval at its default (2m: acked messages are written to the OS \
+             at once and fsynced periodically, not per message)",
+            config.storage, config.num_replicas, config.duplicate_window
+        );
+        Ok(())
+    }
+}
+
+impl Database {
+    /// Another pool on this database with `connections` connections.
+    pub async fn pool(&self, connections: u32) -> anyhow::Result<PgPool> {
+        pool(&self.url, connections).await
+    }
+
+    /// Rows not yet published (pending or claimed).
+    pub async fn unpublished(&self) -> anyhow::Result<i64> {
+        sqlx::query_scalar("SELECT count(*) FROM outbox_message WHERE status <> 'published'")
+            .fetch_one(&self.pool)
+            .await
+            .context("counting unpublished rows")
+    }
+
+    /// `VACUUM ANALYZE outbox_message`: the table statistics and visibility map autovacuum
+    /// would give a table after a bulk insert, so the relay's first claims are planned as in
+    /// steady state. Returns how long it took.
+    pub async fn vacuum_analyze(&self) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        sqlx::query("VACUUM ANALYZE outbox_message")
+            .execute(&self.pool)
+            .await
+            .context("VACUUM ANALYZE outbox_message")?;
+        Ok(start.elapsed())
+    }
+}
+
+async fn pool(url: &str, connections: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(url)
+        .await
+        .context("connecting to PostgreSQL")
+}
+
+/// The number of messages the stream `name` holds now (one `STREAM.INFO` request).
+pub async fn stream_messages(js: &jetstream::Context, name: &str) -> anyhow::Result<u64> {
+    let stream = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("reading the info of stream {name}"))?;
+    Ok(stream.cached_info().state.messages)
+}
+
+/// Empties a stream (between phases of one scenario).
+pub async fn purge_stream(js: &jetstream::Context, name: &str) -> anyhow::Result<()> {
+    js.get_stream(name)
+        .await
+        .with_context(|| format!("looking up stream {name}"))?
+        .purge()
+        .await
+        .with_context(|| format!("purging stream {name}"))?;
+    Ok(())
+}
+
+/// Polls `condition` every `every` until it returns `Some`, printing `progress` to stderr
+/// about once a second; returns the value and the instant the condition was first seen
+/// true. Fails after `deadline`, naming `what`.
+pub async fn poll<T, F, Fut>(
+    what: &str,
+    every: Duration,
+    deadline: Duration,
+    mut condition: F,
+) -> anyhow::Result<(T, Instant)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Poll<T>>>,
+{
+    let start = Instant::now();
+    let mut last_report = start;
+    loop {
+        match condition().await? {
+            Poll::Done(value) => return Ok((value, Instant::now())),
+            Poll::Waiting(progress) => {
+                if last_report.elapsed() >= Duration::from_secs(1) {
+                    eprintln!("  {what}: {progress} after {:.1?}", start.elapsed());
+                    last_report = Instant::now();
+                }
+            }
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One evaluation of a [`poll`] condition.
+pub enum Poll<T> {
+    /// The condition holds.
+    Done(T),
+    /// Not yet; the text says how far along it is.
+    Waiting(String),
+}
+
+/// The relay library running in this process, as `relay run` runs it.
+pub struct RunningRelay {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), relay::Error>>,
+    health: relay::Health,
+}
+
+impl RunningRelay {
+    /// Builds the relay with `config` (its own pool of [`RELAY_POOL_CONNECTIONS`] and NATS
+    /// connection, as the binary opens) and starts it.
+    pub async fn start(
+        servers: &Servers,
+        db: &Database,
+        config: RelayConfig,
+    ) -> anyhow::Result<RunningRelay> {
+        let pool = db.pool(RELAY_POOL_CONNECTIONS).await?;
+        let client = servers
+            .nats_config(&config.instance_id)
+            .connect()
+            .await
+            .context("connecting the relay to NATS")?;
+        let publisher =
+            JetStreamPublisher::new(client, config.publish_timeout, config.max_in_flight);
+        let relay = relay::Relay::new(config, pool, publisher).context("building the relay")?;
+        let health = relay.health();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(relay.run(async move { token.cancelled().await }));
+        Ok(RunningRelay { stop, task, health })
+    }
+
+    /// Waits until the relay owns all 256 partitions (it is alone) and is ready.
+    pub async fn wait_ready(&self, deadline: Duration) -> anyhow::Result<()> {
+        let health = self.health.clone();
+        let all = usize::try_from(relay::store::PARTITIONS).unwrap_or(usize::MAX);
+        poll(
+            "the relay to own every partition",
+            Duration::from_millis(5),
+            deadline,
+            || {
+                let report = health.report();
+                async move {
+                    Ok(if report.ready && report.partitions_owned == all {
+                        Poll::Done(())
+                    } else {
+                        Poll::Waiting(format!("{} partitions", report.partitions_owned))
+                    })
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stops the relay and waits (up to `deadline`) for it to finish.
+    pub async fn stop(self, deadline: Duration) -> anyhow::Result<()> {
+        self.stop.cancel();
+        tokio::time::timeout(deadline, self.task)
+            .await
+            .with_context(|| format!("the relay did not stop within {deadline:?}"))?
+            .context("the relay task panicked")?
+            .context("the relay failed")?;
+        Ok(())
+    }
+}
+
+/// A relay configuration: the defaults with a readable instance id.
+pub fn relay_config(instance_id: &str) -> RelayConfig {
+    RelayConfig {
+        instance_id: instance_id.to_owned(),
+        ..RelayConfig::default()
+    }
+}

@@ -1,0 +1,28 @@
+//! End-to-end benchmark scenarios for the outbox toolkit, each measuring its own baseline in
+//! the same run against a real PostgreSQL and a real `nats-server -js` (started by `testkit`,
+//! or the servers named by `DATABASE_URL` / `NATS_URL`).
+//!
+//! Every scenario returns one final line (`<scenario> key=value ...`) that the binary prints on
+//! stdout; progress goes to stderr. Results and the exact commands are in `BENCHMARKS.md`.
+//!
+//! # Layout
+//! - [`env`]: the servers, a fresh migrated database per run, the durability report, the
+//!   streams, and the relay run in-process ([`env::RunningRelay`]).
+//! - [`drain`]: `relay-drain`, relay throughput against raw pipelined JetStream publishing.
+//! - [`latency`]: `relay-latency`, commit-to-receive latency at an offered rate.
+//! - [`producer`]: `producer-overhead`, business transactions with and without an enqueue.
+//! - [`backlog`]: `relay-backlog`, drain rate with a large backlog against a small one.
+//! - [`stats`]: rates, percentiles and number formatting.
+
+pub mod backlog;
+pub mod drain;
+pub mod env;
+pub mod latency;
+pub mod producer;
+pub mod stats;
+
+/// The event type of every outbox row the scenarios write.
+pub const EVENT_TYPE: &str = "bench.event.v1";
+
+/// The `source` of every outbox row the scenarios write.
+pub const SOURCE: &str = "bench";

@@ -1,0 +1,193 @@
+//! `bench`: runs one end-to-end scenario and prints its final line on stdout.
+//!
+//! ```text
+//! cargo run --release -p bench -- relay-drain --events 100000 --payload 1024
+//! cargo run --release -p bench -- relay-latency --rate 1000 --seconds 20
+//! cargo run --release -p bench -- producer-overhead --seconds 10 --concurrency 8
+//! cargo run --release -p bench -- relay-backlog --events 1000000
+//! ```
+//!
+//! Progress and the durability settings go to stderr. On failure it prints one line,
+//! `bench: <what went wrong>`, and exits with status 1.
+
+use std::process::ExitCode;
+
+use bench::backlog::BacklogConfig;
+use bench::drain::DrainConfig;
+use bench::latency::LatencyConfig;
+use bench::producer::ProducerConfig;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "End-to-end benchmarks of the outbox toolkit against real PostgreSQL and nats-server"
+)]
+struct Cli {
+    /// Run PostgreSQL with fsync=off and full_page_writes=off (faster, not crash-safe) instead
+    /// of its durable defaults. Ignored with DATABASE_URL (that server's settings apply).
+    #[arg(long, global = true)]
+    fast_unsafe_db: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Relay drain rate against raw pipelined JetStream publishing of the same messages.
+    RelayDrain(DrainArgs),
+    /// Commit-to-receive latency through the relay at an offered rate.
+    RelayLatency(LatencyArgs),
+    /// Business transactions per second with and without an outbox enqueue.
+    ProducerOverhead(ProducerArgs),
+    /// Relay drain rate with a large backlog against a small one.
+    RelayBacklog(BacklogArgs),
+}
+
+#[derive(Args)]
+struct DrainArgs {
+    /// Messages published by the baseline and by the relay.
+    #[arg(long, default_value_t = DrainConfig::default().events)]
+    events: usize,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = DrainConfig::default().payload)]
+    payload: usize,
+    /// Distinct partition keys (round-robin).
+    #[arg(long, default_value_t = DrainConfig::default().keys)]
+    keys: usize,
+    /// PubAcks in flight in the raw baseline (at least 256).
+    #[arg(long, default_value_t = DrainConfig::default().window)]
+    window: usize,
+}
+
+#[derive(Args)]
+struct LatencyArgs {
+    /// Offered transactions per second, one message each.
+    #[arg(long, default_value_t = LatencyConfig::default().rate)]
+    rate: u32,
+    /// How long the producer runs.
+    #[arg(long, default_value_t = LatencyConfig::default().seconds)]
+    seconds: u64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = LatencyConfig::default().payload)]
+    payload: usize,
+    /// Distinct partition keys (round-robin).
+    #[arg(long, default_value_t = LatencyConfig::default().keys)]
+    keys: usize,
+    /// Connections shared by the producer's transactions.
+    #[arg(long, default_value_t = LatencyConfig::default().connections)]
+    connections: u32,
+}
+
+#[derive(Args)]
+struct ProducerArgs {
+    /// Measured seconds per mode (plain, outbox).
+    #[arg(long, default_value_t = ProducerConfig::default().seconds)]
+    seconds: u64,
+    /// Concurrent workers, one connection each.
+    #[arg(long, default_value_t = ProducerConfig::default().concurrency)]
+    concurrency: usize,
+}
+
+#[derive(Args)]
+struct BacklogArgs {
+    /// Rows of the large backlog.
+    #[arg(long, default_value_t = BacklogConfig::default().events)]
+    events: usize,
+    /// Rows of the small backlog (all measured).
+    #[arg(long, default_value_t = BacklogConfig::default().small_events)]
+    small_events: usize,
+    /// Rows of the large backlog the rate is measured over (the first published).
+    #[arg(long, default_value_t = BacklogConfig::default().measure)]
+    measure: usize,
+    /// Payload bytes per row.
+    #[arg(long, default_value_t = BacklogConfig::default().payload)]
+    payload: usize,
+    /// Distinct partition keys (round-robin).
+    #[arg(long, default_value_t = BacklogConfig::default().keys)]
+    keys: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            result = run(cli) => result,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    match outcome {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let fast = cli.fast_unsafe_db;
+    match cli.scenario {
+        Scenario::RelayDrain(a) => {
+            let config = DrainConfig {
+                events: a.events,
+                payload: a.payload,
+                keys: a.keys,
+                window: a.window,
+            };
+            bench::drain::run(&config, fast).await
+        }
+        Scenario::RelayLatency(a) => {
+            let config = LatencyConfig {
+                rate: a.rate,
+                seconds: a.seconds,
+                payload: a.payload,
+                keys: a.keys,
+                connections: a.connections,
+            };
+            bench::latency::run(&config, fast).await
+        }
+        Scenario::ProducerOverhead(a) => {
+            let config = ProducerConfig {
+                seconds: a.seconds,
+                concurrency: a.concurrency,
+            };
+            bench::producer::run(&config, fast).await
+        }
+        Scenario::RelayBacklog(a) => {
+            let config = BacklogConfig {
+                events: a.events,
+                small_events: a.small_events,
+                measure: a.measure,
+                payload: a.payload,
+                keys: a.keys,
+            };
+            bench::backlog::run(&config, fast).await
+        }
+    }
+}
+
+/// Prints `bench: <error chain>` on one line and returns the failure status.
+fn fail(e: &anyhow::Error) -> ExitCode {
+    let text = format!("{e:#}");
+    let one_line: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    eprintln!("bench: {}", one_line.join(" | "));
+    ExitCode::FAILURE
+}

@@ -1,0 +1,159 @@
+//! `producer-overhead`: what an outbox enqueue adds to a business transaction.
+//!
+//! `concurrency` workers, each on its own connection, run back-to-back transactions for a
+//! fixed time: `BEGIN; INSERT INTO orders ...; COMMIT` (plain), then the same with one
+//! `Outbox::enqueue` of a typed event before `COMMIT` (outbox). Each mode is warmed up for a
+//! second (not counted) before its measured run. No relay runs: this is the producer's cost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::jetstream;
+use outbox::{Event, Outbox};
+use serde::{Deserialize, Serialize};
+use sqlx::{Connection, PgPool};
+use uuid::Uuid;
+
+use crate::env::Servers;
+use crate::stats;
+
+/// What `producer-overhead` measures.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Measured seconds per mode. Defaults to 10.
+    pub seconds: u64,
+    /// Concurrent workers (and connections) in both modes. Defaults to 8.
+    pub concurrency: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            seconds: 10,
+            concurrency: 8,
+        }
+    }
+}
+
+/// The business table of the scenario.
+const CREATE_ORDERS: &str = "CREATE TABLE orders (
+    id          uuid        PRIMARY KEY,
+    customer    text        NOT NULL,
+    total_cents bigint      NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now())";
+
+const WARM_UP: Duration = Duration::from_secs(1);
+
+/// The event the outbox mode enqueues (`order.placed.v1`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    /// The order.
+    pub order_id: Uuid,
+    /// Who placed it.
+    pub customer: String,
+    /// Its total.
+    pub total_cents: i64,
+}
+
+impl Event for OrderPlaced {
+    const NAME: &'static str = "order.placed";
+    const VERSION: u32 = 1;
+    fn partition_key(&self) -> String {
+        self.order_id.to_string()
+    }
+}
+
+/// Runs the scenario; returns `producer-overhead plain_tps=<n> outbox_tps=<n> ratio=<r>`.
+pub async fn run(config: &ProducerConfig, fast_unsafe_db: bool) -> anyhow::Result<String> {
+    if config.seconds == 0 || config.concurrency == 0 {
+        bail!("producer-overhead needs --seconds and --concurrency above 0");
+    }
+    let servers = Servers::start(fast_unsafe_db).await?;
+    let db = servers.database().await?;
+    let js = jetstream::new(servers.nats_client("bench-admin").await?);
+    servers
+        .ensure_stream(&js, crate::env::STREAM, crate::env::STREAM_SUBJECTS)
+        .await?;
+    servers.report_durability(&db, &js).await?;
+    sqlx::query(CREATE_ORDERS)
+        .execute(&db.pool)
+        .await
+        .context("creating the orders table")?;
+    let connections = u32::try_from(config.concurrency).context("--concurrency is too large")?;
+    let pool = db.pool(connections).await?;
+    let outbox = Outbox::new("order-service").context("outbox")?;
+    let duration = Duration::from_secs(config.seconds);
+    eprintln!(
+        "producer-overhead: {} workers, {} s per mode after a {WARM_UP:?} warm-up, no relay running",
+        config.concurrency, config.seconds
+    );
+
+    let mut tps = [0.0; 2];
+    for (slot, with_outbox) in [(0, false), (1, true)] {
+        let mode = if with_outbox { "outbox" } else { "plain" };
+        drive(&pool, &outbox, config.concurrency, with_outbox, WARM_UP).await?;
+        let (done, elapsed) =
+            drive(&pool, &outbox, config.concurrency, with_outbox, duration).await?;
+        tps[slot] = stats::per_second(done, elapsed);
+        eprintln!(
+            "producer-overhead: {mode}: {done} transactions in {elapsed:.2?} ({:.0}/s)",
+            tps[slot]
+        );
+    }
+    let [plain, with_outbox] = tps;
+    Ok(format!(
+        "producer-overhead plain_tps={plain:.0} outbox_tps={with_outbox:.0} ratio={:.2}",
+        stats::ratio(with_outbox, plain)
+    ))
+}
+
+/// Runs `workers` loops of business transactions until `duration` has passed; returns how
+/// many committed and the time from start until the last worker stopped.
+async fn drive(
+    pool: &PgPool,
+    outbox: &Outbox,
+    workers: usize,
+    with_outbox: bool,
+    duration: Duration,
+) -> anyhow::Result<(u64, Duration)> {
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut handles = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let (pool, outbox, done) = (pool.clone(), outbox.clone(), done.clone());
+        handles.push(tokio::spawn(async move {
+            let mut conn = pool.acquire().await?;
+            let customer = format!("customer-{worker}");
+            while Instant::now() < deadline {
+                let order = OrderPlaced {
+                    order_id: Uuid::now_v7(),
+                    customer: customer.clone(),
+                    total_cents: 4_999,
+                };
+                let mut tx = conn.begin().await?;
+                sqlx::query("INSERT INTO orders (id, customer, total_cents) VALUES ($1, $2, $3)")
+                    .bind(order.order_id)
+                    .bind(&order.customer)
+                    .bind(order.total_cents)
+                    .execute(&mut *tx)
+                    .await?;
+                if with_outbox {
+                    outbox.enqueue(&mut tx, &order).await?;
+                }
+                tx.commit().await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for handle in handles {
+        handle
+            .await
+            .context("a worker panicked")?
+            .context("a business transaction failed")?;
+    }
+    Ok((done.load(Ordering::Relaxed), start.elapsed()))
+}

@@ -1,0 +1,381 @@
+//! The `dlq` CLI: inspect, retry and purge dead letters.
+//!
+//! Exit codes: 0 done; 1 failed (e.g. the database is unreachable); 2 bad usage or a refused
+//! confirmation; 3 an id that does not exist, or nothing matched.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use dlq::store::{self, Filter, Stored};
+use sqlx::{Connection, PgConnection};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Inspect, retry and purge dead letters.
+#[derive(Parser, Debug)]
+#[command(name = "dlq", version, about)]
+struct Cli {
+    /// PostgreSQL URL of the service database.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Default)]
+struct Filters {
+    /// Only this consumer (`relay` for relay dead letters).
+    #[arg(long)]
+    consumer: Option<String>,
+    /// Only this subject.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Only this reason (e.g. decode, attempts_exhausted, no_stream).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this status: dead, retry_requested or retried.
+    #[arg(long)]
+    status: Option<String>,
+    /// Failed at or after: RFC 3339 time or an age such as 2h.
+    #[arg(long)]
+    since: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List dead letters, newest failure first.
+    List {
+        #[command(flatten)]
+        filters: Filters,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: headers, payload, error chain, history.
+    Show {
+        /// Its id.
+        id: i64,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retry dead letters: consumers re-run their handler once; relay ones return to the outbox.
+    Retry {
+        /// Dead letter ids.
+        ids: Vec<i64>,
+        /// Every dead letter in status `dead`.
+        #[arg(long)]
+        all: bool,
+        /// Every `dead` one of this consumer.
+        #[arg(long)]
+        consumer: Option<String>,
+        /// Every `dead` one on this subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Say what would be retried, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters (asks for confirmation unless --yes).
+    Purge {
+        #[command(flatten)]
+        filters: Filters,
+        /// Only those whose last failure is older than this age (e.g. 7d).
+        #[arg(long)]
+        older_than: Option<String>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Counts by consumer, reason and status.
+    Stats {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 1, message: e.to_string() }
+    }
+}
+
+fn fail<T>(code: u8, message: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure { code, message: message.into() })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dlq: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("dlq: {}", failure.message.replace('\n', " "));
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn connect(url: Option<&str>) -> Result<PgConnection, Failure> {
+    let Some(url) = url else {
+        return fail(2, "no database: set DATABASE_URL or pass --database-url");
+    };
+    let connect = PgConnection::connect(url);
+    match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => fail(1, format!("cannot connect to the database: {e}")),
+        Err(_) => fail(1, "cannot connect to the database: timed out after 10s"),
+    }
+}
+
+fn parse_age(text: &str) -> Result<std::time::Duration, Failure> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = match n.parse() {
+        Ok(n) => n,
+        Err(_) => return fail(2, format!("{text:?} is not an age like 30m, 2h or 7d")),
+    };
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return fail(2, format!("{text:?} is not an age like 30m, 2h or 7d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn parse_time(text: &str) -> Result<OffsetDateTime, Failure> {
+    if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
+        return Ok(t);
+    }
+    Ok(OffsetDateTime::now_utc() - parse_age(text)?)
+}
+
+fn filter(f: &Filters) -> Result<Filter, Failure> {
+    if let Some(status) = &f.status {
+        if !["dead", "retry_requested", "retried"].contains(&status.as_str()) {
+            return fail(2, format!("--status must be dead, retry_requested or retried, not {status:?}"));
+        }
+    }
+    Ok(Filter {
+        consumer: f.consumer.clone(),
+        subject: f.subject.clone(),
+        reason: f.reason.clone(),
+        status: f.status.clone(),
+        since: f.since.as_deref().map(parse_time).transpose()?,
+        ..Filter::default()
+    })
+}
+
+fn time_text(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+fn json_of(letter: &Stored) -> serde_json::Value {
+    let mut value = serde_json::to_value(letter).unwrap_or_default();
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert("payload_bytes".into(), letter.payload.len().into());
+        obj.insert("payload".into(), payload_json(&letter.payload));
+    }
+    value
+}
+
+/// The payload as JSON when it is JSON, as a string when it is text, else as hex.
+fn payload_json(payload: &[u8]) -> serde_json::Value {
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
+        return v;
+    }
+    match std::str::from_utf8(payload) {
+        Ok(text) => serde_json::Value::String(text.to_owned()),
+        Err(_) => serde_json::json!({ "hex": hex(payload) }),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn execute(cli: Cli) -> Result<(), Failure> {
+    let url = cli.database_url.as_deref();
+    match cli.command {
+        Command::List { filters, limit, json } => {
+            let filter = filter(&filters)?;
+            if limit < 1 {
+                return fail(2, "--limit must be at least 1");
+            }
+            let mut conn = connect(url).await?;
+            let letters = store::list(&mut conn, &filter, limit).await?;
+            if json {
+                for letter in &letters {
+                    println!("{}", json_of(letter));
+                }
+            } else {
+                println!("{:>6}  {:<20} {:<28} {:<20} {:>8}  {:<15} LAST FAILED", "ID", "CONSUMER", "SUBJECT", "REASON", "ATTEMPTS", "STATUS");
+                for l in &letters {
+                    println!(
+                        "{:>6}  {:<20} {:<28} {:<20} {:>8}  {:<15} {}",
+                        l.id, l.consumer, l.subject, l.reason, l.attempts, l.status, time_text(l.last_failed_at)
+                    );
+                }
+                if letters.is_empty() {
+                    println!("(no dead letters match)");
+                }
+            }
+            Ok(())
+        }
+        Command::Show { id, json } => {
+            let mut conn = connect(url).await?;
+            let Some(letter) = store::get(&mut conn, id).await? else {
+                return fail(3, format!("no dead letter with id {id}"));
+            };
+            if json {
+                println!("{}", json_of(&letter));
+                return Ok(());
+            }
+            println!("id:           {}", letter.id);
+            println!("message id:   {}", letter.message_id);
+            println!("source:       {} ({})", letter.source, letter.consumer);
+            println!("subject:      {}", letter.subject);
+            println!("reason:       {}", letter.reason);
+            println!("status:       {}", letter.status);
+            println!("attempts:     {}", letter.attempts);
+            println!("first failed: {}", time_text(letter.first_failed_at));
+            println!("last failed:  {}", time_text(letter.last_failed_at));
+            println!("headers:");
+            if let Some(headers) = letter.headers.as_object() {
+                for (k, v) in headers {
+                    println!("  {k}: {}", v.as_str().unwrap_or_default());
+                }
+            }
+            println!("error chain:");
+            for (i, e) in letter.error_chain.as_array().into_iter().flatten().enumerate() {
+                println!("  {i}: {}", e.as_str().unwrap_or_default());
+            }
+            println!("history:");
+            for h in letter.history.as_array().into_iter().flatten() {
+                println!("  {h}");
+            }
+            println!("payload ({} bytes):", letter.payload.len());
+            match payload_json(&letter.payload) {
+                serde_json::Value::String(text) => println!("{text}"),
+                value if value.get("hex").is_some() && value.as_object().is_some_and(|o| o.len() == 1) => {
+                    println!("{}", value["hex"].as_str().unwrap_or_default())
+                }
+                value => println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default()),
+            }
+            Ok(())
+        }
+        Command::Retry { ids, all, consumer, subject, dry_run } => {
+            let selectors = usize::from(!ids.is_empty()) + usize::from(all) + usize::from(consumer.is_some()) + usize::from(subject.is_some());
+            if selectors != 1 {
+                return fail(2, "say what to retry: ids, --all, --consumer C or --subject S (exactly one)");
+            }
+            let mut conn = connect(url).await?;
+            let mut filter = Filter {
+                consumer,
+                subject,
+                status: Some("dead".into()),
+                ..Filter::default()
+            };
+            if !ids.is_empty() {
+                for id in &ids {
+                    match store::get(&mut conn, *id).await? {
+                        None => return fail(3, format!("no dead letter with id {id}")),
+                        Some(l) if l.status != "dead" => {
+                            return fail(3, format!("dead letter {id} is {}, not dead: nothing to retry", l.status));
+                        }
+                        Some(_) => {}
+                    }
+                }
+                filter.ids = Some(ids);
+            }
+            let mut tx = conn.begin().await?;
+            let letters = store::list(&mut tx, &filter, i64::MAX).await?;
+            if letters.is_empty() {
+                return fail(3, "no dead letters match");
+            }
+            let (relay, consumers): (Vec<&Stored>, Vec<&Stored>) = letters.iter().partition(|l| l.source == "relay");
+            if dry_run {
+                for l in &letters {
+                    let how = if l.source == "relay" { "back to the outbox" } else { "re-run by its consumer" };
+                    println!("would retry {} ({} {} on {}): {how}", l.id, l.consumer, l.message_id, l.subject);
+                }
+                println!("would retry {} dead letters ({} by consumers, {} back to the outbox)", letters.len(), consumers.len(), relay.len());
+                return Ok(());
+            }
+            let consumer_ids: Vec<i64> = consumers.iter().map(|l| l.id).collect();
+            store::request_retry(&mut tx, &consumer_ids).await?;
+            for letter in &relay {
+                dlq::retry_to_outbox(&mut tx, letter).await.map_err(|e| Failure { code: 1, message: e.to_string() })?;
+            }
+            tx.commit().await?;
+            println!(
+                "retry requested for {} dead letters ({} re-run by their consumers, {} back to the outbox)",
+                letters.len(),
+                consumers.len(),
+                relay.len()
+            );
+            Ok(())
+        }
+        Command::Purge { filters, older_than, yes } => {
+            let mut filter = filter(&filters)?;
+            if let Some(age) = older_than {
+                filter.until = Some(OffsetDateTime::now_utc() - parse_age(&age)?);
+            }
+            let mut conn = connect(url).await?;
+            let n = store::count(&mut conn, &filter).await?;
+            if n == 0 {
+                println!("no dead letters match");
+                return Ok(());
+            }
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    return fail(2, format!("purge would delete {n} dead letters; pass --yes to confirm"));
+                }
+                print!("delete {n} dead letters? [y/N] ");
+                let _ = std::io::stdout().flush();
+                let mut answer = String::new();
+                let _ = std::io::stdin().lock().read_line(&mut answer);
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    return fail(2, "purge cancelled");
+                }
+            }
+            let deleted = store::purge(&mut conn, &filter).await?;
+            println!("purged {deleted} dead letters");
+            Ok(())
+        }
+        Command::Stats { json } => {
+            let mut conn = connect(url).await?;
+            let stats = store::stats(&mut conn).await?;
+            if json {
+                println!("{}", serde_json::to_string(&stats).unwrap_or_default());
+            } else {
+                println!("{:<20} {:<20} {:<15} {:>7}  OLDEST", "CONSUMER", "REASON", "STATUS", "COUNT");
+                for s in &stats {
+                    println!("{:<20} {:<20} {:<15} {:>7}  {}", s.consumer, s.reason, s.status, s.count, time_text(s.oldest));
+                }
+                let total: i64 = stats.iter().map(|s| s.count).sum();
+                println!("total: {total}");
+            }
+            Ok(())
+        }
+    }
+}

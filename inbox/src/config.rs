@@ -1,0 +1,151 @@
+//! Consumer settings: a plain struct with documented defaults and `validate()`.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+/// How messages are grouped into transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One transaction per message: insert inbox row, run handler, commit, ack.
+    Strict,
+    /// Up to `max_messages` messages per transaction, each inside a savepoint so that one
+    /// failing handler does not undo the others; all acks after the one commit.
+    Batched {
+        /// Messages per transaction, at least 1.
+        max_messages: usize,
+    },
+}
+
+/// One consumer: its durable JetStream consumer, attempts, backoff, concurrency, retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    /// Durable consumer name, shared by every instance of the service (they load-balance),
+    /// and the `consumer` of its inbox rows and dead letters. `A-Z a-z 0-9 - _`, at most 64
+    /// characters. Required.
+    pub name: String,
+    /// The stream to consume. Required.
+    pub stream: String,
+    /// Subjects to receive (wildcards allowed); empty means the whole stream. Defaults to empty.
+    pub filter_subjects: Vec<String>,
+    /// Strict or batched. Defaults to strict.
+    pub mode: Mode,
+    /// Messages handled concurrently, in lanes by partition key: messages of one key are
+    /// handled in delivery order by one lane. Defaults to 4.
+    pub concurrency: usize,
+    /// Deliveries after which a still-failing message is dead-lettered. Defaults to 5.
+    pub max_attempts: u32,
+    /// How long the broker waits for an ack before redelivering. Defaults to 30 s.
+    pub ack_wait: Duration,
+    /// First retry delay (NAK delay), doubling per attempt with jitter. Defaults to 1 s.
+    pub retry_min_delay: Duration,
+    /// Largest retry delay. Defaults to 60 s.
+    pub retry_max_delay: Duration,
+    /// How long inbox rows are kept. It must exceed the redelivery horizon
+    /// (`ack_wait x max_attempts` plus every retry delay), or a late redelivery would no
+    /// longer find its row and run the handler twice; `validate()` refuses shorter values.
+    /// Defaults to 7 days.
+    pub inbox_retention: Duration,
+    /// How often old inbox rows are deleted. Defaults to 10 minutes.
+    pub cleaner_interval: Duration,
+    /// How often `dlq retry` requests for this consumer are looked for. Defaults to 1 s.
+    pub retry_poll_interval: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            name: String::new(),
+            stream: String::new(),
+            filter_subjects: Vec::new(),
+            mode: Mode::Strict,
+            concurrency: 4,
+            max_attempts: 5,
+            ack_wait: Duration::from_secs(30),
+            retry_min_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(60),
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            cleaner_interval: Duration::from_secs(600),
+            retry_poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// A default configuration for `name` on `stream`.
+    pub fn new(name: impl Into<String>, stream: impl Into<String>) -> Self {
+        ConsumerConfig {
+            name: name.into(),
+            stream: stream.into(),
+            ..ConsumerConfig::default()
+        }
+    }
+
+    /// The longest time between a message's first delivery and its last redelivery: every
+    /// attempt may wait `ack_wait` and then a retry delay of at most twice
+    /// `retry_max_delay` (jitter included).
+    pub fn redelivery_horizon(&self) -> Duration {
+        (self.ack_wait + self.retry_max_delay * 2) * self.max_attempts
+    }
+
+    /// Refuses values that cannot work or that would break exactly-once.
+    pub fn validate(&self) -> Result<(), Error> {
+        let refuse = |m: String| Err(Error::Config(m));
+        let name_ok = |s: &str| {
+            !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !name_ok(&self.name) {
+            return refuse(format!("name {:?} must be 1-64 characters of A-Z a-z 0-9 - _", self.name));
+        }
+        if !name_ok(&self.stream) {
+            return refuse(format!("stream {:?} must be 1-64 characters of A-Z a-z 0-9 - _", self.stream));
+        }
+        if let Mode::Batched { max_messages } = self.mode {
+            if !(1..=1000).contains(&max_messages) {
+                return refuse(format!("batched max_messages must be 1 to 1000, got {max_messages}"));
+            }
+        }
+        if !(1..=256).contains(&self.concurrency) {
+            return refuse(format!("concurrency must be 1 to 256, got {}", self.concurrency));
+        }
+        if self.max_attempts == 0 {
+            return refuse("max_attempts must be at least 1".into());
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return refuse("ack_wait must be at least 1s".into());
+        }
+        if self.retry_min_delay.is_zero() || self.retry_min_delay > self.retry_max_delay {
+            return refuse("retry_min_delay must be positive and at most retry_max_delay".into());
+        }
+        let horizon = self.redelivery_horizon();
+        if self.inbox_retention <= horizon {
+            return refuse(format!(
+                "inbox_retention ({:?}) must exceed the redelivery horizon ({horizon:?} = (ack_wait + 2 x retry_max_delay) x max_attempts): a redelivery after its inbox row is deleted would run the handler twice",
+                self.inbox_retention
+            ));
+        }
+        if self.cleaner_interval.is_zero() || self.retry_poll_interval.is_zero() {
+            return refuse("cleaner_interval and retry_poll_interval must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_a_retention_shorter_than_the_redelivery_horizon() {
+        let ok = ConsumerConfig::new("email", "ORDERS");
+        ok.validate().expect("defaults are valid");
+        let short = ConsumerConfig {
+            inbox_retention: Duration::from_secs(60),
+            ..ok.clone()
+        };
+        let err = short.validate().expect_err("refused").to_string();
+        assert!(err.contains("redelivery horizon"), "{err}");
+        assert!(ConsumerConfig { name: "a b".into(), ..ok.clone() }.validate().is_err());
+        assert!(ConsumerConfig { mode: Mode::Batched { max_messages: 0 }, ..ok }.validate().is_err());
+    }
+}

@@ -1,0 +1,529 @@
+//! The consumer runtime.
+//!
+//! A reader task pulls messages from the durable JetStream consumer and routes each to a
+//! lane by partition key (`ce-partitionkey`, else the subject), so messages of one key are
+//! handled in delivery order while different keys run concurrently. Each lane handles its
+//! messages one at a time (strict mode) or in groups of up to `max_messages` per transaction
+//! (batched mode). Acks are sent only after the transaction commits. Two background tasks
+//! clean old inbox rows and run `dlq retry` requests for this consumer.
+
+use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+
+/// The durable pull consumer this runtime reads.
+type PullConsumer = async_nats::jetstream::consumer::Consumer<pull::Config>;
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use sqlx::{Acquire, PgConnection, PgPool};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ConsumerConfig, Mode};
+use crate::error::Error;
+use crate::handler::{Delivery, HandlerError, RawHandler};
+use crate::layer::Layer;
+use crate::metrics as m;
+use crate::store;
+
+/// A running consumer's parts; see the module docs.
+pub struct Consumer {
+    config: ConsumerConfig,
+    pool: PgPool,
+    jetstream: jetstream::Context,
+    handler: Arc<dyn RawHandler>,
+}
+
+/// What to tell the broker about a message once its transaction is over.
+enum Reply {
+    Ack,
+    Nak(Duration),
+    Term,
+}
+
+/// Why a message goes to `dead_letter`.
+struct Park {
+    reason: String,
+    error_chain: Vec<String>,
+}
+
+impl Consumer {
+    /// A consumer of `config.stream` that runs `handler` (see [`crate::typed`]).
+    pub fn new(config: ConsumerConfig, pool: PgPool, jetstream: jetstream::Context, handler: Arc<dyn RawHandler>) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Consumer {
+            config,
+            pool,
+            jetstream,
+            handler,
+        })
+    }
+
+    /// Wraps the handler in a middleware layer (the last added runs outermost).
+    pub fn layer(mut self, layer: impl Layer) -> Self {
+        self.handler = layer.layer(self.handler);
+        self
+    }
+
+    /// Creates the durable JetStream consumer if missing, or checks that the existing one
+    /// has explicit acks and the configured subjects; refuses a mismatch.
+    pub async fn ensure(&self) -> Result<PullConsumer, Error> {
+        let name = &self.config.name;
+        let fail = |reason: String| Error::JetStream {
+            consumer: name.clone(),
+            reason,
+        };
+        let stream = self
+            .jetstream
+            .get_stream(&self.config.stream)
+            .await
+            .map_err(|e| fail(format!("stream {}: {e}", self.config.stream)))?;
+        let (filter_subject, filter_subjects) = match self.config.filter_subjects.as_slice() {
+            [one] => (one.clone(), Vec::new()),
+            many => (String::new(), many.to_vec()),
+        };
+        let wanted = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject,
+            filter_subjects,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            max_deliver: -1,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: (self.config.concurrency * self.batch_size() * 4).max(256) as i64,
+            ..Default::default()
+        };
+        let mut consumer: PullConsumer = stream
+            .get_or_create_consumer(name, wanted.clone())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let info = consumer.info().await.map_err(|e| fail(e.to_string()))?;
+        let have = &info.config;
+        let mut have_subjects: Vec<String> = have.filter_subjects.clone();
+        if !have.filter_subject.is_empty() {
+            have_subjects.push(have.filter_subject.clone());
+        }
+        let mut want_subjects = self.config.filter_subjects.clone();
+        have_subjects.sort();
+        want_subjects.sort();
+        if have.ack_policy != AckPolicy::Explicit || have_subjects != want_subjects {
+            return Err(fail(format!(
+                "exists with ack policy {:?} and subjects {have_subjects:?}; expected explicit acks and {want_subjects:?} (delete or rename the consumer)",
+                have.ack_policy
+            )));
+        }
+        Ok(consumer)
+    }
+
+    fn batch_size(&self) -> usize {
+        match self.config.mode {
+            Mode::Strict => 1,
+            Mode::Batched { max_messages } => max_messages,
+        }
+    }
+
+    /// Consumes until `shutdown` completes: then stops pulling, lets every lane finish the
+    /// message or batch it is handling (committing and acking it), and NAKs what was
+    /// pulled but not started so that it is redelivered at once. Never acks a message
+    /// whose effects did not commit.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let consumer = self.ensure().await?;
+        let this = Arc::new(self);
+        let stop = CancellationToken::new();
+        let background = TaskTracker::new();
+        background.spawn(cleaner(this.clone(), stop.clone()));
+        background.spawn(dlq_retries(this.clone(), stop.clone()));
+        background.close();
+
+        let lanes_stop = CancellationToken::new();
+        let lanes = TaskTracker::new();
+        let mut senders = Vec::with_capacity(this.config.concurrency);
+        for _ in 0..this.config.concurrency {
+            let (tx, rx) = mpsc::channel::<jetstream::Message>(this.batch_size() * 2);
+            senders.push(tx);
+            lanes.spawn(lane(this.clone(), rx, lanes_stop.clone()));
+        }
+        lanes.close();
+
+        tokio::pin!(shutdown);
+        let pull_size = (this.config.concurrency * this.batch_size() * 2).max(16);
+        'outer: loop {
+            let mut messages = match consumer.stream().max_messages_per_batch(pull_size).messages().await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::warn!(consumer = %this.config.name, error = %e, "cannot pull messages; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => break 'outer,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'outer,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => break 'outer,
+                    next = messages.next() => match next {
+                        Some(Ok(message)) => {
+                            let lane = lane_of(&message, senders.len());
+                            if senders[lane].send(message).await.is_err() {
+                                break 'outer;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(consumer = %this.config.name, error = %e, "pull failed; continuing");
+                        }
+                        None => continue 'outer,
+                    }
+                }
+            }
+        }
+        tracing::info!(consumer = %this.config.name, "stopping: finishing handlers in progress");
+        lanes_stop.cancel();
+        drop(senders);
+        lanes.wait().await;
+        stop.cancel();
+        background.wait().await;
+        // Acks are fire-and-forget; give the last ones a moment to leave. If the broker is
+        // unreachable they are lost, and the redeliveries are skipped by the inbox.
+        let _ = tokio::time::timeout(Duration::from_secs(5), this.jetstream.client().flush()).await;
+        Ok(())
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        ExponentialBuilder::default()
+            .with_min_delay(self.config.retry_min_delay)
+            .with_max_delay(self.config.retry_max_delay)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .nth(attempt.saturating_sub(1).min(64) as usize)
+            .unwrap_or(self.config.retry_max_delay)
+    }
+
+    /// What to do after the handler failed on delivery `attempt`; `None` means park.
+    fn disposition(&self, error: &HandlerError, attempt: u32) -> Result<Reply, Park> {
+        match error {
+            HandlerError::Retry { after, error } => {
+                if attempt >= self.config.max_attempts {
+                    Err(Park {
+                        reason: "attempts_exhausted".into(),
+                        error_chain: dlq::error_chain(error.as_ref()),
+                    })
+                } else {
+                    Ok(Reply::Nak(after.unwrap_or_else(|| self.backoff(attempt))))
+                }
+            }
+            HandlerError::Permanent { reason, error } => Err(Park {
+                reason: reason.clone(),
+                error_chain: dlq::error_chain(error.as_ref()),
+            }),
+        }
+    }
+
+    /// Handles one message inside `conn` (a transaction or savepoint owned by the caller).
+    /// Returns the reply to send after commit. Parking writes the dead letter through `conn`.
+    async fn handle_in(&self, conn: &mut PgConnection, message: &jetstream::Message) -> Result<Reply, sqlx::Error> {
+        let (attempt, stream_seq) = match message.info() {
+            Ok(info) => (u32::try_from(info.delivered).unwrap_or(u32::MAX), Some(info.stream_sequence)),
+            Err(_) => (1, None),
+        };
+        let subject = message.subject.as_str();
+        let decoded = envelope::nats::from_message(subject, message.headers.as_ref(), message.payload.clone());
+        let envelope = match decoded {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                let park = Park {
+                    reason: "decode".into(),
+                    error_chain: vec![e.to_string()],
+                };
+                self.park(conn, message, None, attempt, stream_seq, park).await?;
+                return Ok(Reply::Term);
+            }
+        };
+        let id = envelope.id.to_string();
+        let mut sp = conn.begin().await?;
+        let seq = stream_seq.and_then(|s| i64::try_from(s).ok());
+        if !store::insert_if_new(&mut sp, &self.config.name, &id, subject, seq, "processed").await? {
+            sp.commit().await?;
+            metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
+            return Ok(Reply::Ack);
+        }
+        let delivery = Delivery {
+            envelope,
+            consumer: Arc::from(self.config.name.as_str()),
+            attempt,
+            stream_seq,
+        };
+        let started = Instant::now();
+        let result = self.handler.handle(&mut sp, &delivery).await;
+        metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone()).record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                sp.commit().await?;
+                metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone()).increment(1);
+                Ok(Reply::Ack)
+            }
+            Err(error) => {
+                sp.rollback().await?;
+                match self.disposition(&error, attempt) {
+                    Ok(reply) => {
+                        tracing::debug!(consumer = %self.config.name, %id, attempt, error = %error, "handler asked for a retry");
+                        metrics::counter!(m::RETRIED, "consumer" => self.config.name.clone()).increment(1);
+                        Ok(reply)
+                    }
+                    Err(park) => {
+                        tracing::warn!(consumer = %self.config.name, %id, attempt, error = %error, reason = %park.reason, "dead-lettering message");
+                        self.park(conn, message, Some(&id), attempt, stream_seq, park).await?;
+                        Ok(Reply::Term)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the dead letter and an inbox row marking the message resolved, so that
+    /// redeliveries are acknowledged without running the handler.
+    async fn park(
+        &self,
+        conn: &mut PgConnection,
+        message: &jetstream::Message,
+        id: Option<&str>,
+        attempt: u32,
+        stream_seq: Option<u64>,
+        park: Park,
+    ) -> Result<(), sqlx::Error> {
+        let mut headers = serde_json::Map::new();
+        if let Some(map) = &message.headers {
+            for (name, values) in map.iter() {
+                if let Some(value) = values.first() {
+                    headers.insert(name.to_string(), serde_json::Value::String(value.as_str().to_owned()));
+                }
+            }
+        }
+        let message_id = id
+            .map(str::to_owned)
+            .or_else(|| headers.get("Nats-Msg-Id").and_then(|v| v.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| format!("{}:{}", self.config.stream, stream_seq.unwrap_or(0)));
+        let partition_key = headers.get("ce-partitionkey").and_then(|v| v.as_str()).map(str::to_owned);
+        let seq = stream_seq.and_then(|s| i64::try_from(s).ok());
+        let letter = dlq::DeadLetter {
+            source: dlq::Source::Consumer,
+            consumer: self.config.name.clone(),
+            message_id: message_id.clone(),
+            subject: message.subject.to_string(),
+            partition_key,
+            headers,
+            payload: message.payload.to_vec(),
+            reason: park.reason.clone(),
+            error_chain: park.error_chain,
+            attempts: i32::try_from(attempt).unwrap_or(i32::MAX),
+            stream: Some(self.config.stream.clone()),
+            stream_seq: seq,
+        };
+        dlq::store::record(conn, &letter).await?;
+        store::insert_if_new(conn, &self.config.name, &message_id, message.subject.as_str(), seq, "dead_lettered").await?;
+        metrics::counter!(m::DEAD_LETTERED, "consumer" => self.config.name.clone(), "reason" => park.reason).increment(1);
+        Ok(())
+    }
+}
+
+fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
+    let key = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(envelope::nats::CE_PARTITIONKEY))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| message.subject.to_string());
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % lanes as u64) as usize
+}
+
+/// One lane: handles its messages in order, one transaction per message or per batch.
+async fn lane(consumer: Arc<Consumer>, mut rx: mpsc::Receiver<jetstream::Message>, stop: CancellationToken) {
+    let max = consumer.batch_size();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            next = rx.recv() => match next {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(message) => batch.push(message),
+                Err(_) => break,
+            }
+        }
+        handle_batch(&consumer, batch).await;
+    }
+    // Pulled but not started: hand back for immediate redelivery.
+    rx.close();
+    while let Some(message) = rx.recv().await {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// Handles messages in one transaction (a savepoint each), commits, then replies.
+/// If the database fails, nothing is acked: the messages are NAKed with a backoff.
+async fn handle_batch(consumer: &Consumer, batch: Vec<jetstream::Message>) {
+    let outcome = async {
+        let mut tx = consumer.pool.begin().await?;
+        let mut replies = Vec::with_capacity(batch.len());
+        for message in &batch {
+            replies.push(consumer.handle_in(&mut tx, message).await?);
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(replies)
+    }
+    .await;
+    match outcome {
+        Ok(replies) => {
+            for (message, reply) in batch.iter().zip(replies) {
+                let kind = match reply {
+                    Reply::Ack => AckKind::Ack,
+                    Reply::Nak(delay) => AckKind::Nak(Some(delay)),
+                    Reply::Term => AckKind::Term,
+                };
+                if let Err(e) = message.ack_with(kind).await {
+                    // The effects are committed; a lost ack means a redelivery that the
+                    // inbox row turns into a skip.
+                    tracing::warn!(consumer = %consumer.config.name, error = %e, "ack failed; the message will be redelivered and skipped");
+                }
+            }
+        }
+        Err(e) => {
+            let delay = consumer.config.retry_min_delay;
+            tracing::warn!(consumer = %consumer.config.name, error = %e, retry_in = ?delay, "database failed; messages will be redelivered");
+            for message in &batch {
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+        }
+    }
+}
+
+/// Deletes inbox rows past the retention, every `cleaner_interval`.
+async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(consumer.config.cleaner_interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let result = async {
+            let mut conn = consumer.pool.acquire().await?;
+            loop {
+                let n = store::delete_older_than(&mut conn, &consumer.config.name, consumer.config.inbox_retention, 10_000).await?;
+                if n < 10_000 {
+                    return Ok::<_, sqlx::Error>(());
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(consumer = %consumer.config.name, error = %e, "inbox cleaner failed");
+        }
+    }
+}
+
+/// Runs `dlq retry` requests for this consumer: each re-runs the handler from the parked
+/// bytes in one transaction with the dead letter's new status, so it takes effect once; it
+/// does not go through the broker, so no other consumer sees the message again.
+async fn dlq_retries(consumer: Arc<Consumer>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(consumer.config.retry_poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = run_retry_requests(&consumer).await {
+            tracing::warn!(consumer = %consumer.config.name, error = %e, "running dlq retries failed");
+        }
+    }
+}
+
+async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
+    let mut tx = consumer.pool.begin().await?;
+    let letters = dlq::store::take_retry_requests(&mut tx, &consumer.config.name, 16).await?;
+    for letter in letters {
+        let attempt = u32::try_from(letter.attempts).unwrap_or(0).saturating_add(1);
+        let envelope = rebuild(&letter);
+        let result = match envelope {
+            Err(e) => Err(HandlerError::permanent_because("decode", e)),
+            Ok(envelope) => {
+                let delivery = Delivery {
+                    envelope,
+                    consumer: Arc::from(consumer.config.name.as_str()),
+                    attempt,
+                    stream_seq: None,
+                };
+                let mut sp = tx.begin().await?;
+                let result = consumer.handler.handle(&mut sp, &delivery).await;
+                if result.is_ok() {
+                    sp.commit().await?;
+                } else {
+                    sp.rollback().await?;
+                }
+                result
+            }
+        };
+        match result {
+            Ok(()) => {
+                dlq::store::mark_retried(&mut tx, letter.id).await?;
+                store::mark_processed(&mut tx, &consumer.config.name, &letter.message_id).await?;
+                metrics::counter!(m::DLQ_RETRIES, "consumer" => consumer.config.name.clone(), "result" => "ok").increment(1);
+                tracing::info!(consumer = %consumer.config.name, dead_letter = letter.id, "dlq retry succeeded");
+            }
+            Err(error) => {
+                let (reason, chain) = match &error {
+                    HandlerError::Permanent { reason, error } => (reason.clone(), dlq::error_chain(error.as_ref())),
+                    HandlerError::Retry { error, .. } => ("retry_failed".to_owned(), dlq::error_chain(error.as_ref())),
+                };
+                let again = dlq::DeadLetter {
+                    source: dlq::Source::Consumer,
+                    consumer: letter.consumer.clone(),
+                    message_id: letter.message_id.clone(),
+                    subject: letter.subject.clone(),
+                    partition_key: letter.partition_key.clone(),
+                    headers: letter.headers.as_object().cloned().unwrap_or_default(),
+                    payload: letter.payload.clone(),
+                    reason,
+                    error_chain: chain,
+                    attempts: 1,
+                    stream: None,
+                    stream_seq: None,
+                };
+                dlq::store::record(&mut tx, &again).await?;
+                metrics::counter!(m::DLQ_RETRIES, "consumer" => consumer.config.name.clone(), "result" => "failed").increment(1);
+                tracing::warn!(consumer = %consumer.config.name, dead_letter = letter.id, error = %error, "dlq retry failed again");
+            }
+        }
+    }
+    tx.commit().await
+}
+
+/// The envelope of a parked message, from its stored subject, headers and bytes.
+fn rebuild(letter: &dlq::store::Stored) -> Result<envelope::Envelope, envelope::Error> {
+    let mut map = HeaderMap::new();
+    if let Some(headers) = letter.headers.as_object() {
+        for (name, value) in headers {
+            let (Ok(name), Some(Ok(value))) = (HeaderName::from_str(name), value.as_str().map(HeaderValue::from_str)) else {
+                continue;
+            };
+            map.insert(name, value);
+        }
+    }
+    envelope::nats::from_message(&letter.subject, Some(&map), bytes::Bytes::from(letter.payload.clone()))
+}

@@ -1,0 +1,140 @@
+//! Handlers: user code that runs in the inbox transaction, and what its result means.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envelope::{Envelope, Event};
+use sqlx::PgConnection;
+
+/// Any error a handler wants to report.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A boxed handler future.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+
+/// One delivery of a message to a handler.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The decoded message.
+    pub envelope: Envelope,
+    /// The consumer's name.
+    pub consumer: Arc<str>,
+    /// Which delivery this is, from 1 (the broker's count; a `dlq retry` counts on from the
+    /// dead letter's attempts).
+    pub attempt: u32,
+    /// The stream sequence, when delivered by the broker (None for a `dlq retry`).
+    pub stream_seq: Option<u64>,
+}
+
+/// A handler's failure, which is also its disposition.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// Try again later: after `after`, or after the consumer's backoff for this attempt.
+    /// Once the attempts are exhausted the message is dead-lettered with reason
+    /// `attempts_exhausted`.
+    Retry {
+        /// The handler's own delay, if it knows better (e.g. a rate limit's reset time).
+        after: Option<Duration>,
+        /// Why.
+        error: BoxError,
+    },
+    /// Never going to work: dead-letter now with this short reason (e.g. `invalid_order`).
+    Permanent {
+        /// A short machine-readable reason, stored as the dead letter's `reason`.
+        reason: String,
+        /// Why.
+        error: BoxError,
+    },
+}
+
+impl HandlerError {
+    /// Retry after the consumer's backoff.
+    pub fn retry(error: impl Into<BoxError>) -> Self {
+        HandlerError::Retry { after: None, error: error.into() }
+    }
+
+    /// Retry after `delay`.
+    pub fn retry_after(delay: Duration, error: impl Into<BoxError>) -> Self {
+        HandlerError::Retry { after: Some(delay), error: error.into() }
+    }
+
+    /// Dead-letter now with reason `handler`.
+    pub fn permanent(error: impl Into<BoxError>) -> Self {
+        HandlerError::Permanent { reason: "handler".into(), error: error.into() }
+    }
+
+    /// Dead-letter now with a reason of the handler's choosing.
+    pub fn permanent_because(reason: impl Into<String>, error: impl Into<BoxError>) -> Self {
+        HandlerError::Permanent { reason: reason.into(), error: error.into() }
+    }
+
+    /// The error inside.
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match self {
+            HandlerError::Retry { error, .. } | HandlerError::Permanent { error, .. } => error.as_ref(),
+        }
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandlerError::Retry { error, .. } => write!(f, "retry: {error}"),
+            HandlerError::Permanent { reason, error } => write!(f, "permanent ({reason}): {error}"),
+        }
+    }
+}
+
+/// Handles raw deliveries; the consumer runtime calls this.
+///
+/// # Contract
+/// `conn` is the consumer's open transaction: everything the handler writes through it
+/// (business rows, outbox messages) commits together with the inbox row, or not at all. The
+/// handler must not commit or roll back itself and should not publish to the broker
+/// directly (enqueue to the outbox instead). It may be called again for the same message
+/// only if an earlier call returned an error or its transaction did not commit.
+pub trait RawHandler: Send + Sync + 'static {
+    /// Handles one delivery.
+    fn handle<'a>(&'a self, conn: &'a mut PgConnection, delivery: &'a Delivery) -> HandlerFuture<'a>;
+}
+
+/// Handles one typed event (see [`typed`]); the same contract as [`RawHandler`].
+pub trait Handler<E: Event>: Send + Sync + 'static {
+    /// Handles one event.
+    fn handle(&self, conn: &mut PgConnection, event: E, delivery: &Delivery) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Adapts a typed handler to a raw one: the payload is decoded as `E` (after checking the
+/// envelope's type is `E`'s); a message that does not decode is a permanent failure with
+/// reason `decode`.
+pub fn typed<E, H>(handler: H) -> Arc<dyn RawHandler>
+where
+    E: Event + Send + 'static,
+    H: Handler<E>,
+{
+    Arc::new(Typed { handler, _event: PhantomData::<fn() -> E> })
+}
+
+struct Typed<E, H> {
+    handler: H,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E, H> RawHandler for Typed<E, H>
+where
+    E: Event + Send + 'static,
+    H: Handler<E>,
+{
+    fn handle<'a>(&'a self, conn: &'a mut PgConnection, delivery: &'a Delivery) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let event = delivery
+                .envelope
+                .decode_event::<E>()
+                .map_err(|e| HandlerError::permanent_because("decode", e))?;
+            self.handler.handle(conn, event, delivery).await
+        })
+    }
+}

@@ -1,0 +1,39 @@
+//! Exactly-once consumers for JetStream and PostgreSQL.
+//!
+//! A [`Consumer`] reads a durable JetStream pull consumer and, for each message, inserts the
+//! inbox row `(consumer, message id)` and runs the handler **in one transaction**, commits,
+//! and only then acknowledges. A redelivered message finds its inbox row and is acknowledged
+//! without running the handler again, so each handler takes effect exactly once per message.
+//! The handler gets the transaction's `&mut PgConnection`: its business writes and any
+//! outbox messages it enqueues commit together with the inbox row.
+//!
+//! Failures follow the handler's [`HandlerError`]: a retry is NAKed with a growing delay
+//! (exponential with jitter, or the handler's own), a permanent failure or an exhausted
+//! attempt limit parks the message in `dead_letter` (with its raw bytes, reason, error chain
+//! and attempts) and terminates it at the broker. Messages that do not decode are parked at
+//! once. `dlq retry` later re-runs the failed consumer's handler from the parked bytes, in
+//! this consumer's own process, without going through the broker.
+//!
+//! # Layout
+//! - [`config`]: [`ConsumerConfig`], with `validate()` (retention vs. redelivery horizon).
+//! - [`handler`]: [`Handler`] (typed), [`RawHandler`], [`Delivery`], [`HandlerError`],
+//!   and [`typed`] to adapt one to the other.
+//! - [`layer`]: composable handler middleware ([`Layer`]): logging, timing, rate limiting.
+//! - [`consumer`]: [`Consumer`], the runtime (strict and batched modes, lanes, shutdown).
+//! - [`store`]: all SQL on `inbox_message`.
+//! - [`metrics`]: metric names.
+//! - [`error`]: [`Error`].
+
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod handler;
+pub mod layer;
+pub mod metrics;
+pub mod store;
+
+pub use config::{ConsumerConfig, Mode};
+pub use consumer::Consumer;
+pub use error::Error;
+pub use handler::{Delivery, Handler, HandlerError, RawHandler, typed};
+pub use layer::Layer;

@@ -1,0 +1,14 @@
+//! Metric names, all prefixed `inbox_`, labelled `consumer`.
+
+/// Counter: messages whose handler committed.
+pub const PROCESSED: &str = "inbox_processed_total";
+/// Counter: redeliveries acknowledged without running the handler.
+pub const DUPLICATES: &str = "inbox_duplicates_skipped_total";
+/// Counter: messages NAKed for a retry.
+pub const RETRIED: &str = "inbox_retried_total";
+/// Counter: messages parked in `dead_letter`, labelled `reason`.
+pub const DEAD_LETTERED: &str = "inbox_dead_lettered_total";
+/// Counter: `dlq retry` requests run, labelled `result` (`ok`, `failed`).
+pub const DLQ_RETRIES: &str = "inbox_dlq_retries_total";
+/// Histogram: handler run time, seconds.
+pub const HANDLER_LATENCY: &str = "inbox_handler_seconds";

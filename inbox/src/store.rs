@@ -1,0 +1,64 @@
+//! All SQL on `inbox_message`.
+
+use sqlx::PgConnection;
+
+/// Inserts the inbox row for `(consumer, message_id)` unless it exists. Returns true when the
+/// row is new (the handler must run), false for a redelivery (skip it). Call it in the
+/// handler's transaction: the row commits or rolls back with the handler's effects.
+pub async fn insert_if_new(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: &str,
+    subject: &str,
+    stream_seq: Option<i64>,
+    outcome: &str,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO inbox_message (consumer, message_id, subject, stream_seq, outcome)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (consumer, message_id) DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(message_id)
+    .bind(subject)
+    .bind(stream_seq)
+    .bind(outcome)
+    .execute(conn)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Records that a parked message was finally processed (after `dlq retry`).
+pub async fn mark_processed(conn: &mut PgConnection, consumer: &str, message_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO inbox_message (consumer, message_id, subject, outcome)
+         VALUES ($1, $2, '', 'processed')
+         ON CONFLICT (consumer, message_id) DO UPDATE SET outcome = 'processed'",
+    )
+    .bind(consumer)
+    .bind(message_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes up to `limit` rows of `consumer` received more than `retention` ago. Returns how many.
+pub async fn delete_older_than(
+    conn: &mut PgConnection,
+    consumer: &str,
+    retention: std::time::Duration,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM inbox_message WHERE ctid IN (
+             SELECT ctid FROM inbox_message
+             WHERE consumer = $1 AND received_at < now() - make_interval(secs => $2)
+             LIMIT $3)",
+    )
+    .bind(consumer)
+    .bind(retention.as_secs_f64())
+    .bind(limit)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,484 @@
+//! The inbox consumer against real PostgreSQL and nats-server.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use envelope::{Envelope, Event, HeaderText};
+use inbox::{Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Mode, typed};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use testkit::{NatsServer, Postgres, TcpProxy, wait_until};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OrderPlaced {
+    order_id: String,
+}
+
+impl Event for OrderPlaced {
+    const NAME: &'static str = "orders.placed";
+    const VERSION: u32 = 1;
+    fn partition_key(&self) -> String {
+        self.order_id.clone()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Behaviour {
+    Succeed,
+    Retry,
+    FailPermanently,
+}
+
+/// Inserts one `applied` row per handled order, or fails as told; counts calls and their times.
+#[derive(Clone)]
+struct Recorder {
+    name: &'static str,
+    behaviour: Arc<Mutex<Behaviour>>,
+    calls: Arc<AtomicUsize>,
+    call_times: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Recorder {
+    fn new(name: &'static str, behaviour: Behaviour) -> Self {
+        Recorder {
+            name,
+            behaviour: Arc::new(Mutex::new(behaviour)),
+            calls: Arc::default(),
+            call_times: Arc::default(),
+        }
+    }
+    fn set(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().expect("lock") = behaviour;
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Handler<OrderPlaced> for Recorder {
+    async fn handle(&self, conn: &mut PgConnection, event: OrderPlaced, _delivery: &Delivery) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.call_times.lock().expect("lock").push(Instant::now());
+        // Written before failing: a failure must undo it.
+        sqlx::query("INSERT INTO applied (consumer, order_id) VALUES ($1, $2)")
+            .bind(self.name)
+            .bind(&event.order_id)
+            .execute(&mut *conn)
+            .await
+            .map_err(HandlerError::retry)?;
+        let behaviour = *self.behaviour.lock().expect("lock");
+        match behaviour {
+            Behaviour::Succeed => Ok(()),
+            Behaviour::Retry => Err(HandlerError::retry(std::io::Error::other("downstream unavailable"))),
+            Behaviour::FailPermanently => Err(HandlerError::permanent_because(
+                "rejected",
+                std::io::Error::other("order rejected"),
+            )),
+        }
+    }
+}
+
+struct Env {
+    _pg: Postgres,
+    nats: NatsServer,
+    pool: PgPool,
+    js: jetstream::Context,
+}
+
+async fn env(duplicate_window: Duration) -> Env {
+    let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start());
+    let (pg, nats) = (pg.expect("PostgreSQL"), nats.expect("nats-server"));
+    let pool = PgPool::connect(&pg.fresh_database().await.expect("db")).await.expect("connect");
+    migrations::migrate(&mut pool.acquire().await.expect("acquire")).await.expect("migrate");
+    sqlx::query("CREATE TABLE applied (consumer text NOT NULL, order_id text NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("business table");
+    let client = async_nats::connect(nats.url()).await.expect("nats");
+    let js = jetstream::new(client);
+    js.create_stream(jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        duplicate_window,
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    Env { _pg: pg, nats, pool, js }
+}
+
+fn config(name: &str) -> ConsumerConfig {
+    ConsumerConfig {
+        filter_subjects: vec!["orders.>".into()],
+        ack_wait: Duration::from_secs(1),
+        retry_min_delay: Duration::from_millis(100),
+        retry_max_delay: Duration::from_secs(2),
+        retry_poll_interval: Duration::from_millis(50),
+        max_attempts: 4,
+        ..ConsumerConfig::new(name, "ORDERS")
+    }
+}
+
+fn order_envelope(order_id: &str) -> Envelope {
+    Envelope::from_event(HeaderText::new("source", "order-service").expect("valid"), &OrderPlaced { order_id: order_id.into() })
+        .expect("valid")
+}
+
+async fn publish(js: &jetstream::Context, envelope: &Envelope) {
+    let headers = envelope::nats::to_headers(envelope).expect("headers");
+    js.publish_with_headers(envelope.subject.to_string(), headers, envelope.payload.clone())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+}
+
+/// Runs a consumer until the returned sender fires or is dropped.
+fn start(env: &Env, js: jetstream::Context, config: ConsumerConfig, handler: Recorder) -> Running {
+    let consumer = Consumer::new(config, env.pool.clone(), js, typed(handler)).expect("valid config");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = rx.await;
+    }));
+    Running { stop: Some(tx), task }
+}
+
+struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), inbox::Error>>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        drop(self.stop.take());
+        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
+            .await
+            .expect("stops in time")
+            .expect("task")
+            .expect("run");
+    }
+}
+
+async fn applied(pool: &PgPool, consumer: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM applied WHERE consumer = $1")
+        .bind(consumer)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_delivered_twice_runs_its_handler_once() {
+    let env = env(Duration::from_secs(120)).await;
+    let handler = Recorder::new("billing", Behaviour::Succeed);
+    let running = start(&env, env.js.clone(), config("billing"), handler.clone());
+    let envelope = order_envelope("o-1");
+    publish(&env.js, &envelope).await;
+    // The same message again under another broker id: what a republish after the duplicate
+    // window looks like. JetStream stores it; the inbox must skip it.
+    let mut headers = envelope::nats::to_headers(&envelope).expect("headers");
+    headers.insert(
+        HeaderName::from_str("Nats-Msg-Id").expect("name"),
+        HeaderValue::from_str("another-broker-id").expect("value"),
+    );
+    env.js
+        .publish_with_headers(envelope.subject.to_string(), headers, envelope.payload.clone())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored twice");
+    let js = env.js.clone();
+    wait_until(Duration::from_secs(10), "both deliveries acknowledged", || {
+        let js = js.clone();
+        async move {
+            let Ok(mut consumer) = js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>("billing", "ORDERS")
+                .await
+            else {
+                return false;
+            };
+            consumer
+                .info()
+                .await
+                .is_ok_and(|i| i.ack_floor.stream_sequence == 2 && i.num_ack_pending == 0)
+        }
+    })
+    .await
+    .expect("acked");
+    running.stop().await;
+    assert_eq!(handler.calls(), 1, "the handler ran once");
+    assert_eq!(applied(&env.pool, "billing").await, 1, "its effect applied once");
+    assert_eq!(count(&env.pool, "SELECT count(*) FROM inbox_message").await, 1);
+}
+
+/// Runs the recorder, then cuts the consumer's link to the broker: the transaction still
+/// commits (PostgreSQL is reached directly) but the ack that follows cannot arrive.
+struct CutAfterHandling {
+    recorder: Recorder,
+    proxy: Arc<TcpProxy>,
+}
+
+impl Handler<OrderPlaced> for CutAfterHandling {
+    async fn handle(&self, conn: &mut PgConnection, event: OrderPlaced, delivery: &Delivery) -> Result<(), HandlerError> {
+        let result = self.recorder.handle(conn, event, delivery).await;
+        self.proxy.cut();
+        result
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
+    let env = env(Duration::from_secs(120)).await;
+    let proxy = Arc::new(TcpProxy::start(env.nats.addr()).await.expect("proxy"));
+    let proxied = jetstream::new(
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(format!("nats://{}", proxy.addr()))
+            .await
+            .expect("connect through proxy"),
+    );
+    let recorder = Recorder::new("shipping", Behaviour::Succeed);
+    let cutting = CutAfterHandling { recorder: recorder.clone(), proxy: proxy.clone() };
+    let first = Consumer::new(config("shipping"), env.pool.clone(), proxied, typed(cutting)).expect("config");
+    let (stop_first, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(first.run(async move {
+        let _ = stopped.await;
+    }));
+    publish(&env.js, &order_envelope("o-7")).await;
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(10), "the effect is committed", || async { applied(&pool, "shipping").await == 1 })
+        .await
+        .expect("committed");
+    // The consumer goes away with its ack undelivered.
+    drop(stop_first);
+    tokio::time::timeout(Duration::from_secs(20), first).await.expect("stops").expect("task").expect("run");
+    let mut info = env
+        .js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>("shipping", "ORDERS")
+        .await
+        .expect("consumer");
+    let floor = info.info().await.expect("info").ack_floor.stream_sequence;
+    assert_eq!(floor, 0, "the broker never got the ack");
+
+    let second = start(&env, env.js.clone(), config("shipping"), recorder.clone());
+    let js = env.js.clone();
+    wait_until(Duration::from_secs(15), "the redelivery is acknowledged", || {
+        let js = js.clone();
+        async move {
+            let Ok(mut c) = js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>("shipping", "ORDERS")
+                .await
+            else {
+                return false;
+            };
+            c.info().await.is_ok_and(|i| i.ack_floor.stream_sequence == 1)
+        }
+    })
+    .await
+    .expect("acked");
+    second.stop().await;
+    assert_eq!(applied(&env.pool, "shipping").await, 1, "the effect is applied once");
+    assert_eq!(recorder.calls(), 1, "the handler did not run again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_is_retried_with_growing_delays_then_dead_lettered() {
+    let env = env(Duration::from_secs(120)).await;
+    let handler = Recorder::new("invoicing", Behaviour::Retry);
+    let running = start(&env, env.js.clone(), config("invoicing"), handler.clone());
+    let envelope = order_envelope("o-3");
+    publish(&env.js, &envelope).await;
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(20), "dead-lettered", || async {
+        count(&pool, "SELECT count(*) FROM dead_letter").await == 1
+    })
+    .await
+    .expect("parked");
+    running.stop().await;
+
+    assert_eq!(handler.calls(), 4, "max_attempts deliveries");
+    assert_eq!(applied(&env.pool, "invoicing").await, 0, "failed attempts left no effect");
+    let times = handler.call_times.lock().expect("lock").clone();
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[0] >= Duration::from_millis(100), "first retry waits the minimum delay: {gaps:?}");
+    assert!(gaps.windows(2).all(|g| g[1] > g[0]), "delays grow: {gaps:?}");
+    let (reason, attempts, payload, message_id): (String, i32, Vec<u8>, String) =
+        sqlx::query_as("SELECT reason, attempts, payload, message_id FROM dead_letter")
+            .fetch_one(&env.pool)
+            .await
+            .expect("dead letter");
+    assert_eq!((reason.as_str(), attempts), ("attempts_exhausted", 4));
+    assert_eq!(payload, envelope.payload.to_vec());
+    assert_eq!(message_id, envelope.id.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_is_dead_lettered_at_once_with_its_bytes() {
+    let env = env(Duration::from_secs(120)).await;
+    let handler = Recorder::new("audit", Behaviour::Succeed);
+    let running = start(&env, env.js.clone(), config("audit"), handler.clone());
+    let mut headers = HeaderMap::new();
+    headers.insert(HeaderName::from_str("Nats-Msg-Id").expect("name"), HeaderValue::from_str("raw-1").expect("v"));
+    env.js
+        .publish_with_headers("orders.garbage", headers, bytes::Bytes::from_static(b"\xff\xfenot json"))
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    // And a well-formed envelope whose payload is not an OrderPlaced.
+    let mut wrong = order_envelope("o-4");
+    wrong.payload = bytes::Bytes::from_static(b"{\"unexpected\":true}");
+    publish(&env.js, &wrong).await;
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(10), "both parked", || async {
+        count(&pool, "SELECT count(*) FROM dead_letter").await == 2
+    })
+    .await
+    .expect("parked");
+    running.stop().await;
+    let row = |id: String| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i32, Vec<u8>)>("SELECT reason, attempts, payload FROM dead_letter WHERE message_id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("dead letter")
+        }
+    };
+    let raw = row("raw-1".into()).await;
+    assert_eq!((raw.0.as_str(), raw.1), ("decode", 1));
+    assert_eq!(raw.2, b"\xff\xfenot json".to_vec(), "raw bytes kept");
+    let typed_wrong = row(wrong.id.to_string()).await;
+    assert_eq!((typed_wrong.0.as_str(), typed_wrong.1), ("decode", 1));
+    assert_eq!(typed_wrong.2, wrong.payload.to_vec());
+    assert_eq!(handler.calls(), 0, "the handler never saw them");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_mode_keeps_good_messages_when_one_fails() {
+    let env = env(Duration::from_secs(120)).await;
+    struct Picky;
+    impl Handler<OrderPlaced> for Picky {
+        async fn handle(&self, conn: &mut PgConnection, event: OrderPlaced, _d: &Delivery) -> Result<(), HandlerError> {
+            sqlx::query("INSERT INTO applied (consumer, order_id) VALUES ('batch', $1)")
+                .bind(&event.order_id)
+                .execute(&mut *conn)
+                .await
+                .map_err(HandlerError::retry)?;
+            if event.order_id == "bad" {
+                return Err(HandlerError::permanent(std::io::Error::other("bad order")));
+            }
+            Ok(())
+        }
+    }
+    for id in ["a", "b", "bad", "c", "d"] {
+        publish(&env.js, &order_envelope(id)).await;
+    }
+    let consumer = Consumer::new(
+        ConsumerConfig { mode: Mode::Batched { max_messages: 10 }, concurrency: 1, ..config("batch") },
+        env.pool.clone(),
+        env.js.clone(),
+        typed(Picky),
+    )
+    .expect("config");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = rx.await;
+    }));
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(10), "four applied and one parked", || async {
+        applied(&pool, "batch").await == 4 && count(&pool, "SELECT count(*) FROM dead_letter").await == 1
+    })
+    .await
+    .expect("processed");
+    drop(tx);
+    task.await.expect("task").expect("run");
+    let bad: i64 = sqlx::query_scalar("SELECT count(*) FROM applied WHERE order_id = 'bad'")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(bad, 0, "the failing handler's write was rolled back to its savepoint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_retry_runs_only_the_failed_consumer_once_inside_and_after_the_duplicate_window() {
+    let window = Duration::from_secs(1);
+    let env = env(window).await;
+    let failing = Recorder::new("email", Behaviour::FailPermanently);
+    let healthy = Recorder::new("analytics", Behaviour::Succeed);
+    let email = start(&env, env.js.clone(), config("email"), failing.clone());
+    let analytics = start(&env, env.js.clone(), config("analytics"), healthy.clone());
+    let early = order_envelope("o-early");
+    let late = order_envelope("o-late");
+    let published_at = Instant::now();
+    publish(&env.js, &early).await;
+    publish(&env.js, &late).await;
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(10), "email parked both, analytics handled both", || async {
+        count(&pool, "SELECT count(*) FROM dead_letter WHERE consumer = 'email'").await == 2
+            && applied(&pool, "analytics").await == 2
+    })
+    .await
+    .expect("first pass");
+    failing.set(Behaviour::Succeed);
+
+    // Inside the duplicate window: retry the first.
+    assert!(published_at.elapsed() < window, "still inside the duplicate window");
+    request_retry(&env.pool, &early).await;
+    wait_until(Duration::from_secs(10), "early retried", || async {
+        count(&pool, "SELECT count(*) FROM dead_letter WHERE status = 'retried'").await == 1
+    })
+    .await
+    .expect("retried inside the window");
+
+    // After the window: retry the second.
+    wait_until(window * 3, "the duplicate window has passed", || async { published_at.elapsed() > window * 2 })
+        .await
+        .expect("time passes");
+    request_retry(&env.pool, &late).await;
+    wait_until(Duration::from_secs(10), "late retried", || async {
+        count(&pool, "SELECT count(*) FROM dead_letter WHERE status = 'retried'").await == 2
+    })
+    .await
+    .expect("retried after the window");
+    email.stop().await;
+    analytics.stop().await;
+
+    assert_eq!(applied(&env.pool, "email").await, 2, "each retry took effect once");
+    assert_eq!(failing.calls(), 4, "two failed deliveries, two retries");
+    assert_eq!(healthy.calls(), 2, "the other consumer did not run again");
+    assert_eq!(applied(&env.pool, "analytics").await, 2);
+    let outcomes: Vec<String> = sqlx::query_scalar("SELECT outcome FROM inbox_message WHERE consumer = 'email'")
+        .fetch_all(&env.pool)
+        .await
+        .expect("inbox");
+    assert_eq!(outcomes, ["processed", "processed"]);
+    let history: serde_json::Value = sqlx::query_scalar("SELECT history FROM dead_letter WHERE message_id = $1")
+        .bind(early.id.to_string())
+        .fetch_one(&env.pool)
+        .await
+        .expect("history");
+    let actions: Vec<&str> = history.as_array().expect("array").iter().filter_map(|h| h["action"].as_str()).collect();
+    assert_eq!(actions, ["failed", "retry_requested", "retried"]);
+}
+
+async fn request_retry(pool: &PgPool, envelope: &Envelope) {
+    let id: i64 = sqlx::query_scalar("SELECT id FROM dead_letter WHERE consumer = 'email' AND message_id = $1")
+        .bind(envelope.id.to_string())
+        .fetch_one(pool)
+        .await
+        .expect("dead letter");
+    let changed = dlq::store::request_retry(&mut pool.acquire().await.expect("acquire"), &[id])
+        .await
+        .expect("request retry");
+    assert_eq!(changed, 1);
+}
