@@ -99,7 +99,10 @@ pub enum RetryError {
 
 /// Sends a relay dead letter back to the outbox with its original id, and marks it
 /// `retried`, in the caller's transaction: the relay publishes it again.
-pub async fn retry_to_outbox(conn: &mut sqlx::PgConnection, letter: &store::Stored) -> Result<(), RetryError> {
+pub async fn retry_to_outbox(
+    conn: &mut sqlx::PgConnection,
+    letter: &store::Stored,
+) -> Result<(), RetryError> {
     use std::str::FromStr;
     let mut map = async_nats::HeaderMap::new();
     if let Some(headers) = letter.headers.as_object() {
@@ -113,11 +116,15 @@ pub async fn retry_to_outbox(conn: &mut sqlx::PgConnection, letter: &store::Stor
             }
         }
     }
-    let envelope = envelope::nats::from_message(&letter.subject, Some(&map), bytes::Bytes::from(letter.payload.clone()))
-        .map_err(|e| RetryError::Invalid {
-            id: letter.id,
-            reason: e.to_string(),
-        })?;
+    let envelope = envelope::nats::from_message(
+        &letter.subject,
+        Some(&map),
+        bytes::Bytes::from(letter.payload.clone()),
+    )
+    .map_err(|e| RetryError::Invalid {
+        id: letter.id,
+        reason: e.to_string(),
+    })?;
     outbox::store::insert(conn, &envelope).await?;
     store::mark_retried(conn, letter.id).await?;
     Ok(())

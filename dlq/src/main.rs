@@ -107,17 +107,26 @@ struct Failure {
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { code: 1, message: e.to_string() }
+        Failure {
+            code: 1,
+            message: e.to_string(),
+        }
     }
 }
 
 fn fail<T>(code: u8, message: impl Into<String>) -> Result<T, Failure> {
-    Err(Failure { code, message: message.into() })
+    Err(Failure {
+        code,
+        message: message.into(),
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("dlq: cannot start: {e}");
@@ -146,7 +155,9 @@ async fn connect(url: Option<&str>) -> Result<PgConnection, Failure> {
 }
 
 fn parse_age(text: &str) -> Result<std::time::Duration, Failure> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (n, unit) = text.split_at(split);
     let n: u64 = match n.parse() {
         Ok(n) => n,
@@ -170,10 +181,13 @@ fn parse_time(text: &str) -> Result<OffsetDateTime, Failure> {
 }
 
 fn filter(f: &Filters) -> Result<Filter, Failure> {
-    if let Some(status) = &f.status {
-        if !["dead", "retry_requested", "retried"].contains(&status.as_str()) {
-            return fail(2, format!("--status must be dead, retry_requested or retried, not {status:?}"));
-        }
+    if let Some(status) = &f.status
+        && !["dead", "retry_requested", "retried"].contains(&status.as_str())
+    {
+        return fail(
+            2,
+            format!("--status must be dead, retry_requested or retried, not {status:?}"),
+        );
     }
     Ok(Filter {
         consumer: f.consumer.clone(),
@@ -216,7 +230,11 @@ fn hex(bytes: &[u8]) -> String {
 async fn execute(cli: Cli) -> Result<(), Failure> {
     let url = cli.database_url.as_deref();
     match cli.command {
-        Command::List { filters, limit, json } => {
+        Command::List {
+            filters,
+            limit,
+            json,
+        } => {
             let filter = filter(&filters)?;
             if limit < 1 {
                 return fail(2, "--limit must be at least 1");
@@ -228,11 +246,20 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                     println!("{}", json_of(letter));
                 }
             } else {
-                println!("{:>6}  {:<20} {:<28} {:<20} {:>8}  {:<15} LAST FAILED", "ID", "CONSUMER", "SUBJECT", "REASON", "ATTEMPTS", "STATUS");
+                println!(
+                    "{:>6}  {:<20} {:<28} {:<20} {:>8}  {:<15} LAST FAILED",
+                    "ID", "CONSUMER", "SUBJECT", "REASON", "ATTEMPTS", "STATUS"
+                );
                 for l in &letters {
                     println!(
                         "{:>6}  {:<20} {:<28} {:<20} {:>8}  {:<15} {}",
-                        l.id, l.consumer, l.subject, l.reason, l.attempts, l.status, time_text(l.last_failed_at)
+                        l.id,
+                        l.consumer,
+                        l.subject,
+                        l.reason,
+                        l.attempts,
+                        l.status,
+                        time_text(l.last_failed_at)
                     );
                 }
                 if letters.is_empty() {
@@ -266,7 +293,13 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 }
             }
             println!("error chain:");
-            for (i, e) in letter.error_chain.as_array().into_iter().flatten().enumerate() {
+            for (i, e) in letter
+                .error_chain
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
                 println!("  {i}: {}", e.as_str().unwrap_or_default());
             }
             println!("history:");
@@ -276,17 +309,35 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             println!("payload ({} bytes):", letter.payload.len());
             match payload_json(&letter.payload) {
                 serde_json::Value::String(text) => println!("{text}"),
-                value if value.get("hex").is_some() && value.as_object().is_some_and(|o| o.len() == 1) => {
+                value
+                    if value.get("hex").is_some()
+                        && value.as_object().is_some_and(|o| o.len() == 1) =>
+                {
                     println!("{}", value["hex"].as_str().unwrap_or_default())
                 }
-                value => println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default()),
+                value => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                ),
             }
             Ok(())
         }
-        Command::Retry { ids, all, consumer, subject, dry_run } => {
-            let selectors = usize::from(!ids.is_empty()) + usize::from(all) + usize::from(consumer.is_some()) + usize::from(subject.is_some());
+        Command::Retry {
+            ids,
+            all,
+            consumer,
+            subject,
+            dry_run,
+        } => {
+            let selectors = usize::from(!ids.is_empty())
+                + usize::from(all)
+                + usize::from(consumer.is_some())
+                + usize::from(subject.is_some());
             if selectors != 1 {
-                return fail(2, "say what to retry: ids, --all, --consumer C or --subject S (exactly one)");
+                return fail(
+                    2,
+                    "say what to retry: ids, --all, --consumer C or --subject S (exactly one)",
+                );
             }
             let mut conn = connect(url).await?;
             let mut filter = Filter {
@@ -300,7 +351,13 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                     match store::get(&mut conn, *id).await? {
                         None => return fail(3, format!("no dead letter with id {id}")),
                         Some(l) if l.status != "dead" => {
-                            return fail(3, format!("dead letter {id} is {}, not dead: nothing to retry", l.status));
+                            return fail(
+                                3,
+                                format!(
+                                    "dead letter {id} is {}, not dead: nothing to retry",
+                                    l.status
+                                ),
+                            );
                         }
                         Some(_) => {}
                     }
@@ -312,19 +369,37 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             if letters.is_empty() {
                 return fail(3, "no dead letters match");
             }
-            let (relay, consumers): (Vec<&Stored>, Vec<&Stored>) = letters.iter().partition(|l| l.source == "relay");
+            let (relay, consumers): (Vec<&Stored>, Vec<&Stored>) =
+                letters.iter().partition(|l| l.source == "relay");
             if dry_run {
                 for l in &letters {
-                    let how = if l.source == "relay" { "back to the outbox" } else { "re-run by its consumer" };
-                    println!("would retry {} ({} {} on {}): {how}", l.id, l.consumer, l.message_id, l.subject);
+                    let how = if l.source == "relay" {
+                        "back to the outbox"
+                    } else {
+                        "re-run by its consumer"
+                    };
+                    println!(
+                        "would retry {} ({} {} on {}): {how}",
+                        l.id, l.consumer, l.message_id, l.subject
+                    );
                 }
-                println!("would retry {} dead letters ({} by consumers, {} back to the outbox)", letters.len(), consumers.len(), relay.len());
+                println!(
+                    "would retry {} dead letters ({} by consumers, {} back to the outbox)",
+                    letters.len(),
+                    consumers.len(),
+                    relay.len()
+                );
                 return Ok(());
             }
             let consumer_ids: Vec<i64> = consumers.iter().map(|l| l.id).collect();
             store::request_retry(&mut tx, &consumer_ids).await?;
             for letter in &relay {
-                dlq::retry_to_outbox(&mut tx, letter).await.map_err(|e| Failure { code: 1, message: e.to_string() })?;
+                dlq::retry_to_outbox(&mut tx, letter)
+                    .await
+                    .map_err(|e| Failure {
+                        code: 1,
+                        message: e.to_string(),
+                    })?;
             }
             tx.commit().await?;
             println!(
@@ -335,7 +410,11 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Command::Purge { filters, older_than, yes } => {
+        Command::Purge {
+            filters,
+            older_than,
+            yes,
+        } => {
             let mut filter = filter(&filters)?;
             if let Some(age) = older_than {
                 filter.until = Some(OffsetDateTime::now_utc() - parse_age(&age)?);
@@ -348,7 +427,10 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             }
             if !yes {
                 if !std::io::stdin().is_terminal() {
-                    return fail(2, format!("purge would delete {n} dead letters; pass --yes to confirm"));
+                    return fail(
+                        2,
+                        format!("purge would delete {n} dead letters; pass --yes to confirm"),
+                    );
                 }
                 print!("delete {n} dead letters? [y/N] ");
                 let _ = std::io::stdout().flush();
@@ -368,9 +450,19 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             if json {
                 println!("{}", serde_json::to_string(&stats).unwrap_or_default());
             } else {
-                println!("{:<20} {:<20} {:<15} {:>7}  OLDEST", "CONSUMER", "REASON", "STATUS", "COUNT");
+                println!(
+                    "{:<20} {:<20} {:<15} {:>7}  OLDEST",
+                    "CONSUMER", "REASON", "STATUS", "COUNT"
+                );
                 for s in &stats {
-                    println!("{:<20} {:<20} {:<15} {:>7}  {}", s.consumer, s.reason, s.status, s.count, time_text(s.oldest));
+                    println!(
+                        "{:<20} {:<20} {:<15} {:>7}  {}",
+                        s.consumer,
+                        s.reason,
+                        s.status,
+                        s.count,
+                        time_text(s.oldest)
+                    );
                 }
                 let total: i64 = stats.iter().map(|s| s.count).sum();
                 println!("total: {total}");

@@ -97,12 +97,17 @@ pub struct Stored {
     pub history: serde_json::Value,
 }
 
-const COLUMNS: &str = "id, source, consumer, message_id, subject, partition_key, headers, payload, reason,
+const COLUMNS: &str =
+    "id, source, consumer, message_id, subject, partition_key, headers, payload, reason,
     error_chain, attempts, first_failed_at, last_failed_at, status, history";
 
 /// Locks and returns up to `limit` retry requests of `consumer`, oldest first; call it in the
 /// transaction that re-runs them and records the result, so that a request runs once.
-pub async fn take_retry_requests(conn: &mut PgConnection, consumer: &str, limit: i64) -> Result<Vec<Stored>, sqlx::Error> {
+pub async fn take_retry_requests(
+    conn: &mut PgConnection,
+    consumer: &str,
+    limit: i64,
+) -> Result<Vec<Stored>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM dead_letter
          WHERE consumer = $1 AND status = 'retry_requested'
@@ -184,8 +189,14 @@ macro_rules! bind_filter {
 }
 
 /// Dead letters matching `filter`, newest failure first, at most `limit`.
-pub async fn list(conn: &mut PgConnection, filter: &Filter, limit: i64) -> Result<Vec<Stored>, sqlx::Error> {
-    let sql = format!("SELECT {COLUMNS} FROM dead_letter WHERE {FILTER} ORDER BY last_failed_at DESC, id DESC LIMIT $8");
+pub async fn list(
+    conn: &mut PgConnection,
+    filter: &Filter,
+    limit: i64,
+) -> Result<Vec<Stored>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM dead_letter WHERE {FILTER} ORDER BY last_failed_at DESC, id DESC LIMIT $8"
+    );
     bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
         .bind(limit)
         .fetch_all(conn)
@@ -194,23 +205,29 @@ pub async fn list(conn: &mut PgConnection, filter: &Filter, limit: i64) -> Resul
 
 /// One dead letter by id.
 pub async fn get(conn: &mut PgConnection, id: i64) -> Result<Option<Stored>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM dead_letter WHERE id = $1")))
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM dead_letter WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Deletes the dead letters matching `filter`; returns how many.
 pub async fn purge(conn: &mut PgConnection, filter: &Filter) -> Result<u64, sqlx::Error> {
     let sql = format!("DELETE FROM dead_letter WHERE {FILTER}");
-    let done = bind_filter!(sqlx::query(sqlx::AssertSqlSafe(sql)), filter).execute(conn).await?;
+    let done = bind_filter!(sqlx::query(sqlx::AssertSqlSafe(sql)), filter)
+        .execute(conn)
+        .await?;
     Ok(done.rows_affected())
 }
 
 /// Counts the dead letters matching `filter`.
 pub async fn count(conn: &mut PgConnection, filter: &Filter) -> Result<i64, sqlx::Error> {
     let sql = format!("SELECT count(*) FROM dead_letter WHERE {FILTER}");
-    bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter).fetch_one(conn).await
+    bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter)
+        .fetch_one(conn)
+        .await
 }
 
 /// One line of `dlq stats`.

@@ -17,14 +17,18 @@ async fn db() -> Db {
     let pg = Postgres::start().await.expect("PostgreSQL");
     let url = pg.fresh_database().await.expect("db");
     let pool = PgPool::connect(&url).await.expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire")).await.expect("migrate");
+    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
+        .await
+        .expect("migrate");
     Db { _pg: pg, url, pool }
 }
 
 /// Runs `dlq` with `args` against `url` (or none); returns (exit code, stdout, stderr).
 fn dlq(url: Option<&str>, args: &[&str]) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dlq"));
-    cmd.args(args).env_remove("DATABASE_URL").stdin(Stdio::null());
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .stdin(Stdio::null());
     if let Some(url) = url {
         cmd.env("DATABASE_URL", url);
     }
@@ -49,12 +53,24 @@ impl envelope::Event for Ping {
     }
 }
 
-fn letter(source: Source, consumer: &str, subject: &str, reason: &str, payload: &[u8]) -> DeadLetter {
-    let env = Envelope::from_event(HeaderText::new("s", "svc").expect("valid"), &Ping { n: 1 }).expect("valid");
+fn letter(
+    source: Source,
+    consumer: &str,
+    subject: &str,
+    reason: &str,
+    payload: &[u8],
+) -> DeadLetter {
+    let env = Envelope::from_event(HeaderText::new("s", "svc").expect("valid"), &Ping { n: 1 })
+        .expect("valid");
     let headers = envelope::nats::to_headers(&env)
         .expect("headers")
         .iter()
-        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v[0].as_str().to_owned())))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::Value::String(v[0].as_str().to_owned()),
+            )
+        })
         .collect();
     DeadLetter {
         source,
@@ -74,15 +90,42 @@ fn letter(source: Source, consumer: &str, subject: &str, reason: &str, payload: 
 
 async fn seed(pool: &PgPool) -> (i64, i64, i64) {
     let mut conn = pool.acquire().await.expect("acquire");
-    let email = dlq::store::record(&mut conn, &letter(Source::Consumer, "email", "test.ping.v1", "attempts_exhausted", br#"{"n":1}"#))
-        .await
-        .expect("record");
-    let billing = dlq::store::record(&mut conn, &letter(Source::Consumer, "billing", "orders.paid.v1", "decode", b"\xff\x00raw"))
-        .await
-        .expect("record");
-    let relay = dlq::store::record(&mut conn, &letter(Source::Relay, "relay", "test.ping.v1", "no_stream", br#"{"n":1}"#))
-        .await
-        .expect("record");
+    let email = dlq::store::record(
+        &mut conn,
+        &letter(
+            Source::Consumer,
+            "email",
+            "test.ping.v1",
+            "attempts_exhausted",
+            br#"{"n":1}"#,
+        ),
+    )
+    .await
+    .expect("record");
+    let billing = dlq::store::record(
+        &mut conn,
+        &letter(
+            Source::Consumer,
+            "billing",
+            "orders.paid.v1",
+            "decode",
+            b"\xff\x00raw",
+        ),
+    )
+    .await
+    .expect("record");
+    let relay = dlq::store::record(
+        &mut conn,
+        &letter(
+            Source::Relay,
+            "relay",
+            "test.ping.v1",
+            "no_stream",
+            br#"{"n":1}"#,
+        ),
+    )
+    .await
+    .expect("record");
     (email, billing, relay)
 }
 
@@ -94,17 +137,33 @@ async fn list_show_stats() {
 
     let (code, out, err) = dlq(url, &["list", "--json"]);
     assert_eq!(code, 0, "{err}");
-    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
     assert_eq!(rows.len(), 3);
     let (code, out, _) = dlq(url, &["list", "--json", "--consumer", "billing"]);
     assert_eq!(code, 0);
     let only: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
     assert_eq!(only["id"], billing);
     assert_eq!(only["reason"], "decode");
-    assert_eq!(only["payload"]["hex"], "ff00726177", "binary payloads are shown as hex");
+    assert_eq!(
+        only["payload"]["hex"], "ff00726177",
+        "binary payloads are shown as hex"
+    );
     let (_, out, _) = dlq(url, &["list", "--json", "--reason", "no_stream"]);
     assert_eq!(out.lines().count(), 1);
-    let (_, out, _) = dlq(url, &["list", "--json", "--since", "1h", "--subject", "test.ping.v1"]);
+    let (_, out, _) = dlq(
+        url,
+        &[
+            "list",
+            "--json",
+            "--since",
+            "1h",
+            "--subject",
+            "test.ping.v1",
+        ],
+    );
     assert_eq!(out.lines().count(), 2);
     let (code, out, _) = dlq(url, &["list"]);
     assert_eq!(code, 0);
@@ -113,7 +172,14 @@ async fn list_show_stats() {
 
     let (code, out, err) = dlq(url, &["show", &email.to_string()]);
     assert_eq!(code, 0, "{err}");
-    for expected in ["subject:      test.ping.v1", "reason:       attempts_exhausted", "0: outer", "1: inner cause", "\"n\": 1", "ce-type: test.ping.v1"] {
+    for expected in [
+        "subject:      test.ping.v1",
+        "reason:       attempts_exhausted",
+        "0: outer",
+        "1: inner cause",
+        "\"n\": 1",
+        "ce-type: test.ping.v1",
+    ] {
         assert!(out.contains(expected), "show lacks {expected:?}:\n{out}");
     }
     let (code, out, _) = dlq(url, &["show", &email.to_string(), "--json"]);
@@ -125,7 +191,13 @@ async fn list_show_stats() {
     let (code, out, _) = dlq(url, &["stats", "--json"]);
     assert_eq!(code, 0);
     let stats: Vec<serde_json::Value> = serde_json::from_str(&out).expect("JSON");
-    assert_eq!(stats.iter().map(|s| s["count"].as_i64().unwrap_or(0)).sum::<i64>(), 3);
+    assert_eq!(
+        stats
+            .iter()
+            .map(|s| s["count"].as_i64().unwrap_or(0))
+            .sum::<i64>(),
+        3
+    );
     let (code, out, _) = dlq(url, &["stats"]);
     assert_eq!(code, 0);
     assert!(out.contains("total: 3"), "{out}");
@@ -139,7 +211,10 @@ async fn retry_consumer_and_relay_dead_letters() {
 
     let (code, out, _) = dlq(url, &["retry", &email.to_string(), "--dry-run"]);
     assert_eq!(code, 0);
-    assert!(out.contains("would retry 1 dead letters (1 by consumers, 0 back to the outbox)"), "{out}");
+    assert!(
+        out.contains("would retry 1 dead letters (1 by consumers, 0 back to the outbox)"),
+        "{out}"
+    );
     let status: String = sqlx::query_scalar("SELECT status FROM dead_letter WHERE id = $1")
         .bind(email)
         .fetch_one(&db.pool)
@@ -149,32 +224,52 @@ async fn retry_consumer_and_relay_dead_letters() {
 
     let (code, out, err) = dlq(url, &["retry", &email.to_string(), &relay.to_string()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("2 dead letters (1 re-run by their consumers, 1 back to the outbox)"), "{out}");
-    let statuses: Vec<(i64, String)> = sqlx::query_as("SELECT id, status FROM dead_letter ORDER BY id")
-        .fetch_all(&db.pool)
-        .await
-        .expect("statuses");
+    assert!(
+        out.contains("2 dead letters (1 re-run by their consumers, 1 back to the outbox)"),
+        "{out}"
+    );
+    let statuses: Vec<(i64, String)> =
+        sqlx::query_as("SELECT id, status FROM dead_letter ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .expect("statuses");
     assert_eq!(
         statuses,
-        [(email, "retry_requested".into()), (billing, "dead".into()), (relay, "retried".into())]
+        [
+            (email, "retry_requested".into()),
+            (billing, "dead".into()),
+            (relay, "retried".into())
+        ]
     );
-    let relay_message: String = sqlx::query_scalar("SELECT message_id FROM dead_letter WHERE id = $1")
-        .bind(relay)
-        .fetch_one(&db.pool)
-        .await
-        .expect("id");
+    let relay_message: String =
+        sqlx::query_scalar("SELECT message_id FROM dead_letter WHERE id = $1")
+            .bind(relay)
+            .fetch_one(&db.pool)
+            .await
+            .expect("id");
     let back: (String, String) = sqlx::query_as("SELECT id::text, status FROM outbox_message")
         .fetch_one(&db.pool)
         .await
         .expect("the relay dead letter is back in the outbox");
-    assert_eq!(back, (relay_message, "pending".into()), "with its original id");
+    assert_eq!(
+        back,
+        (relay_message, "pending".into()),
+        "with its original id"
+    );
 
     // Retrying what is not dead any more, an unknown id, or nothing: clear errors.
     let (code, _, err) = dlq(url, &["retry", &email.to_string()]);
     assert_eq!(code, 3);
-    assert!(err.trim().ends_with("is retry_requested, not dead: nothing to retry"), "{err}");
+    assert!(
+        err.trim()
+            .ends_with("is retry_requested, not dead: nothing to retry"),
+        "{err}"
+    );
     let (code, _, err) = dlq(url, &["retry", "999999"]);
-    assert_eq!((code, err.trim()), (3, "dlq: no dead letter with id 999999"));
+    assert_eq!(
+        (code, err.trim()),
+        (3, "dlq: no dead letter with id 999999")
+    );
     let (code, _, err) = dlq(url, &["retry"]);
     assert_eq!(code, 2);
     assert!(err.contains("say what to retry"), "{err}");
@@ -190,11 +285,18 @@ async fn purge_asks_for_confirmation() {
     let url = Some(db.url.as_str());
     let (code, _, err) = dlq(url, &["purge", "--consumer", "email"]);
     assert_eq!(code, 2);
-    assert_eq!(err.trim(), "dlq: purge would delete 1 dead letters; pass --yes to confirm");
+    assert_eq!(
+        err.trim(),
+        "dlq: purge would delete 1 dead letters; pass --yes to confirm"
+    );
     let (code, out, _) = dlq(url, &["purge", "--consumer", "email", "--yes"]);
     assert_eq!((code, out.trim()), (0, "purged 1 dead letters"));
     let (code, out, _) = dlq(url, &["purge", "--older-than", "1d", "--yes"]);
-    assert_eq!((code, out.trim()), (0, "no dead letters match"), "nothing is a day old");
+    assert_eq!(
+        (code, out.trim()),
+        (0, "no dead letters match"),
+        "nothing is a day old"
+    );
     let (code, out, _) = dlq(url, &["purge", "--yes"]);
     assert_eq!((code, out.trim()), (0, "purged 2 dead letters"));
 }
@@ -202,12 +304,24 @@ async fn purge_asks_for_confirmation() {
 #[test]
 fn database_errors_are_one_line_with_an_exit_code() {
     let (code, _, err) = dlq(None, &["list"]);
-    assert_eq!((code, err.trim()), (2, "dlq: no database: set DATABASE_URL or pass --database-url"));
-    let unreachable = format!("postgres://postgres@127.0.0.1:{}/nothing", testkit::free_port().expect("port"));
+    assert_eq!(
+        (code, err.trim()),
+        (
+            2,
+            "dlq: no database: set DATABASE_URL or pass --database-url"
+        )
+    );
+    let unreachable = format!(
+        "postgres://postgres@127.0.0.1:{}/nothing",
+        testkit::free_port().expect("port")
+    );
     let (code, _, err) = dlq(Some(&unreachable), &["stats"]);
     assert_eq!(code, 1);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.starts_with("dlq: cannot connect to the database"), "{err}");
+    assert!(
+        err.starts_with("dlq: cannot connect to the database"),
+        "{err}"
+    );
     let (code, _, err) = dlq(Some(&unreachable), &["list", "--status", "lost"]);
     assert_eq!(code, 2, "{err}");
     let (code, _, err) = dlq(Some(&unreachable), &["list", "--since", "yesterday"]);

@@ -92,21 +92,35 @@ impl ConsumerConfig {
     pub fn validate(&self) -> Result<(), Error> {
         let refuse = |m: String| Err(Error::Config(m));
         let name_ok = |s: &str| {
-            !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         };
         if !name_ok(&self.name) {
-            return refuse(format!("name {:?} must be 1-64 characters of A-Z a-z 0-9 - _", self.name));
+            return refuse(format!(
+                "name {:?} must be 1-64 characters of A-Z a-z 0-9 - _",
+                self.name
+            ));
         }
         if !name_ok(&self.stream) {
-            return refuse(format!("stream {:?} must be 1-64 characters of A-Z a-z 0-9 - _", self.stream));
+            return refuse(format!(
+                "stream {:?} must be 1-64 characters of A-Z a-z 0-9 - _",
+                self.stream
+            ));
         }
-        if let Mode::Batched { max_messages } = self.mode {
-            if !(1..=1000).contains(&max_messages) {
-                return refuse(format!("batched max_messages must be 1 to 1000, got {max_messages}"));
-            }
+        if let Mode::Batched { max_messages } = self.mode
+            && !(1..=1000).contains(&max_messages)
+        {
+            return refuse(format!(
+                "batched max_messages must be 1 to 1000, got {max_messages}"
+            ));
         }
         if !(1..=256).contains(&self.concurrency) {
-            return refuse(format!("concurrency must be 1 to 256, got {}", self.concurrency));
+            return refuse(format!(
+                "concurrency must be 1 to 256, got {}",
+                self.concurrency
+            ));
         }
         if self.max_attempts == 0 {
             return refuse("max_attempts must be at least 1".into());
@@ -145,7 +159,21 @@ mod tests {
         };
         let err = short.validate().expect_err("refused").to_string();
         assert!(err.contains("redelivery horizon"), "{err}");
-        assert!(ConsumerConfig { name: "a b".into(), ..ok.clone() }.validate().is_err());
-        assert!(ConsumerConfig { mode: Mode::Batched { max_messages: 0 }, ..ok }.validate().is_err());
+        assert!(
+            ConsumerConfig {
+                name: "a b".into(),
+                ..ok.clone()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            ConsumerConfig {
+                mode: Mode::Batched { max_messages: 0 },
+                ..ok
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

@@ -58,7 +58,12 @@ struct Park {
 
 impl Consumer {
     /// A consumer of `config.stream` that runs `handler` (see [`crate::typed`]).
-    pub fn new(config: ConsumerConfig, pool: PgPool, jetstream: jetstream::Context, handler: Arc<dyn RawHandler>) -> Result<Self, Error> {
+    pub fn new(
+        config: ConsumerConfig,
+        pool: PgPool,
+        jetstream: jetstream::Context,
+        handler: Arc<dyn RawHandler>,
+    ) -> Result<Self, Error> {
         config.validate()?;
         Ok(Consumer {
             config,
@@ -157,7 +162,12 @@ impl Consumer {
         tokio::pin!(shutdown);
         let pull_size = (this.config.concurrency * this.batch_size() * 2).max(16);
         'outer: loop {
-            let mut messages = match consumer.stream().max_messages_per_batch(pull_size).messages().await {
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(pull_size)
+                .messages()
+                .await
+            {
                 Ok(messages) => messages,
                 Err(e) => {
                     tracing::warn!(consumer = %this.config.name, error = %e, "cannot pull messages; retrying");
@@ -230,13 +240,24 @@ impl Consumer {
 
     /// Handles one message inside `conn` (a transaction or savepoint owned by the caller).
     /// Returns the reply to send after commit. Parking writes the dead letter through `conn`.
-    async fn handle_in(&self, conn: &mut PgConnection, message: &jetstream::Message) -> Result<Reply, sqlx::Error> {
+    async fn handle_in(
+        &self,
+        conn: &mut PgConnection,
+        message: &jetstream::Message,
+    ) -> Result<Reply, sqlx::Error> {
         let (attempt, stream_seq) = match message.info() {
-            Ok(info) => (u32::try_from(info.delivered).unwrap_or(u32::MAX), Some(info.stream_sequence)),
+            Ok(info) => (
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+                Some(info.stream_sequence),
+            ),
             Err(_) => (1, None),
         };
         let subject = message.subject.as_str();
-        let decoded = envelope::nats::from_message(subject, message.headers.as_ref(), message.payload.clone());
+        let decoded = envelope::nats::from_message(
+            subject,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        );
         let envelope = match decoded {
             Ok(envelope) => envelope,
             Err(e) => {
@@ -244,14 +265,16 @@ impl Consumer {
                     reason: "decode".into(),
                     error_chain: vec![e.to_string()],
                 };
-                self.park(conn, message, None, attempt, stream_seq, park).await?;
+                self.park(conn, message, None, attempt, stream_seq, park)
+                    .await?;
                 return Ok(Reply::Term);
             }
         };
         let id = envelope.id.to_string();
         let mut sp = conn.begin().await?;
         let seq = stream_seq.and_then(|s| i64::try_from(s).ok());
-        if !store::insert_if_new(&mut sp, &self.config.name, &id, subject, seq, "processed").await? {
+        if !store::insert_if_new(&mut sp, &self.config.name, &id, subject, seq, "processed").await?
+        {
             sp.commit().await?;
             metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
             return Ok(Reply::Ack);
@@ -262,13 +285,17 @@ impl Consumer {
             attempt,
             stream_seq,
         };
+        let span = handler_span(&self.config.name, &delivery);
         let started = Instant::now();
-        let result = self.handler.handle(&mut sp, &delivery).await;
-        metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone()).record(started.elapsed().as_secs_f64());
+        let result =
+            tracing::Instrument::instrument(self.handler.handle(&mut sp, &delivery), span).await;
+        metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone())
+            .record(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
                 sp.commit().await?;
-                metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone()).increment(1);
+                metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone())
+                    .increment(1);
                 Ok(Reply::Ack)
             }
             Err(error) => {
@@ -276,12 +303,14 @@ impl Consumer {
                 match self.disposition(&error, attempt) {
                     Ok(reply) => {
                         tracing::debug!(consumer = %self.config.name, %id, attempt, error = %error, "handler asked for a retry");
-                        metrics::counter!(m::RETRIED, "consumer" => self.config.name.clone()).increment(1);
+                        metrics::counter!(m::RETRIED, "consumer" => self.config.name.clone())
+                            .increment(1);
                         Ok(reply)
                     }
                     Err(park) => {
                         tracing::warn!(consumer = %self.config.name, %id, attempt, error = %error, reason = %park.reason, "dead-lettering message");
-                        self.park(conn, message, Some(&id), attempt, stream_seq, park).await?;
+                        self.park(conn, message, Some(&id), attempt, stream_seq, park)
+                            .await?;
                         Ok(Reply::Term)
                     }
                 }
@@ -304,15 +333,26 @@ impl Consumer {
         if let Some(map) = &message.headers {
             for (name, values) in map.iter() {
                 if let Some(value) = values.first() {
-                    headers.insert(name.to_string(), serde_json::Value::String(value.as_str().to_owned()));
+                    headers.insert(
+                        name.to_string(),
+                        serde_json::Value::String(value.as_str().to_owned()),
+                    );
                 }
             }
         }
         let message_id = id
             .map(str::to_owned)
-            .or_else(|| headers.get("Nats-Msg-Id").and_then(|v| v.as_str()).map(str::to_owned))
+            .or_else(|| {
+                headers
+                    .get("Nats-Msg-Id")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| format!("{}:{}", self.config.stream, stream_seq.unwrap_or(0)));
-        let partition_key = headers.get("ce-partitionkey").and_then(|v| v.as_str()).map(str::to_owned);
+        let partition_key = headers
+            .get("ce-partitionkey")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
         let seq = stream_seq.and_then(|s| i64::try_from(s).ok());
         let letter = dlq::DeadLetter {
             source: dlq::Source::Consumer,
@@ -329,10 +369,58 @@ impl Consumer {
             stream_seq: seq,
         };
         dlq::store::record(conn, &letter).await?;
-        store::insert_if_new(conn, &self.config.name, &message_id, message.subject.as_str(), seq, "dead_lettered").await?;
+        store::insert_if_new(
+            conn,
+            &self.config.name,
+            &message_id,
+            message.subject.as_str(),
+            seq,
+            "dead_lettered",
+        )
+        .await?;
         metrics::counter!(m::DEAD_LETTERED, "consumer" => self.config.name.clone(), "reason" => park.reason).increment(1);
         Ok(())
     }
+}
+
+/// The span a handler runs in. With the `opentelemetry` feature its parent is the
+/// producer's span from the message's `traceparent`, so the trace continues across services
+/// (and outbox messages the handler enqueues carry the same trace id).
+fn handler_span(consumer: &str, delivery: &Delivery) -> tracing::Span {
+    let envelope = &delivery.envelope;
+    let span = tracing::info_span!(
+        "inbox.handle",
+        consumer = %consumer,
+        message_id = %envelope.id,
+        subject = %envelope.subject,
+        attempt = delivery.attempt,
+        trace_id = envelope.trace.as_ref().map(|t| t.trace_id()).unwrap_or_default(),
+    );
+    #[cfg(feature = "opentelemetry")]
+    if let Some(trace) = &envelope.trace {
+        use opentelemetry::trace::{
+            SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+        };
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let ids = (
+            TraceId::from_hex(trace.trace_id()),
+            SpanId::from_hex(trace.parent_span_id()),
+        );
+        if let (Ok(trace_id), Ok(span_id)) = ids {
+            let flags = if trace.sampled() {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            };
+            let state = trace
+                .tracestate()
+                .and_then(|s| TraceState::from_str(s).ok())
+                .unwrap_or_default();
+            let remote = SpanContext::new(trace_id, span_id, flags, true, state);
+            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+        }
+    }
+    span
 }
 
 fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
@@ -348,7 +436,11 @@ fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
 }
 
 /// One lane: handles its messages in order, one transaction per message or per batch.
-async fn lane(consumer: Arc<Consumer>, mut rx: mpsc::Receiver<jetstream::Message>, stop: CancellationToken) {
+async fn lane(
+    consumer: Arc<Consumer>,
+    mut rx: mpsc::Receiver<jetstream::Message>,
+    stop: CancellationToken,
+) {
     let max = consumer.batch_size();
     loop {
         let first = tokio::select! {
@@ -424,7 +516,13 @@ async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
         let result = async {
             let mut conn = consumer.pool.acquire().await?;
             loop {
-                let n = store::delete_older_than(&mut conn, &consumer.config.name, consumer.config.inbox_retention, 10_000).await?;
+                let n = store::delete_older_than(
+                    &mut conn,
+                    &consumer.config.name,
+                    consumer.config.inbox_retention,
+                    10_000,
+                )
+                .await?;
                 if n < 10_000 {
                     return Ok::<_, sqlx::Error>(());
                 }
@@ -458,7 +556,9 @@ async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
     let mut tx = consumer.pool.begin().await?;
     let letters = dlq::store::take_retry_requests(&mut tx, &consumer.config.name, 16).await?;
     for letter in letters {
-        let attempt = u32::try_from(letter.attempts).unwrap_or(0).saturating_add(1);
+        let attempt = u32::try_from(letter.attempts)
+            .unwrap_or(0)
+            .saturating_add(1);
         let envelope = rebuild(&letter);
         let result = match envelope {
             Err(e) => Err(HandlerError::permanent_because("decode", e)),
@@ -488,8 +588,12 @@ async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
             }
             Err(error) => {
                 let (reason, chain) = match &error {
-                    HandlerError::Permanent { reason, error } => (reason.clone(), dlq::error_chain(error.as_ref())),
-                    HandlerError::Retry { error, .. } => ("retry_failed".to_owned(), dlq::error_chain(error.as_ref())),
+                    HandlerError::Permanent { reason, error } => {
+                        (reason.clone(), dlq::error_chain(error.as_ref()))
+                    }
+                    HandlerError::Retry { error, .. } => {
+                        ("retry_failed".to_owned(), dlq::error_chain(error.as_ref()))
+                    }
                 };
                 let again = dlq::DeadLetter {
                     source: dlq::Source::Consumer,
@@ -519,11 +623,18 @@ fn rebuild(letter: &dlq::store::Stored) -> Result<envelope::Envelope, envelope::
     let mut map = HeaderMap::new();
     if let Some(headers) = letter.headers.as_object() {
         for (name, value) in headers {
-            let (Ok(name), Some(Ok(value))) = (HeaderName::from_str(name), value.as_str().map(HeaderValue::from_str)) else {
+            let (Ok(name), Some(Ok(value))) = (
+                HeaderName::from_str(name),
+                value.as_str().map(HeaderValue::from_str),
+            ) else {
                 continue;
             };
             map.insert(name, value);
         }
     }
-    envelope::nats::from_message(&letter.subject, Some(&map), bytes::Bytes::from(letter.payload.clone()))
+    envelope::nats::from_message(
+        &letter.subject,
+        Some(&map),
+        bytes::Bytes::from(letter.payload.clone()),
+    )
 }

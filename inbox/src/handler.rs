@@ -53,28 +53,42 @@ pub enum HandlerError {
 impl HandlerError {
     /// Retry after the consumer's backoff.
     pub fn retry(error: impl Into<BoxError>) -> Self {
-        HandlerError::Retry { after: None, error: error.into() }
+        HandlerError::Retry {
+            after: None,
+            error: error.into(),
+        }
     }
 
     /// Retry after `delay`.
     pub fn retry_after(delay: Duration, error: impl Into<BoxError>) -> Self {
-        HandlerError::Retry { after: Some(delay), error: error.into() }
+        HandlerError::Retry {
+            after: Some(delay),
+            error: error.into(),
+        }
     }
 
     /// Dead-letter now with reason `handler`.
     pub fn permanent(error: impl Into<BoxError>) -> Self {
-        HandlerError::Permanent { reason: "handler".into(), error: error.into() }
+        HandlerError::Permanent {
+            reason: "handler".into(),
+            error: error.into(),
+        }
     }
 
     /// Dead-letter now with a reason of the handler's choosing.
     pub fn permanent_because(reason: impl Into<String>, error: impl Into<BoxError>) -> Self {
-        HandlerError::Permanent { reason: reason.into(), error: error.into() }
+        HandlerError::Permanent {
+            reason: reason.into(),
+            error: error.into(),
+        }
     }
 
     /// The error inside.
     pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         match self {
-            HandlerError::Retry { error, .. } | HandlerError::Permanent { error, .. } => error.as_ref(),
+            HandlerError::Retry { error, .. } | HandlerError::Permanent { error, .. } => {
+                error.as_ref()
+            }
         }
     }
 }
@@ -98,13 +112,22 @@ impl std::fmt::Display for HandlerError {
 /// only if an earlier call returned an error or its transaction did not commit.
 pub trait RawHandler: Send + Sync + 'static {
     /// Handles one delivery.
-    fn handle<'a>(&'a self, conn: &'a mut PgConnection, delivery: &'a Delivery) -> HandlerFuture<'a>;
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        delivery: &'a Delivery,
+    ) -> HandlerFuture<'a>;
 }
 
 /// Handles one typed event (see [`typed`]); the same contract as [`RawHandler`].
 pub trait Handler<E: Event>: Send + Sync + 'static {
     /// Handles one event.
-    fn handle(&self, conn: &mut PgConnection, event: E, delivery: &Delivery) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    fn handle(
+        &self,
+        conn: &mut PgConnection,
+        event: E,
+        delivery: &Delivery,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
 /// Adapts a typed handler to a raw one: the payload is decoded as `E` (after checking the
@@ -115,7 +138,10 @@ where
     E: Event + Send + 'static,
     H: Handler<E>,
 {
-    Arc::new(Typed { handler, _event: PhantomData::<fn() -> E> })
+    Arc::new(Typed {
+        handler,
+        _event: PhantomData::<fn() -> E>,
+    })
 }
 
 struct Typed<E, H> {
@@ -128,7 +154,11 @@ where
     E: Event + Send + 'static,
     H: Handler<E>,
 {
-    fn handle<'a>(&'a self, conn: &'a mut PgConnection, delivery: &'a Delivery) -> HandlerFuture<'a> {
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        delivery: &'a Delivery,
+    ) -> HandlerFuture<'a> {
         Box::pin(async move {
             let event = delivery
                 .envelope

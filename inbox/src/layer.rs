@@ -42,13 +42,21 @@ impl Layer for Logging {
 struct LoggingHandler(Arc<dyn RawHandler>);
 
 impl RawHandler for LoggingHandler {
-    fn handle<'a>(&'a self, conn: &'a mut PgConnection, delivery: &'a Delivery) -> HandlerFuture<'a> {
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        delivery: &'a Delivery,
+    ) -> HandlerFuture<'a> {
         Box::pin(async move {
             let result = self.0.handle(conn, delivery).await;
             let env = &delivery.envelope;
             match &result {
-                Ok(()) => tracing::debug!(id = %env.id, subject = %env.subject, attempt = delivery.attempt, "handled"),
-                Err(e) => tracing::warn!(id = %env.id, subject = %env.subject, attempt = delivery.attempt, error = %e, "handler failed"),
+                Ok(()) => {
+                    tracing::debug!(id = %env.id, subject = %env.subject, attempt = delivery.attempt, "handled")
+                }
+                Err(e) => {
+                    tracing::warn!(id = %env.id, subject = %env.subject, attempt = delivery.attempt, error = %e, "handler failed")
+                }
             }
             result
         })
@@ -64,7 +72,11 @@ impl Layer for Timing {
 struct TimingHandler(Arc<dyn RawHandler>);
 
 impl RawHandler for TimingHandler {
-    fn handle<'a>(&'a self, conn: &'a mut PgConnection, delivery: &'a Delivery) -> HandlerFuture<'a> {
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        delivery: &'a Delivery,
+    ) -> HandlerFuture<'a> {
         Box::pin(async move {
             let started = Instant::now();
             let result = self.0.handle(conn, delivery).await;
@@ -93,7 +105,11 @@ struct RateLimitHandler {
 }
 
 impl RawHandler for RateLimitHandler {
-    fn handle<'a>(&'a self, conn: &'a mut PgConnection, delivery: &'a Delivery) -> HandlerFuture<'a> {
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        delivery: &'a Delivery,
+    ) -> HandlerFuture<'a> {
         Box::pin(async move {
             let start_at = {
                 let mut next = self.next.lock().await;

@@ -22,7 +22,7 @@
 //! - [`consumer`]: [`Consumer`], the runtime (strict and batched modes, lanes, shutdown).
 //! - [`store`]: all SQL on `inbox_message`.
 //! - [`metrics`]: metric names.
-//! - [`error`]: [`Error`].
+//! - [`error`]: the crate error, [`Error`].
 
 pub mod config;
 pub mod consumer;
@@ -37,3 +37,8 @@ pub use consumer::Consumer;
 pub use error::Error;
 pub use handler::{Delivery, Handler, HandlerError, RawHandler, typed};
 pub use layer::Layer;
+
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

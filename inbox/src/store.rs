@@ -29,7 +29,11 @@ pub async fn insert_if_new(
 }
 
 /// Records that a parked message was finally processed (after `dlq retry`).
-pub async fn mark_processed(conn: &mut PgConnection, consumer: &str, message_id: &str) -> Result<(), sqlx::Error> {
+pub async fn mark_processed(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO inbox_message (consumer, message_id, subject, outcome)
          VALUES ($1, $2, '', 'processed')

@@ -60,7 +60,12 @@ impl Recorder {
 }
 
 impl Handler<OrderPlaced> for Recorder {
-    async fn handle(&self, conn: &mut PgConnection, event: OrderPlaced, _delivery: &Delivery) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        event: OrderPlaced,
+        _delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.call_times.lock().expect("lock").push(Instant::now());
         // Written before failing: a failure must undo it.
@@ -73,7 +78,9 @@ impl Handler<OrderPlaced> for Recorder {
         let behaviour = *self.behaviour.lock().expect("lock");
         match behaviour {
             Behaviour::Succeed => Ok(()),
-            Behaviour::Retry => Err(HandlerError::retry(std::io::Error::other("downstream unavailable"))),
+            Behaviour::Retry => Err(HandlerError::retry(std::io::Error::other(
+                "downstream unavailable",
+            ))),
             Behaviour::FailPermanently => Err(HandlerError::permanent_because(
                 "rejected",
                 std::io::Error::other("order rejected"),
@@ -92,8 +99,12 @@ struct Env {
 async fn env(duplicate_window: Duration) -> Env {
     let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start());
     let (pg, nats) = (pg.expect("PostgreSQL"), nats.expect("nats-server"));
-    let pool = PgPool::connect(&pg.fresh_database().await.expect("db")).await.expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire")).await.expect("migrate");
+    let pool = PgPool::connect(&pg.fresh_database().await.expect("db"))
+        .await
+        .expect("connect");
+    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
+        .await
+        .expect("migrate");
     sqlx::query("CREATE TABLE applied (consumer text NOT NULL, order_id text NOT NULL)")
         .execute(&pool)
         .await
@@ -108,7 +119,12 @@ async fn env(duplicate_window: Duration) -> Env {
     })
     .await
     .expect("stream");
-    Env { _pg: pg, nats, pool, js }
+    Env {
+        _pg: pg,
+        nats,
+        pool,
+        js,
+    }
 }
 
 fn config(name: &str) -> ConsumerConfig {
@@ -124,27 +140,40 @@ fn config(name: &str) -> ConsumerConfig {
 }
 
 fn order_envelope(order_id: &str) -> Envelope {
-    Envelope::from_event(HeaderText::new("source", "order-service").expect("valid"), &OrderPlaced { order_id: order_id.into() })
-        .expect("valid")
+    Envelope::from_event(
+        HeaderText::new("source", "order-service").expect("valid"),
+        &OrderPlaced {
+            order_id: order_id.into(),
+        },
+    )
+    .expect("valid")
 }
 
 async fn publish(js: &jetstream::Context, envelope: &Envelope) {
     let headers = envelope::nats::to_headers(envelope).expect("headers");
-    js.publish_with_headers(envelope.subject.to_string(), headers, envelope.payload.clone())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    js.publish_with_headers(
+        envelope.subject.to_string(),
+        headers,
+        envelope.payload.clone(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
 }
 
 /// Runs a consumer until the returned sender fires or is dropped.
 fn start(env: &Env, js: jetstream::Context, config: ConsumerConfig, handler: Recorder) -> Running {
-    let consumer = Consumer::new(config, env.pool.clone(), js, typed(handler)).expect("valid config");
+    let consumer =
+        Consumer::new(config, env.pool.clone(), js, typed(handler)).expect("valid config");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(consumer.run(async move {
         let _ = rx.await;
     }));
-    Running { stop: Some(tx), task }
+    Running {
+        stop: Some(tx),
+        task,
+    }
 }
 
 struct Running {
@@ -190,7 +219,11 @@ async fn a_message_delivered_twice_runs_its_handler_once() {
         HeaderValue::from_str("another-broker-id").expect("value"),
     );
     env.js
-        .publish_with_headers(envelope.subject.to_string(), headers, envelope.payload.clone())
+        .publish_with_headers(
+            envelope.subject.to_string(),
+            headers,
+            envelope.payload.clone(),
+        )
         .await
         .expect("publish")
         .await
@@ -215,8 +248,15 @@ async fn a_message_delivered_twice_runs_its_handler_once() {
     .expect("acked");
     running.stop().await;
     assert_eq!(handler.calls(), 1, "the handler ran once");
-    assert_eq!(applied(&env.pool, "billing").await, 1, "its effect applied once");
-    assert_eq!(count(&env.pool, "SELECT count(*) FROM inbox_message").await, 1);
+    assert_eq!(
+        applied(&env.pool, "billing").await,
+        1,
+        "its effect applied once"
+    );
+    assert_eq!(
+        count(&env.pool, "SELECT count(*) FROM inbox_message").await,
+        1
+    );
 }
 
 /// Runs the recorder, then cuts the consumer's link to the broker: the transaction still
@@ -227,7 +267,12 @@ struct CutAfterHandling {
 }
 
 impl Handler<OrderPlaced> for CutAfterHandling {
-    async fn handle(&self, conn: &mut PgConnection, event: OrderPlaced, delivery: &Delivery) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        event: OrderPlaced,
+        delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
         let result = self.recorder.handle(conn, event, delivery).await;
         self.proxy.cut();
         result
@@ -246,23 +291,42 @@ async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
             .expect("connect through proxy"),
     );
     let recorder = Recorder::new("shipping", Behaviour::Succeed);
-    let cutting = CutAfterHandling { recorder: recorder.clone(), proxy: proxy.clone() };
-    let first = Consumer::new(config("shipping"), env.pool.clone(), proxied, typed(cutting)).expect("config");
+    let cutting = CutAfterHandling {
+        recorder: recorder.clone(),
+        proxy: proxy.clone(),
+    };
+    let first = Consumer::new(
+        config("shipping"),
+        env.pool.clone(),
+        proxied,
+        typed(cutting),
+    )
+    .expect("config");
     let (stop_first, stopped) = tokio::sync::oneshot::channel::<()>();
     let first = tokio::spawn(first.run(async move {
         let _ = stopped.await;
     }));
     publish(&env.js, &order_envelope("o-7")).await;
     let pool = env.pool.clone();
-    wait_until(Duration::from_secs(10), "the effect is committed", || async { applied(&pool, "shipping").await == 1 })
-        .await
-        .expect("committed");
+    wait_until(
+        Duration::from_secs(10),
+        "the effect is committed",
+        || async { applied(&pool, "shipping").await == 1 },
+    )
+    .await
+    .expect("committed");
     // The consumer goes away with its ack undelivered.
     drop(stop_first);
-    tokio::time::timeout(Duration::from_secs(20), first).await.expect("stops").expect("task").expect("run");
+    tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("run");
     let mut info = env
         .js
-        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>("shipping", "ORDERS")
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            "shipping", "ORDERS",
+        )
         .await
         .expect("consumer");
     let floor = info.info().await.expect("info").ack_floor.stream_sequence;
@@ -285,7 +349,11 @@ async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
     .await
     .expect("acked");
     second.stop().await;
-    assert_eq!(applied(&env.pool, "shipping").await, 1, "the effect is applied once");
+    assert_eq!(
+        applied(&env.pool, "shipping").await,
+        1,
+        "the effect is applied once"
+    );
     assert_eq!(recorder.calls(), 1, "the handler did not run again");
 }
 
@@ -305,11 +373,21 @@ async fn a_failing_handler_is_retried_with_growing_delays_then_dead_lettered() {
     running.stop().await;
 
     assert_eq!(handler.calls(), 4, "max_attempts deliveries");
-    assert_eq!(applied(&env.pool, "invoicing").await, 0, "failed attempts left no effect");
+    assert_eq!(
+        applied(&env.pool, "invoicing").await,
+        0,
+        "failed attempts left no effect"
+    );
     let times = handler.call_times.lock().expect("lock").clone();
     let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(gaps[0] >= Duration::from_millis(100), "first retry waits the minimum delay: {gaps:?}");
-    assert!(gaps.windows(2).all(|g| g[1] > g[0]), "delays grow: {gaps:?}");
+    assert!(
+        gaps[0] >= Duration::from_millis(100),
+        "first retry waits the minimum delay: {gaps:?}"
+    );
+    assert!(
+        gaps.windows(2).all(|g| g[1] > g[0]),
+        "delays grow: {gaps:?}"
+    );
     let (reason, attempts, payload, message_id): (String, i32, Vec<u8>, String) =
         sqlx::query_as("SELECT reason, attempts, payload, message_id FROM dead_letter")
             .fetch_one(&env.pool)
@@ -326,9 +404,16 @@ async fn an_undecodable_message_is_dead_lettered_at_once_with_its_bytes() {
     let handler = Recorder::new("audit", Behaviour::Succeed);
     let running = start(&env, env.js.clone(), config("audit"), handler.clone());
     let mut headers = HeaderMap::new();
-    headers.insert(HeaderName::from_str("Nats-Msg-Id").expect("name"), HeaderValue::from_str("raw-1").expect("v"));
+    headers.insert(
+        HeaderName::from_str("Nats-Msg-Id").expect("name"),
+        HeaderValue::from_str("raw-1").expect("v"),
+    );
     env.js
-        .publish_with_headers("orders.garbage", headers, bytes::Bytes::from_static(b"\xff\xfenot json"))
+        .publish_with_headers(
+            "orders.garbage",
+            headers,
+            bytes::Bytes::from_static(b"\xff\xfenot json"),
+        )
         .await
         .expect("publish")
         .await
@@ -347,11 +432,13 @@ async fn an_undecodable_message_is_dead_lettered_at_once_with_its_bytes() {
     let row = |id: String| {
         let pool = env.pool.clone();
         async move {
-            sqlx::query_as::<_, (String, i32, Vec<u8>)>("SELECT reason, attempts, payload FROM dead_letter WHERE message_id = $1")
-                .bind(id)
-                .fetch_one(&pool)
-                .await
-                .expect("dead letter")
+            sqlx::query_as::<_, (String, i32, Vec<u8>)>(
+                "SELECT reason, attempts, payload FROM dead_letter WHERE message_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .expect("dead letter")
         }
     };
     let raw = row("raw-1".into()).await;
@@ -368,7 +455,12 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
     let env = env(Duration::from_secs(120)).await;
     struct Picky;
     impl Handler<OrderPlaced> for Picky {
-        async fn handle(&self, conn: &mut PgConnection, event: OrderPlaced, _d: &Delivery) -> Result<(), HandlerError> {
+        async fn handle(
+            &self,
+            conn: &mut PgConnection,
+            event: OrderPlaced,
+            _d: &Delivery,
+        ) -> Result<(), HandlerError> {
             sqlx::query("INSERT INTO applied (consumer, order_id) VALUES ('batch', $1)")
                 .bind(&event.order_id)
                 .execute(&mut *conn)
@@ -384,7 +476,11 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
         publish(&env.js, &order_envelope(id)).await;
     }
     let consumer = Consumer::new(
-        ConsumerConfig { mode: Mode::Batched { max_messages: 10 }, concurrency: 1, ..config("batch") },
+        ConsumerConfig {
+            mode: Mode::Batched { max_messages: 10 },
+            concurrency: 1,
+            ..config("batch")
+        },
         env.pool.clone(),
         env.js.clone(),
         typed(Picky),
@@ -395,9 +491,14 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
         let _ = rx.await;
     }));
     let pool = env.pool.clone();
-    wait_until(Duration::from_secs(10), "four applied and one parked", || async {
-        applied(&pool, "batch").await == 4 && count(&pool, "SELECT count(*) FROM dead_letter").await == 1
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "four applied and one parked",
+        || async {
+            applied(&pool, "batch").await == 4
+                && count(&pool, "SELECT count(*) FROM dead_letter").await == 1
+        },
+    )
     .await
     .expect("processed");
     drop(tx);
@@ -406,7 +507,10 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
         .fetch_one(&env.pool)
         .await
         .expect("count");
-    assert_eq!(bad, 0, "the failing handler's write was rolled back to its savepoint");
+    assert_eq!(
+        bad, 0,
+        "the failing handler's write was rolled back to its savepoint"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,62 +527,175 @@ async fn dlq_retry_runs_only_the_failed_consumer_once_inside_and_after_the_dupli
     publish(&env.js, &early).await;
     publish(&env.js, &late).await;
     let pool = env.pool.clone();
-    wait_until(Duration::from_secs(10), "email parked both, analytics handled both", || async {
-        count(&pool, "SELECT count(*) FROM dead_letter WHERE consumer = 'email'").await == 2
-            && applied(&pool, "analytics").await == 2
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "email parked both, analytics handled both",
+        || async {
+            count(
+                &pool,
+                "SELECT count(*) FROM dead_letter WHERE consumer = 'email'",
+            )
+            .await
+                == 2
+                && applied(&pool, "analytics").await == 2
+        },
+    )
     .await
     .expect("first pass");
     failing.set(Behaviour::Succeed);
 
     // Inside the duplicate window: retry the first.
-    assert!(published_at.elapsed() < window, "still inside the duplicate window");
+    assert!(
+        published_at.elapsed() < window,
+        "still inside the duplicate window"
+    );
     request_retry(&env.pool, &early).await;
     wait_until(Duration::from_secs(10), "early retried", || async {
-        count(&pool, "SELECT count(*) FROM dead_letter WHERE status = 'retried'").await == 1
+        count(
+            &pool,
+            "SELECT count(*) FROM dead_letter WHERE status = 'retried'",
+        )
+        .await
+            == 1
     })
     .await
     .expect("retried inside the window");
 
     // After the window: retry the second.
-    wait_until(window * 3, "the duplicate window has passed", || async { published_at.elapsed() > window * 2 })
-        .await
-        .expect("time passes");
+    wait_until(window * 3, "the duplicate window has passed", || async {
+        published_at.elapsed() > window * 2
+    })
+    .await
+    .expect("time passes");
     request_retry(&env.pool, &late).await;
     wait_until(Duration::from_secs(10), "late retried", || async {
-        count(&pool, "SELECT count(*) FROM dead_letter WHERE status = 'retried'").await == 2
+        count(
+            &pool,
+            "SELECT count(*) FROM dead_letter WHERE status = 'retried'",
+        )
+        .await
+            == 2
     })
     .await
     .expect("retried after the window");
     email.stop().await;
     analytics.stop().await;
 
-    assert_eq!(applied(&env.pool, "email").await, 2, "each retry took effect once");
+    assert_eq!(
+        applied(&env.pool, "email").await,
+        2,
+        "each retry took effect once"
+    );
     assert_eq!(failing.calls(), 4, "two failed deliveries, two retries");
     assert_eq!(healthy.calls(), 2, "the other consumer did not run again");
     assert_eq!(applied(&env.pool, "analytics").await, 2);
-    let outcomes: Vec<String> = sqlx::query_scalar("SELECT outcome FROM inbox_message WHERE consumer = 'email'")
-        .fetch_all(&env.pool)
-        .await
-        .expect("inbox");
+    let outcomes: Vec<String> =
+        sqlx::query_scalar("SELECT outcome FROM inbox_message WHERE consumer = 'email'")
+            .fetch_all(&env.pool)
+            .await
+            .expect("inbox");
     assert_eq!(outcomes, ["processed", "processed"]);
-    let history: serde_json::Value = sqlx::query_scalar("SELECT history FROM dead_letter WHERE message_id = $1")
-        .bind(early.id.to_string())
-        .fetch_one(&env.pool)
-        .await
-        .expect("history");
-    let actions: Vec<&str> = history.as_array().expect("array").iter().filter_map(|h| h["action"].as_str()).collect();
+    let history: serde_json::Value =
+        sqlx::query_scalar("SELECT history FROM dead_letter WHERE message_id = $1")
+            .bind(early.id.to_string())
+            .fetch_one(&env.pool)
+            .await
+            .expect("history");
+    let actions: Vec<&str> = history
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|h| h["action"].as_str())
+        .collect();
     assert_eq!(actions, ["failed", "retry_requested", "retried"]);
 }
 
 async fn request_retry(pool: &PgPool, envelope: &Envelope) {
-    let id: i64 = sqlx::query_scalar("SELECT id FROM dead_letter WHERE consumer = 'email' AND message_id = $1")
-        .bind(envelope.id.to_string())
-        .fetch_one(pool)
-        .await
-        .expect("dead letter");
+    let id: i64 = sqlx::query_scalar(
+        "SELECT id FROM dead_letter WHERE consumer = 'email' AND message_id = $1",
+    )
+    .bind(envelope.id.to_string())
+    .fetch_one(pool)
+    .await
+    .expect("dead letter");
     let changed = dlq::store::request_retry(&mut pool.acquire().await.expect("acquire"), &[id])
         .await
         .expect("request retry");
     assert_eq!(changed, 1);
+}
+
+/// Waits for a go-ahead before succeeding.
+struct Gated {
+    recorder: Recorder,
+    started: Arc<tokio::sync::Notify>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+impl Handler<OrderPlaced> for Gated {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        event: OrderPlaced,
+        delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
+        self.started.notify_one();
+        self.go.notified().await;
+        self.recorder.handle(conn, event, delivery).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_handler_in_progress_commit_and_ack() {
+    let env = env(Duration::from_secs(120)).await;
+    let recorder = Recorder::new("ledger", Behaviour::Succeed);
+    let started = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Notify::new());
+    let handler = Gated {
+        recorder: recorder.clone(),
+        started: started.clone(),
+        go: go.clone(),
+    };
+    let consumer = Consumer::new(
+        ConsumerConfig {
+            concurrency: 1,
+            ack_wait: Duration::from_secs(30),
+            ..config("ledger")
+        },
+        env.pool.clone(),
+        env.js.clone(),
+        typed(handler),
+    )
+    .expect("config");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = stopped.await;
+    }));
+    publish(&env.js, &order_envelope("o-10")).await;
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .expect("handler started");
+    drop(stop); // shutdown requested while the handler is in progress
+    go.notify_one();
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("stops")
+        .expect("task")
+        .expect("run");
+    assert_eq!(
+        applied(&env.pool, "ledger").await,
+        1,
+        "the in-progress handler committed"
+    );
+    let mut info = env
+        .js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            "ledger", "ORDERS",
+        )
+        .await
+        .expect("consumer");
+    let floor = info.info().await.expect("info").ack_floor.stream_sequence;
+    assert_eq!(
+        floor, 1,
+        "and its ack reached the broker before run() returned"
+    );
 }

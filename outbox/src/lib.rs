@@ -42,8 +42,3 @@ pub use envelope::{Envelope, Event, MessageId, TraceContext};
 pub use error::{Error, ErrorKind};
 pub use message::Message;
 pub use outbox::Outbox;
-
-/// The README's Rust examples, compiled as doctests so they cannot rot.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-struct ReadmeDoctests;
