@@ -33,6 +33,8 @@ pub mod metrics;
 pub mod store;
 
 pub use config::{ConsumerConfig, Mode};
+/// The NATS connection settings the relay uses too (auth, TLS): `NatsConfig::connect()`.
+pub use connect::NatsConfig;
 pub use consumer::Consumer;
 pub use error::Error;
 pub use handler::{Delivery, Handler, HandlerError, RawHandler, typed};

@@ -520,7 +520,10 @@ async fn dead_letter(
         };
         // The full wire headers when the row is valid, so that `dlq retry` can rebuild the
         // message; otherwise what the row holds.
-        let headers = match row.to_envelope().map(|env| envelope::nats::to_headers(&env)) {
+        let headers = match row
+            .to_envelope()
+            .map(|env| envelope::nats::to_headers(&env))
+        {
             Ok(Ok(map)) => map
                 .iter()
                 .filter_map(|(name, values)| {

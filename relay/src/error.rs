@@ -14,13 +14,8 @@ pub enum Error {
     #[error(transparent)]
     Migrate(#[from] migrations::Error),
     /// Connecting to NATS failed.
-    #[error("cannot connect to NATS at {url}: {reason}")]
-    Connect {
-        /// The server URL (no credentials).
-        url: String,
-        /// What failed.
-        reason: String,
-    },
+    #[error(transparent)]
+    Connect(#[from] connect::ConnectError),
     /// The JetStream stream is missing or does not match the configuration.
     #[error("stream {stream}: {reason}")]
     Stream {

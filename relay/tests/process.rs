@@ -31,22 +31,37 @@ async fn a_relay_killed_between_publish_and_mark_loses_and_duplicates_nothing() 
         tx.rollback().await.expect("rollback");
         assert!(Instant::now() < deadline, "the relay never held a claim");
     };
-    let held_ids: std::collections::HashSet<String> = held.iter().map(|id| id.to_string()).collect();
-    wait_until(Duration::from_secs(20), "every locked row is acknowledged by the broker", || async {
-        let stored: std::collections::HashSet<String> =
-            stream_messages(&client).await.into_iter().map(|(_, id, _)| id).collect();
-        held_ids.is_subset(&stored)
-    })
+    let held_ids: std::collections::HashSet<String> =
+        held.iter().map(|id| id.to_string()).collect();
+    wait_until(
+        Duration::from_secs(20),
+        "every locked row is acknowledged by the broker",
+        || async {
+            let stored: std::collections::HashSet<String> = stream_messages(&client)
+                .await
+                .into_iter()
+                .map(|(_, id, _)| id)
+                .collect();
+            held_ids.is_subset(&stored)
+        },
+    )
     .await
     .expect("published while unmarkable");
     first.sigkill();
     lock.rollback().await.expect("release the locks");
-    let unmarked: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_message WHERE id = ANY($1) AND status <> 'published'")
-        .bind(&held)
-        .fetch_one(&env.pool)
-        .await
-        .expect("count");
-    assert_eq!(unmarked, held.len() as i64, "the kill fell between publish and mark for {} rows", held.len());
+    let unmarked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_message WHERE id = ANY($1) AND status <> 'published'",
+    )
+    .bind(&held)
+    .fetch_one(&env.pool)
+    .await
+    .expect("count");
+    assert_eq!(
+        unmarked,
+        held.len() as i64,
+        "the kill fell between publish and mark for {} rows",
+        held.len()
+    );
 
     let _second = spawn_relay(&env, "relay-2", &[]);
     wait_drained(&env, &client, expected.len(), Duration::from_secs(60)).await;

@@ -32,9 +32,11 @@ impl envelope::Event for Ping {
 /// The contract of `Publisher`, as the relay relies on it.
 async fn conformance<P: Publisher>(publisher: &P) {
     // A publisher may connect in the background: it must report it once connected.
-    testkit::wait_until(std::time::Duration::from_secs(10), "publisher connected", || async {
-        publisher.is_connected()
-    })
+    testkit::wait_until(
+        std::time::Duration::from_secs(10),
+        "publisher connected",
+        || async { publisher.is_connected() },
+    )
     .await
     .expect("connected");
     let first = envelope("test.ping.v1");

@@ -1,147 +1,17 @@
 //! The real publisher: NATS JetStream through async-nats.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use async_nats::Client;
 use async_nats::jetstream::context::PublishErrorKind as NatsKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, ConnectOptions};
+pub use connect::{ConnectError, NatsConfig};
 use envelope::Envelope;
 use futures::FutureExt;
 
 use super::{Ack, AckFuture, PublishError, PublishErrorKind, Publisher};
 use crate::error::Error;
-
-/// How to reach NATS. Secrets are never printed: `Debug` redacts them.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct NatsConfig {
-    /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`. Defaults to
-    /// `nats://127.0.0.1:4222` when empty.
-    pub url: String,
-    /// User name for user/password auth.
-    pub user: Option<String>,
-    /// Password for user/password auth.
-    pub password: Option<String>,
-    /// Token auth.
-    pub token: Option<String>,
-    /// A `.creds` file (JWT + nkey seed).
-    pub creds_file: Option<PathBuf>,
-    /// An nkey seed (`SU...`).
-    pub nkey_seed: Option<String>,
-    /// CA certificate(s) to trust (PEM).
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM), with `tls_key`.
-    pub tls_cert: Option<PathBuf>,
-    /// Client key (PEM), with `tls_cert`.
-    pub tls_key: Option<PathBuf>,
-    /// Refuse a connection that is not TLS.
-    pub tls_required: bool,
-    /// The connection name shown by the server (e.g. the relay instance id).
-    pub name: Option<String>,
-}
-
-impl std::fmt::Debug for NatsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
-        f.debug_struct("NatsConfig")
-            .field("url", &self.url)
-            .field("user", &self.user)
-            .field("password", &redact(&self.password))
-            .field("token", &redact(&self.token))
-            .field("creds_file", &self.creds_file)
-            .field("nkey_seed", &redact(&self.nkey_seed))
-            .field("tls_ca", &self.tls_ca)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field("tls_required", &self.tls_required)
-            .field("name", &self.name)
-            .finish()
-    }
-}
-
-impl NatsConfig {
-    /// The server URL, defaulted.
-    pub fn url(&self) -> &str {
-        if self.url.is_empty() {
-            "nats://127.0.0.1:4222"
-        } else {
-            &self.url
-        }
-    }
-
-    /// Refuses contradictory auth settings.
-    pub fn validate(&self) -> Result<(), Error> {
-        let methods = [
-            self.user.is_some() || self.password.is_some(),
-            self.token.is_some(),
-            self.creds_file.is_some(),
-            self.nkey_seed.is_some(),
-        ];
-        if methods.iter().filter(|m| **m).count() > 1 {
-            return Err(Error::Config(
-                "choose one NATS auth method: user/password, token, creds file or nkey".into(),
-            ));
-        }
-        if self.user.is_some() != self.password.is_some() {
-            return Err(Error::Config("NATS user and password go together".into()));
-        }
-        if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(Error::Config(
-                "NATS TLS client cert and key go together".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Connects, retrying in the background if the server is not up yet (the client
-    /// reconnects by itself after any later disconnect too).
-    pub async fn connect(&self) -> Result<Client, Error> {
-        self.validate()?;
-        let url = self.url().to_owned();
-        let fail = |reason: String| Error::Connect {
-            url: url.clone(),
-            reason,
-        };
-        let mut options = ConnectOptions::new()
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(Duration::from_secs(5))
-            .ping_interval(Duration::from_secs(10))
-            .reconnect_delay_callback(|attempts| {
-                // 0, 50 ms, 100 ms ... capped at 2 s: a restarted broker is found quickly.
-                Duration::from_millis((attempts as u64 * 50).min(2000))
-            });
-        if let Some(name) = &self.name {
-            options = options.name(name);
-        }
-        if let (Some(user), Some(password)) = (&self.user, &self.password) {
-            options = options.user_and_password(user.clone(), password.clone());
-        }
-        if let Some(token) = &self.token {
-            options = options.token(token.clone());
-        }
-        if let Some(seed) = &self.nkey_seed {
-            options = options.nkey(seed.clone());
-        }
-        if let Some(path) = &self.creds_file {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|e| fail(format!("reading creds file {}: {e}", path.display())))?;
-        }
-        if let Some(ca) = &self.tls_ca {
-            options = options.add_root_certificates(ca.clone());
-        }
-        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            options = options.add_client_certificate(cert.clone(), key.clone());
-        }
-        if self.tls_required {
-            options = options.require_tls(true);
-        }
-        options.connect(&url).await.map_err(|e| fail(e.to_string()))
-    }
-}
 
 /// Publishes to JetStream with `Nats-Msg-Id`, many acks in flight.
 #[derive(Debug, Clone)]
@@ -377,23 +247,5 @@ mod tests {
         assert!(!subject_covers("order.created", "order.>"));
         assert!(!subject_covers("orders.>", "order.created"));
         assert!(!subject_covers("order.>", "order"));
-    }
-
-    #[test]
-    fn debug_redacts_secrets() {
-        let config = NatsConfig {
-            password: Some("hunter2".into()),
-            user: Some("relay".into()),
-            token: Some("tok-secret".into()),
-            nkey_seed: Some("SUSECRET".into()),
-            ..NatsConfig::default()
-        };
-        let shown = format!("{config:?}");
-        assert!(
-            !shown.contains("hunter2")
-                && !shown.contains("tok-secret")
-                && !shown.contains("SUSECRET")
-        );
-        assert!(config.validate().is_err(), "two auth methods are refused");
     }
 }
