@@ -13,7 +13,7 @@ tools: ## Install what is missing: PostgreSQL (apt-get when root) and nats-serve
 	@tools/install.sh
 
 test: tools ## Install what is missing, then run every test against real PostgreSQL and nats-server
-	$(CARGO) test --workspace --locked
+	$(CARGO) test --workspace --locked --no-fail-fast
 
 lint: ## cargo fmt --check and cargo clippy --all-targets -- -D warnings
 	$(CARGO) fmt --all -- --check

@@ -33,7 +33,9 @@ async fn applies_everything_once_and_is_idempotent() {
             "dead_letter",
             "inbox_message",
             "outbox_message",
-            "outbox_toolkit_migration"
+            "outbox_toolkit_migration",
+            "relay_instance",
+            "relay_partition_lease"
         ]
     );
 
