@@ -384,28 +384,32 @@ pub async fn take_for_dead_letter(
     .await
 }
 
-/// Returns to `pending` the claims that expired or whose relay instance stopped
-/// heartbeating for `dead_after_ms`; at most `limit` rows. Returns how many.
+/// Returns to `pending` the claims that expired, or whose relay instance (other than
+/// `rescuer`) stopped heartbeating for `dead_after_ms`; at most `limit` rows. Returns how many.
 pub async fn release_expired(
     conn: &mut PgConnection,
+    rescuer: &str,
     dead_after_ms: i64,
     limit: i64,
 ) -> Result<u64, sqlx::Error> {
+    // The rescuer's own claims are judged by their lease alone: its heartbeat may look stale
+    // right after a database outage although it is alive and publishing them.
     let done = sqlx::query(
         "UPDATE outbox_message SET status = 'pending', claimed_by = NULL, claimed_until = NULL
          WHERE id IN (
              SELECT id FROM outbox_message
              WHERE status = 'claimed'
                AND (claimed_until < now()
-                    OR NOT EXISTS (
+                    OR (claimed_by <> $3 AND NOT EXISTS (
                         SELECT 1 FROM relay_instance i
                         WHERE i.instance_id = outbox_message.claimed_by
-                          AND i.heartbeat_at > now() - make_interval(secs => $1::double precision / 1000)))
+                          AND i.heartbeat_at > now() - make_interval(secs => $1::double precision / 1000))))
              LIMIT $2
              FOR UPDATE SKIP LOCKED)",
     )
     .bind(dead_after_ms)
     .bind(limit)
+    .bind(rescuer)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())

@@ -22,9 +22,13 @@ fn millis(d: Duration) -> i64 {
 pub(crate) async fn rescuer(config: RelayConfig, pool: PgPool, stop: CancellationToken) {
     every(config.rescuer_interval, &stop, || async {
         let mut conn = pool.acquire().await?;
-        let rescued =
-            outbox::store::release_expired(&mut conn, millis(config.lease_ttl), RESCUE_LIMIT)
-                .await?;
+        let rescued = outbox::store::release_expired(
+            &mut conn,
+            &config.instance_id,
+            millis(config.lease_ttl),
+            RESCUE_LIMIT,
+        )
+        .await?;
         if rescued > 0 {
             metrics::counter!(m::RESCUED).increment(rescued);
             tracing::info!(rescued, "returned expired claims to pending");

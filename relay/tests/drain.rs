@@ -224,3 +224,50 @@ async fn listen_notify_wakes_an_idle_relay_at_once() {
             .expect("query")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_rows_are_deleted_after_the_retention_or_at_once_with_zero() {
+    let env = env().await;
+    let client = env.nats_client().await;
+    // Kept for a moment, then removed by the cleaner.
+    let first = enqueue(&env.pool, 200, 10).await;
+    let config = relay::RelayConfig {
+        retention: Duration::from_millis(500),
+        cleaner_interval: Duration::from_millis(100),
+        ..test_config("relay-a")
+    };
+    let relay = start_in_process(&env, config).await;
+    wait_until(
+        Duration::from_secs(20),
+        "published rows recorded",
+        || async { env.published().await == first.len() as i64 },
+    )
+    .await
+    .expect("published and kept");
+    wait_until(
+        Duration::from_secs(20),
+        "the cleaner removes them",
+        || async { env.count("SELECT count(*) FROM outbox_message").await == 0 },
+    )
+    .await
+    .expect("cleaned");
+    relay.stop().await;
+
+    // Retention zero: rows go as soon as their PubAck arrives.
+    let second = enqueue(&env.pool, 200, 10).await;
+    let config = relay::RelayConfig {
+        retention: Duration::ZERO,
+        ..test_config("relay-b")
+    };
+    let relay = start_in_process(&env, config).await;
+    wait_until(Duration::from_secs(20), "deleted on PubAck", || async {
+        stream_count(&client).await == (first.len() + second.len()) as u64
+            && env.count("SELECT count(*) FROM outbox_message").await == 0
+    })
+    .await
+    .expect("deleted");
+    relay.stop().await;
+    let mut all = first;
+    all.extend(second);
+    assert_exactly_once_in_key_order(&all, &stream_messages(&client).await);
+}
