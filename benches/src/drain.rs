@@ -153,6 +153,7 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
     if stored != expected {
         bail!("the relay's stream holds {stored} messages, {expected} rows were enqueued");
     }
+    db.pool.close().await;
     let relay_eps = stats::per_second(expected, relay_elapsed);
     eprintln!("relay-drain: relay drained {expected} in {relay_elapsed:.2?} ({relay_eps:.0}/s)");
 

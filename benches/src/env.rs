@@ -180,6 +180,25 @@ impl Database {
             .context("counting unpublished rows")
     }
 
+    /// Unpublished rows by state, for a failure message: `pending=.. claimed=.. retrying=..`
+    /// and the latest recorded publish error, if any.
+    pub async fn backlog_summary(&self) -> anyhow::Result<String> {
+        let (pending, claimed, retrying, error): (i64, i64, i64, Option<String>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'pending'),
+                        count(*) FILTER (WHERE status = 'claimed'),
+                        count(*) FILTER (WHERE attempts > 0),
+                        max(last_error)
+                 FROM outbox_message WHERE status <> 'published'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("summarising the backlog")?;
+        let error = error.map_or_else(String::new, |e| format!(", last error: {e}"));
+        Ok(format!(
+            "pending={pending} claimed={claimed} retrying={retrying}{error}"
+        ))
+    }
+
     /// `VACUUM ANALYZE outbox_message`: the table statistics and visibility map autovacuum
     /// would give a table after a bulk insert, so the relay's first claims are planned as in
     /// steady state. Returns how long it took.
@@ -316,15 +335,27 @@ impl RunningRelay {
         Ok(())
     }
 
-    /// Stops the relay and waits (up to `deadline`) for it to finish.
-    pub async fn stop(self, deadline: Duration) -> anyhow::Result<()> {
+    /// The relay's health right now.
+    pub fn health(&self) -> relay::HealthReport {
+        self.health.report()
+    }
+
+    /// Stops the relay and waits (up to `deadline`) for it to finish; past the deadline the
+    /// task is aborted and this fails.
+    pub async fn stop(mut self, deadline: Duration) -> anyhow::Result<()> {
         self.stop.cancel();
-        tokio::time::timeout(deadline, self.task)
-            .await
-            .with_context(|| format!("the relay did not stop within {deadline:?}"))?
-            .context("the relay task panicked")?
-            .context("the relay failed")?;
-        Ok(())
+        match tokio::time::timeout(deadline, &mut self.task).await {
+            Ok(joined) => {
+                joined
+                    .context("the relay task panicked")?
+                    .context("the relay failed")?;
+                Ok(())
+            }
+            Err(_) => {
+                self.task.abort();
+                bail!("the relay did not stop within {deadline:?}; aborted it")
+            }
+        }
     }
 }
 

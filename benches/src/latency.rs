@@ -40,6 +40,9 @@ pub struct LatencyConfig {
     pub keys: usize,
     /// Connections the producer's transactions share. Defaults to 16.
     pub connections: u32,
+    /// Install the notify trigger and run the relay with `listen_notify`. Defaults to false
+    /// (adaptive polling alone).
+    pub listen_notify: bool,
 }
 
 impl Default for LatencyConfig {
@@ -50,6 +53,7 @@ impl Default for LatencyConfig {
             payload: 1024,
             keys: 1000,
             connections: 16,
+            listen_notify: false,
         }
     }
 }
@@ -71,7 +75,8 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
         .await?;
     servers.report_durability(&db, &js).await?;
 
-    let relay_config = env::relay_config("bench-relay-latency");
+    let mut relay_config = env::relay_config("bench-relay-latency");
+    relay_config.listen_notify = config.listen_notify;
     eprintln!(
         "relay-latency: relay idle polling: poll_min_interval={:?} poll_max_interval={:?} (doubling while empty) listen_notify={}; batch_size={} max_in_flight={}",
         relay_config.poll_min_interval,
@@ -120,6 +125,9 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
         })
     };
 
+    if config.listen_notify {
+        relay::store::enable_notify(&mut *db.pool.acquire().await?).await?;
+    }
     let relay = RunningRelay::start(&servers, &db, relay_config).await?;
     relay.wait_ready(Duration::from_secs(30)).await?;
 
@@ -174,6 +182,7 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
     tasks.close();
     tasks.wait().await;
     let produced_in = start.elapsed();
+    producers.close().await;
     if let Some(first) = failures
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -188,17 +197,19 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
 
     let wait = Duration::from_secs(60);
     let receiver_done = tokio::time::timeout(wait, receiver).await;
-    let (in_stream, unpublished) = (
+    let (in_stream, backlog, health) = (
         env::stream_messages(&js, env::STREAM).await?,
-        db.unpublished().await?,
+        db.backlog_summary().await?,
+        relay.health(),
     );
     relay.stop(Duration::from_secs(60)).await?;
+    db.pool.close().await;
     let committed = std::mem::take(&mut *committed.lock().unwrap_or_else(PoisonError::into_inner));
     let received = std::mem::take(&mut *received.lock().unwrap_or_else(PoisonError::into_inner));
     match receiver_done {
         Ok(joined) => joined.context("the subscriber task panicked")?,
         Err(_) => bail!(
-            "only {} of {total} messages reached the subscriber within {wait:?} after the producer stopped (the stream holds {in_stream}, {unpublished} rows are unpublished)",
+            "only {} of {total} messages reached the subscriber within {wait:?} after the producer stopped (the stream holds {in_stream}; outbox: {backlog}; relay: {health:?})",
             received.len()
         ),
     }
@@ -222,6 +233,7 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
         );
     }
     latencies.sort_unstable();
+    report_over_time(&committed, &received, start, config.seconds);
     let p = |q| stats::percentile(&latencies, q).unwrap_or_default();
     eprintln!(
         "relay-latency: p50={} p90={} p99={} p99.9={} max={} ms ({early} received before COMMIT returned, counted as 0)",
@@ -237,4 +249,44 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
         stats::ms(p(50.0)),
         stats::ms(p(99.0))
     ))
+}
+
+/// Prints p50/p99 per 5-second window of commit time to stderr: shows whether latency grows
+/// as the table does.
+fn report_over_time(
+    committed: &HashMap<Uuid, Instant>,
+    received: &HashMap<Uuid, Instant>,
+    start: Instant,
+    seconds: u64,
+) {
+    const WINDOW: u64 = 5;
+    let windows = usize::try_from(seconds.div_ceil(WINDOW))
+        .unwrap_or(1)
+        .max(1);
+    let mut buckets: Vec<Vec<Duration>> = vec![Vec::new(); windows];
+    for (id, commit) in committed {
+        let Some(receive) = received.get(id) else {
+            continue;
+        };
+        let slot = usize::try_from(commit.saturating_duration_since(start).as_secs() / WINDOW)
+            .unwrap_or(usize::MAX)
+            .min(windows - 1);
+        buckets[slot].push(receive.saturating_duration_since(*commit));
+    }
+    let parts: Vec<String> = buckets
+        .iter_mut()
+        .enumerate()
+        .map(|(i, bucket)| {
+            bucket.sort_unstable();
+            let p = |q| stats::ms(stats::percentile(bucket, q).unwrap_or_default());
+            format!(
+                "{}-{}s p50={} p99={}",
+                i as u64 * WINDOW,
+                (i as u64 + 1) * WINDOW,
+                p(50.0),
+                p(99.0)
+            )
+        })
+        .collect();
+    eprintln!("relay-latency: by commit time: {}", parts.join("; "));
 }

@@ -12,11 +12,13 @@
 //! - [`latency`]: `relay-latency`, commit-to-receive latency at an offered rate.
 //! - [`producer`]: `producer-overhead`, business transactions with and without an enqueue.
 //! - [`backlog`]: `relay-backlog`, drain rate with a large backlog against a small one.
+//! - [`inbox`]: `inbox-consume`, the inbox consumer against raw pull consumption.
 //! - [`stats`]: rates, percentiles and number formatting.
 
 pub mod backlog;
 pub mod drain;
 pub mod env;
+pub mod inbox;
 pub mod latency;
 pub mod producer;
 pub mod stats;

@@ -5,17 +5,20 @@
 //! cargo run --release -p bench -- relay-latency --rate 1000 --seconds 20
 //! cargo run --release -p bench -- producer-overhead --seconds 10 --concurrency 8
 //! cargo run --release -p bench -- relay-backlog --events 1000000
+//! cargo run --release -p bench -- inbox-consume --mode strict|batched --events 100000
 //! ```
 //!
 //! Progress and the durability settings go to stderr. On failure it prints one line,
-//! `bench: <what went wrong>`, and exits with status 1.
+//! `bench: <what went wrong>`, and exits with status 1 (2 for bad flags).
 
 use std::process::ExitCode;
 
 use bench::backlog::BacklogConfig;
 use bench::drain::DrainConfig;
+use bench::inbox::InboxConfig;
 use bench::latency::LatencyConfig;
 use bench::producer::ProducerConfig;
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -42,6 +45,8 @@ enum Scenario {
     ProducerOverhead(ProducerArgs),
     /// Relay drain rate with a large backlog against a small one.
     RelayBacklog(BacklogArgs),
+    /// The inbox consumer against raw pull consumption and single-row commits.
+    InboxConsume(InboxArgs),
 }
 
 #[derive(Args)]
@@ -77,6 +82,25 @@ struct LatencyArgs {
     /// Connections shared by the producer's transactions.
     #[arg(long, default_value_t = LatencyConfig::default().connections)]
     connections: u32,
+    /// Wake the relay with LISTEN/NOTIFY as well as polling.
+    #[arg(long)]
+    listen_notify: bool,
+}
+
+#[derive(Args)]
+struct InboxArgs {
+    /// strict (one transaction per message) or batched (many per transaction).
+    #[arg(long, value_parser = ["strict", "batched"], default_value = "strict")]
+    mode: String,
+    /// Messages consumed.
+    #[arg(long, default_value_t = InboxConfig::default().events)]
+    events: usize,
+    /// Messages per transaction in batched mode.
+    #[arg(long, default_value_t = InboxConfig::default().batch)]
+    batch: usize,
+    /// Consumer lanes.
+    #[arg(long, default_value_t = InboxConfig::default().concurrency)]
+    concurrency: usize,
 }
 
 #[derive(Args)]
@@ -106,12 +130,38 @@ struct BacklogArgs {
     /// Distinct partition keys (round-robin).
     #[arg(long, default_value_t = BacklogConfig::default().keys)]
     keys: usize,
+    /// Longest measurement window per phase, in seconds (the rate is then over the rows
+    /// published so far).
+    #[arg(long, default_value_t = BacklogConfig::default().max_seconds)]
+    max_seconds: u64,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, or no scenario: clap prints the help itself.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            // One line, as for every other failure.
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("bad usage");
+            eprintln!(
+                "bench: {} (see bench --help)",
+                first.trim().trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -157,8 +207,18 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 payload: a.payload,
                 keys: a.keys,
                 connections: a.connections,
+                listen_notify: a.listen_notify,
             };
             bench::latency::run(&config, fast).await
+        }
+        Scenario::InboxConsume(a) => {
+            let config = InboxConfig {
+                batched: a.mode == "batched",
+                batch: a.batch,
+                events: a.events,
+                concurrency: a.concurrency,
+            };
+            bench::inbox::run(&config, fast).await
         }
         Scenario::ProducerOverhead(a) => {
             let config = ProducerConfig {
@@ -174,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 measure: a.measure,
                 payload: a.payload,
                 keys: a.keys,
+                max_seconds: a.max_seconds,
             };
             bench::backlog::run(&config, fast).await
         }

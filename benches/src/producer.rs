@@ -1,9 +1,12 @@
 //! `producer-overhead`: what an outbox enqueue adds to a business transaction.
 //!
-//! `concurrency` workers, each on its own connection, run back-to-back transactions for a
-//! fixed time: `BEGIN; INSERT INTO orders ...; COMMIT` (plain), then the same with one
-//! `Outbox::enqueue` of a typed event before `COMMIT` (outbox). Each mode is warmed up for a
-//! second (not counted) before its measured run. No relay runs: this is the producer's cost.
+//! `concurrency` workers, each on its own connection, run back-to-back transactions:
+//! `BEGIN; INSERT INTO orders ...; COMMIT` (plain), or the same with one `Outbox::enqueue` of
+//! a typed event before `COMMIT` (outbox). After a one-second warm-up of each mode, each mode
+//! runs for `seconds` in one-second slices interleaved plain, outbox, outbox, plain, ... so
+//! that both see the same disk and checkpoint conditions (the WAL flush latency of a virtual
+//! disk drifts by several times over tens of seconds). No relay runs: this is the producer's
+//! cost.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +48,7 @@ const CREATE_ORDERS: &str = "CREATE TABLE orders (
     created_at  timestamptz NOT NULL DEFAULT now())";
 
 const WARM_UP: Duration = Duration::from_secs(1);
+const SLICE: Duration = Duration::from_secs(1);
 
 /// The event the outbox mode enqueues (`order.placed.v1`).
 #[derive(Debug, Serialize, Deserialize)]
@@ -84,24 +88,46 @@ pub async fn run(config: &ProducerConfig, fast_unsafe_db: bool) -> anyhow::Resul
     let connections = u32::try_from(config.concurrency).context("--concurrency is too large")?;
     let pool = db.pool(connections).await?;
     let outbox = Outbox::new("order-service").context("outbox")?;
-    let duration = Duration::from_secs(config.seconds);
     eprintln!(
-        "producer-overhead: {} workers, {} s per mode after a {WARM_UP:?} warm-up, no relay running",
+        "producer-overhead: {} workers, {} s per mode in interleaved {SLICE:?} slices after a {WARM_UP:?} warm-up, no relay running",
         config.concurrency, config.seconds
     );
 
-    let mut tps = [0.0; 2];
-    for (slot, with_outbox) in [(0, false), (1, true)] {
-        let mode = if with_outbox { "outbox" } else { "plain" };
+    // Interleaved one-second slices (plain, outbox, outbox, plain, ...): both modes see the
+    // same disk, checkpoint and table-size conditions; WAL flush latency drifts a lot here.
+    let mut done = [0u64; 2];
+    let mut elapsed = [Duration::ZERO; 2];
+    let mut slice_tps: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for with_outbox in [false, true] {
         drive(&pool, &outbox, config.concurrency, with_outbox, WARM_UP).await?;
-        let (done, elapsed) =
-            drive(&pool, &outbox, config.concurrency, with_outbox, duration).await?;
-        tps[slot] = stats::per_second(done, elapsed);
+    }
+    for round in 0..config.seconds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for with_outbox in order {
+            let slot = usize::from(with_outbox);
+            let (n, took) = drive(&pool, &outbox, config.concurrency, with_outbox, SLICE).await?;
+            done[slot] += n;
+            elapsed[slot] += took;
+            slice_tps[slot].push(stats::per_second(n, took));
+        }
+    }
+    let mut tps = [0.0; 2];
+    for (slot, mode) in ["plain", "outbox"].into_iter().enumerate() {
+        tps[slot] = stats::per_second(done[slot], elapsed[slot]);
+        let (lo, hi) = slice_tps[slot]
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
         eprintln!(
-            "producer-overhead: {mode}: {done} transactions in {elapsed:.2?} ({:.0}/s)",
-            tps[slot]
+            "producer-overhead: {mode}: {} transactions in {:.2?} ({:.0}/s; one-second slices {lo:.0} to {hi:.0}/s)",
+            done[slot], elapsed[slot], tps[slot]
         );
     }
+    pool.close().await;
+    db.pool.close().await;
     let [plain, with_outbox] = tps;
     Ok(format!(
         "producer-overhead plain_tps={plain:.0} outbox_tps={with_outbox:.0} ratio={:.2}",

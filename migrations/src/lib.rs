@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "inbox_outcome",
         sql: include_str!("../sql/0005_inbox_outcome.sql"),
     },
+    Migration {
+        version: 6,
+        name: "claim_indexes",
+        sql: include_str!("../sql/0006_claim_indexes.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -223,9 +223,13 @@ impl ClaimedRow {
 /// Claims up to `limit` pending, available rows of the partitions `owner` holds a live lease
 /// on, in `seq` order, for `claim_ttl_ms`; returns them in `seq` order.
 ///
-/// Per-key order: a row is skipped while an earlier row of its key is claimed (in flight) or
-/// waiting out a backoff, so a key's rows are never published out of order across batches or
-/// relay instances. Rows locked by another transaction are skipped (`SKIP LOCKED`).
+/// Per-key order: a row is skipped while an earlier row of its key is claimed by another
+/// instance or waits out a retry backoff. Earlier rows claimed by `owner` itself do not
+/// block: the caller must publish a key's rows in `seq` order, one at a time, and must not
+/// publish a claimed row of a key whose earlier row it is returning to `pending` until that
+/// release is written (the relay's dispatcher does both). Rows locked by another
+/// transaction are skipped (`SKIP LOCKED`). Each candidate costs two probes of small
+/// partial indexes and one lease lookup, so a claim reads the head of the backlog only.
 pub async fn claim_batch(
     conn: &mut PgConnection,
     owner: &str,
@@ -233,21 +237,21 @@ pub async fn claim_batch(
     claim_ttl_ms: i64,
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     let mut rows: Vec<ClaimedRow> = sqlx::query_as(
-        "WITH owned AS (
-             SELECT partition_id FROM relay_partition_lease
-             WHERE owner = $1 AND lease_until > now()
-         ), candidate AS (
+        "WITH candidate AS (
              SELECT m.id FROM outbox_message m
              WHERE m.status = 'pending'
                AND m.available_at <= now()
-               AND m.partition_id IN (SELECT partition_id FROM owned)
+               AND EXISTS (
+                   SELECT 1 FROM relay_partition_lease l
+                   WHERE l.partition_id = m.partition_id AND l.owner = $1 AND l.lease_until > now())
                AND NOT EXISTS (
-                   SELECT 1 FROM outbox_message e
-                   WHERE e.partition_key = m.partition_key
-                     AND e.seq < m.seq
-                     AND e.status <> 'published'
-                     AND (e.status = 'claimed' OR e.available_at > now())
-               )
+                   SELECT 1 FROM outbox_message c
+                   WHERE c.partition_key = m.partition_key AND c.seq < m.seq
+                     AND c.status = 'claimed' AND c.claimed_by <> $1)
+               AND NOT EXISTS (
+                   SELECT 1 FROM outbox_message r
+                   WHERE r.partition_key = m.partition_key AND r.seq < m.seq
+                     AND r.status = 'pending' AND r.attempts > 0 AND r.available_at > now())
              ORDER BY m.seq
              LIMIT $2
              FOR UPDATE OF m SKIP LOCKED

@@ -6,9 +6,11 @@
 //! one marked while messages are on the wire.
 //!
 //! Per-key order: rows are queued per partition key in `seq` order and only the head of a
-//! key's queue is ever in flight. A failed head releases the rest of its queue, and the
-//! claim statement skips rows whose earlier same-key row is claimed or backing off, so no
-//! later message of a key can overtake an earlier one.
+//! key's queue is ever in flight; rows of a key claimed later are appended behind it. A
+//! failed head returns the rest of its queue to `pending`, and the key is *held back* until
+//! that release is written: rows of it that a claim returns meanwhile go straight back too.
+//! Once written, the claim statement skips rows behind a head that waits out its backoff
+//! (or is claimed by another instance), so no later message of a key overtakes an earlier one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -85,6 +87,10 @@ pub(crate) struct Dispatcher<P> {
     /// Keys whose head is in flight.
     sending: HashSet<Arc<str>>,
     outcome: Outcome,
+    /// Keys with a release not yet written, and the number of the flush that writes it.
+    held_back: HashMap<Arc<str>, u64>,
+    /// Flushes spawned so far (the next one gets this number plus one).
+    flushes: u64,
     stopping: bool,
     next_claim_at: Instant,
     idle_delay: Duration,
@@ -112,6 +118,8 @@ impl<P: Publisher> Dispatcher<P> {
             in_flight: FuturesUnordered::new(),
             sending: HashSet::new(),
             outcome: Outcome::default(),
+            held_back: HashMap::new(),
+            flushes: 0,
             stopping: false,
             next_claim_at: Instant::now(),
             idle_delay,
@@ -128,15 +136,14 @@ impl<P: Publisher> Dispatcher<P> {
         let mut flush_retry_at = Instant::now();
         loop {
             let now = Instant::now();
-            if !self.stopping
-                && claim.is_none()
-                && now >= self.next_claim_at
-                && self.held + self.config.batch_size.min(self.config.max_in_flight)
-                    <= self.config.max_held()
-            {
+            let room = self.held + self.config.batch_size.min(self.config.max_in_flight)
+                <= self.config.max_held();
+            let can_claim = !self.stopping && claim.is_none() && room;
+            if can_claim && now >= self.next_claim_at {
                 claim = Some(self.spawn_claim());
             }
-            if flush.is_none() && !self.outcome.is_empty() && now >= flush_retry_at {
+            let can_flush = flush.is_none() && !self.outcome.is_empty();
+            if can_flush && now >= flush_retry_at {
                 flush = Some(self.spawn_flush());
             }
             if self.stopping
@@ -148,14 +155,16 @@ impl<P: Publisher> Dispatcher<P> {
                 if self.outcome.is_empty() {
                     break;
                 }
-                // The database is failing while we stop: retry until the claim would expire.
-                flush_retry_at = now;
+                // The database is failing while we stop: keep retrying the flush.
+                flush_retry_at = flush_retry_at.min(now + self.config.poll_max_interval);
             }
             self.health.set_in_flight(self.in_flight.len());
             metrics::gauge!(m::IN_FLIGHT).set(self.in_flight.len() as f64);
 
-            let claim_wait =
-                !self.stopping && claim.is_none() && self.held < self.config.max_held();
+            // Timers are armed from the same `now` as the decisions above, so a deadline that
+            // passes in between still wakes the loop (sleep_until a past instant returns at once).
+            let claim_timer = can_claim && claim.is_none();
+            let flush_timer = can_flush && flush.is_none();
             tokio::select! {
                 _ = stop.cancelled(), if !self.stopping => {
                     tracing::info!(in_flight = self.in_flight.len(), held = self.held, "stopping: finishing in-flight messages and releasing the rest");
@@ -169,13 +178,13 @@ impl<P: Publisher> Dispatcher<P> {
                 }
                 joined = async { flush.as_mut().expect("guarded").await }, if flush.is_some() => {
                     flush = None;
-                    if let Some(delay) = self.on_flush(joined) {
+                    if let Some(delay) = self.on_flush(joined, self.flushes) {
                         flush_retry_at = Instant::now() + delay;
                     }
                 }
-                _ = tokio::time::sleep_until(self.next_claim_at), if claim_wait && Instant::now() < self.next_claim_at => {}
-                _ = tokio::time::sleep_until(flush_retry_at), if flush.is_none() && !self.outcome.is_empty() && Instant::now() < flush_retry_at => {}
-                _ = self.wake.notified(), if claim_wait => {
+                _ = tokio::time::sleep_until(self.next_claim_at), if claim_timer => {}
+                _ = tokio::time::sleep_until(flush_retry_at), if flush_timer => {}
+                _ = self.wake.notified(), if can_claim => {
                     self.next_claim_at = Instant::now();
                     self.idle_delay = self.config.poll_min_interval;
                 }
@@ -197,6 +206,7 @@ impl<P: Publisher> Dispatcher<P> {
     }
 
     fn spawn_flush(&mut self) -> JoinHandle<Result<(), (Outcome, sqlx::Error)>> {
+        self.flushes += 1;
         let outcome = std::mem::take(&mut self.outcome);
         let pool = self.pool.clone();
         let owner = self.config.instance_id.clone();
@@ -245,6 +255,18 @@ impl<P: Publisher> Dispatcher<P> {
         let mut fresh_keys = Vec::new();
         for claimed in rows {
             let key: Arc<str> = Arc::from(claimed.partition_key.as_str());
+            if self.held_back.contains_key(&key) {
+                // An earlier row of this key is on its way back to pending: this one must
+                // not overtake it.
+                self.outcome.released.push(Release {
+                    id: claimed.id,
+                    failed: false,
+                    delay_ms: 0,
+                    error: None,
+                });
+                self.held_back.insert(key, self.flushes + 1);
+                continue;
+            }
             let envelope = claimed.to_envelope();
             let queue = self.queues.entry(key.clone()).or_default();
             if queue.is_empty() {
@@ -450,10 +472,14 @@ impl<P: Publisher> Dispatcher<P> {
     fn on_flush(
         &mut self,
         joined: Result<Result<(), (Outcome, sqlx::Error)>, tokio::task::JoinError>,
+        flush_number: u64,
     ) -> Option<Duration> {
         match joined {
             Ok(Ok(())) => {
                 self.health.set_database(true);
+                // Releases written by this flush (or earlier ones) no longer hold keys back.
+                self.held_back
+                    .retain(|_, written_by| *written_by > flush_number);
                 None
             }
             Ok(Err((unwritten, e))) => {

@@ -48,6 +48,30 @@ async fn a_relay_killed_between_publish_and_mark_loses_and_duplicates_nothing() 
     .await
     .expect("published while unmarkable");
     first.sigkill();
+    // A killed client's statement that waits on a lock still runs to completion on the
+    // server; end the dead relay's sessions first, as the server would on noticing the
+    // broken connection.
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'relay'",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("terminate the dead relay's sessions");
+    let pool = env.pool.clone();
+    wait_until(
+        Duration::from_secs(10),
+        "the dead relay's sessions are gone",
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay'",
+            )
+            .fetch_one(&pool)
+            .await
+            .is_ok_and(|n| n == 0)
+        },
+    )
+    .await
+    .expect("sessions gone");
     lock.rollback().await.expect("release the locks");
     let unmarked: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM outbox_message WHERE id = ANY($1) AND status <> 'published'",
