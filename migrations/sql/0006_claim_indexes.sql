@@ -1,18 +1,15 @@
 -- Cheaper claims and cheaper inserts.
 --
--- A claim skips a row while an earlier row of its key is claimed by ANOTHER relay instance
--- or waits out a retry backoff; both sets are small, so each gets a small partial index and
--- the claim probes them instead of walking every unpublished row of the key (which made
--- claims cost O(backlog) per key). Rows claimed by the claiming instance itself are ordered
--- in its memory (one in-flight message per key).
+-- A claim skips the keys that have a row claimed by ANOTHER relay instance or waiting out a
+-- retry backoff. Both sets are small: the claim computes them once per statement (the first
+-- from outbox_message_claim_expiry_idx, the second from the index below) instead of probing
+-- every unpublished row of every candidate's key, which made a claim cost O(backlog).
+-- Rows claimed by the claiming instance itself are ordered in its memory (one in-flight
+-- message per key).
 DROP INDEX outbox_message_unpublished_key_idx;
 
-CREATE INDEX outbox_message_claimed_key_idx
-    ON outbox_message (partition_key, seq)
-    WHERE status = 'claimed';
-
 CREATE INDEX outbox_message_retrying_key_idx
-    ON outbox_message (partition_key, seq)
+    ON outbox_message (partition_key)
     WHERE status = 'pending' AND attempts > 0;
 
 -- seq is an identity column (GENERATED ALWAYS): its values are unique without a second

@@ -223,13 +223,17 @@ impl ClaimedRow {
 /// Claims up to `limit` pending, available rows of the partitions `owner` holds a live lease
 /// on, in `seq` order, for `claim_ttl_ms`; returns them in `seq` order.
 ///
-/// Per-key order: a row is skipped while an earlier row of its key is claimed by another
-/// instance or waits out a retry backoff. Earlier rows claimed by `owner` itself do not
-/// block: the caller must publish a key's rows in `seq` order, one at a time, and must not
-/// publish a claimed row of a key whose earlier row it is returning to `pending` until that
-/// release is written (the relay's dispatcher does both). Rows locked by another
-/// transaction are skipped (`SKIP LOCKED`). Each candidate costs two probes of small
-/// partial indexes and one lease lookup, so a claim reads the head of the backlog only.
+/// Per-key order: a key is skipped while any of its rows is claimed by another instance or
+/// waits out a retry backoff. Rows claimed by `owner` itself do not block: the caller must
+/// publish a key's rows in `seq` order, one at a time, and must not publish a claimed row of
+/// a key whose earlier row it is returning to `pending` until that release is written (the
+/// relay's dispatcher does both). Rows locked by another transaction are skipped
+/// (`SKIP LOCKED`).
+///
+/// Cost: the owned partitions and the two sets of blocked keys are computed once per
+/// statement (small partial indexes); the scan then walks `outbox_message_claim_idx` in
+/// `seq` order and stops after `limit` rows, so a claim reads the head of the backlog only,
+/// whatever its size.
 pub async fn claim_batch(
     conn: &mut PgConnection,
     owner: &str,
@@ -241,17 +245,15 @@ pub async fn claim_batch(
              SELECT m.id FROM outbox_message m
              WHERE m.status = 'pending'
                AND m.available_at <= now()
-               AND EXISTS (
-                   SELECT 1 FROM relay_partition_lease l
-                   WHERE l.partition_id = m.partition_id AND l.owner = $1 AND l.lease_until > now())
-               AND NOT EXISTS (
-                   SELECT 1 FROM outbox_message c
-                   WHERE c.partition_key = m.partition_key AND c.seq < m.seq
-                     AND c.status = 'claimed' AND c.claimed_by <> $1)
-               AND NOT EXISTS (
-                   SELECT 1 FROM outbox_message r
-                   WHERE r.partition_key = m.partition_key AND r.seq < m.seq
-                     AND r.status = 'pending' AND r.attempts > 0 AND r.available_at > now())
+               AND m.partition_id = ANY (ARRAY(
+                   SELECT partition_id FROM relay_partition_lease
+                   WHERE owner = $1 AND lease_until > now()))
+               AND NOT (m.partition_key = ANY (ARRAY(
+                   SELECT partition_key FROM outbox_message
+                   WHERE status = 'claimed' AND claimed_by <> $1)))
+               AND NOT (m.partition_key = ANY (ARRAY(
+                   SELECT partition_key FROM outbox_message
+                   WHERE status = 'pending' AND attempts > 0 AND available_at > now())))
              ORDER BY m.seq
              LIMIT $2
              FOR UPDATE OF m SKIP LOCKED

@@ -39,10 +39,10 @@ async fn drains_a_backlog_exactly_once_in_key_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_a_broker_sigkill_and_restart_mid_drain() {
     let mut env = env().await;
-    let expected = enqueue(&env.pool, 6000, 50).await;
+    let expected = enqueue(&env.pool, 20_000, 50).await;
     let relay = start_in_process(&env, test_config("relay-a")).await;
-    wait_until(Duration::from_secs(30), "a third published", || async {
-        env.published().await >= 2000
+    wait_until(Duration::from_secs(30), "some published", || async {
+        env.published().await >= 1000
     })
     .await
     .expect("progress before the kill");
@@ -78,7 +78,7 @@ async fn survives_a_broker_sigkill_and_restart_mid_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_a_broker_pause_longer_than_the_publish_timeout() {
     let env = env().await;
-    let expected = enqueue(&env.pool, 4000, 30).await;
+    let expected = enqueue(&env.pool, 20_000, 30).await;
     let config = test_config("relay-a");
     let publish_timeout = config.publish_timeout;
     let relay = start_in_process(&env, config).await;

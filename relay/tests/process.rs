@@ -11,7 +11,7 @@ use testkit::wait_until;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_between_publish_and_mark_loses_and_duplicates_nothing() {
     let env = env().await;
-    let expected = enqueue(&env.pool, 5000, 40).await;
+    let expected = enqueue(&env.pool, 20_000, 40).await;
     let client = env.nats_client().await;
     let mut first = spawn_relay(&env, "relay-1", &[]);
 
@@ -120,7 +120,7 @@ async fn two_relays_share_partitions_and_the_survivor_takes_over_a_killed_one() 
         .await;
     assert_eq!(overlap, 0, "no partition has two owners");
 
-    let mut expected = enqueue(&env.pool, 4000, 64).await;
+    let mut expected = enqueue(&env.pool, 20_000, 64).await;
     wait_until(Duration::from_secs(30), "both draining", || async {
         env.published().await >= 1000
     })
@@ -148,7 +148,7 @@ async fn two_relays_share_partitions_and_the_survivor_takes_over_a_killed_one() 
 async fn sigterm_finishes_or_releases_the_claimed_batch() {
     let env = env().await;
     let client = env.nats_client().await;
-    let expected = enqueue(&env.pool, 5000, 40).await;
+    let expected = enqueue(&env.pool, 20_000, 40).await;
     let mut first = spawn_relay(&env, "relay-1", &[]);
     wait_until(Duration::from_secs(30), "draining", || async {
         env.published().await >= 500
