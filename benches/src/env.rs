@@ -359,10 +359,20 @@ impl RunningRelay {
     }
 }
 
-/// A relay configuration: the defaults with a readable instance id.
+/// A relay configuration: the defaults with a readable instance id. `BENCH_BATCH_SIZE` and
+/// `BENCH_MAX_IN_FLIGHT` override the batch size and the PubAck window for tuning runs.
 pub fn relay_config(instance_id: &str) -> RelayConfig {
+    let defaults = RelayConfig::default();
+    let from_env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
     RelayConfig {
         instance_id: instance_id.to_owned(),
-        ..RelayConfig::default()
+        batch_size: from_env("BENCH_BATCH_SIZE", defaults.batch_size),
+        max_in_flight: from_env("BENCH_MAX_IN_FLIGHT", defaults.max_in_flight),
+        ..defaults
     }
 }

@@ -19,11 +19,8 @@ use inbox::{Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Mode, typ
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 
-use crate::env::{Poll, Servers, poll};
+use crate::env::{Poll, STREAM, STREAM_SUBJECTS, Servers, poll};
 use crate::stats;
-
-/// The stream the scenario consumes.
-pub const STREAM: &str = "BENCH_INBOX";
 
 /// What `inbox-consume` measures.
 #[derive(Debug, Clone)]
@@ -99,7 +96,7 @@ pub async fn run(config: &InboxConfig, fast_unsafe_db: bool) -> anyhow::Result<S
         .await?;
     let client = servers.nats_client("bench-inbox").await?;
     let js = jetstream::new(client);
-    servers.ensure_stream(&js, STREAM, "inbox.>").await?;
+    servers.ensure_stream(&js, STREAM, STREAM_SUBJECTS).await?;
     servers.report_durability(&db, &js).await?;
 
     eprintln!("publishing {} messages (not timed)", config.events);
@@ -174,7 +171,7 @@ async fn publish_all(js: &jetstream::Context, events: usize) -> anyhow::Result<(
     let mut pending = std::collections::VecDeque::new();
     for n in 0..events as u64 {
         let mut env = Envelope::from_event(source.clone(), &Tick { n })?;
-        env.subject = envelope::Subject::new("inbox.tick.v1")?;
+        env.subject = envelope::Subject::new("bench.tick.v1")?;
         let headers = envelope::nats::to_headers(&env)?;
         pending.push_back(
             js.publish_with_headers(env.subject.to_string(), headers, env.payload.clone())

@@ -50,6 +50,18 @@ enum Reply {
     Term,
 }
 
+/// The outcome of handling one message inside a transaction.
+enum Handled {
+    /// Commit, then send this.
+    Reply(Reply),
+    /// The handler failed without a savepoint: roll back, then resolve in a new transaction.
+    Failed {
+        error: HandlerError,
+        attempt: u32,
+        id: String,
+    },
+}
+
 /// Why a message goes to `dead_letter`.
 struct Park {
     reason: String,
@@ -238,13 +250,17 @@ impl Consumer {
         }
     }
 
-    /// Handles one message inside `conn` (a transaction or savepoint owned by the caller).
-    /// Returns the reply to send after commit. Parking writes the dead letter through `conn`.
+    /// Handles one message inside `conn` (the caller's transaction). With `savepoint` the
+    /// handler runs in a savepoint and a failure is resolved here (retry, or park through
+    /// `conn`); without it (strict mode, one message per transaction) a failure is returned
+    /// as [`Handled::Failed`] for the caller to roll back and resolve in a new transaction,
+    /// which saves two round trips per message on the common path.
     async fn handle_in(
         &self,
         conn: &mut PgConnection,
         message: &jetstream::Message,
-    ) -> Result<Reply, sqlx::Error> {
+        savepoint: bool,
+    ) -> Result<Handled, sqlx::Error> {
         let (attempt, stream_seq) = match message.info() {
             Ok(info) => (
                 u32::try_from(info.delivered).unwrap_or(u32::MAX),
@@ -267,53 +283,92 @@ impl Consumer {
                 };
                 self.park(conn, message, None, attempt, stream_seq, park)
                     .await?;
-                return Ok(Reply::Term);
+                return Ok(Handled::Reply(Reply::Term));
             }
         };
         let id = envelope.id.to_string();
-        let mut sp = conn.begin().await?;
         let seq = stream_seq.and_then(|s| i64::try_from(s).ok());
-        if !store::insert_if_new(&mut sp, &self.config.name, &id, subject, seq, "processed").await?
-        {
-            sp.commit().await?;
-            metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
-            return Ok(Reply::Ack);
-        }
         let delivery = Delivery {
             envelope,
             consumer: Arc::from(self.config.name.as_str()),
             attempt,
             stream_seq,
         };
-        let span = handler_span(&self.config.name, &delivery);
-        let started = Instant::now();
-        let result =
-            tracing::Instrument::instrument(self.handler.handle(&mut sp, &delivery), span).await;
-        metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone())
-            .record(started.elapsed().as_secs_f64());
-        match result {
+        if !savepoint {
+            if !store::insert_if_new(conn, &self.config.name, &id, subject, seq, "processed")
+                .await?
+            {
+                metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone())
+                    .increment(1);
+                return Ok(Handled::Reply(Reply::Ack));
+            }
+            return Ok(match self.run_handler(conn, &delivery).await {
+                Ok(()) => Handled::Reply(Reply::Ack),
+                Err(error) => Handled::Failed { error, attempt, id },
+            });
+        }
+        let mut sp = conn.begin().await?;
+        if !store::insert_if_new(&mut sp, &self.config.name, &id, subject, seq, "processed").await?
+        {
+            sp.commit().await?;
+            metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
+            return Ok(Handled::Reply(Reply::Ack));
+        }
+        match self.run_handler(&mut sp, &delivery).await {
             Ok(()) => {
                 sp.commit().await?;
-                metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone())
-                    .increment(1);
-                Ok(Reply::Ack)
+                Ok(Handled::Reply(Reply::Ack))
             }
             Err(error) => {
                 sp.rollback().await?;
-                match self.disposition(&error, attempt) {
-                    Ok(reply) => {
-                        tracing::debug!(consumer = %self.config.name, %id, attempt, error = %error, "handler asked for a retry");
-                        metrics::counter!(m::RETRIED, "consumer" => self.config.name.clone())
-                            .increment(1);
-                        Ok(reply)
-                    }
-                    Err(park) => {
-                        tracing::warn!(consumer = %self.config.name, %id, attempt, error = %error, reason = %park.reason, "dead-lettering message");
-                        self.park(conn, message, Some(&id), attempt, stream_seq, park)
-                            .await?;
-                        Ok(Reply::Term)
-                    }
-                }
+                let reply = self
+                    .resolve_failure(conn, message, error, attempt, &id)
+                    .await?;
+                Ok(Handled::Reply(reply))
+            }
+        }
+    }
+
+    /// Runs the handler in its span, recording its latency and success.
+    async fn run_handler(
+        &self,
+        conn: &mut PgConnection,
+        delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
+        let span = handler_span(&self.config.name, delivery);
+        let started = Instant::now();
+        let result =
+            tracing::Instrument::instrument(self.handler.handle(conn, delivery), span).await;
+        metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        if result.is_ok() {
+            metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone()).increment(1);
+        }
+        result
+    }
+
+    /// After a handler failure whose effects were rolled back: NAK for a retry, or park the
+    /// message through `conn` and terminate it.
+    async fn resolve_failure(
+        &self,
+        conn: &mut PgConnection,
+        message: &jetstream::Message,
+        error: HandlerError,
+        attempt: u32,
+        id: &str,
+    ) -> Result<Reply, sqlx::Error> {
+        match self.disposition(&error, attempt) {
+            Ok(reply) => {
+                tracing::debug!(consumer = %self.config.name, %id, attempt, error = %error, "handler asked for a retry");
+                metrics::counter!(m::RETRIED, "consumer" => self.config.name.clone()).increment(1);
+                Ok(reply)
+            }
+            Err(park) => {
+                tracing::warn!(consumer = %self.config.name, %id, attempt, error = %error, reason = %park.reason, "dead-lettering message");
+                let stream_seq = message.info().ok().map(|i| i.stream_sequence);
+                self.park(conn, message, Some(id), attempt, stream_seq, park)
+                    .await?;
+                Ok(Reply::Term)
             }
         }
     }
@@ -470,13 +525,33 @@ async fn lane(
 /// Handles messages in one transaction (a savepoint each), commits, then replies.
 /// If the database fails, nothing is acked: the messages are NAKed with a backoff.
 async fn handle_batch(consumer: &Consumer, batch: Vec<jetstream::Message>) {
+    let strict = consumer.config.mode == Mode::Strict;
     let outcome = async {
         let mut tx = consumer.pool.begin().await?;
         let mut replies = Vec::with_capacity(batch.len());
+        let mut failed = None;
         for message in &batch {
-            replies.push(consumer.handle_in(&mut tx, message).await?);
+            match consumer.handle_in(&mut tx, message, !strict).await? {
+                Handled::Reply(reply) => replies.push(reply),
+                Handled::Failed { error, attempt, id } => {
+                    failed = Some((message, error, attempt, id))
+                }
+            }
         }
-        tx.commit().await?;
+        match failed {
+            None => tx.commit().await?,
+            Some((message, error, attempt, id)) => {
+                // Strict mode: undo the handler's writes and the inbox row, then retry or park.
+                tx.rollback().await?;
+                let mut tx = consumer.pool.begin().await?;
+                replies.push(
+                    consumer
+                        .resolve_failure(&mut tx, message, error, attempt, &id)
+                        .await?,
+                );
+                tx.commit().await?;
+            }
+        }
         Ok::<_, sqlx::Error>(replies)
     }
     .await;

@@ -51,6 +51,10 @@ pub struct RelayConfig {
     pub cleaner_interval: Duration,
     /// How often the rescuer returns expired claims. Defaults to 1 s.
     pub rescuer_interval: Duration,
+    /// How often the relay vacuums `outbox_message` (needs the table's owner or a superuser;
+    /// a failure is logged once and autovacuum is left to do it). Claims slow down as dead
+    /// row versions pile up at the head of the claim index. Zero disables. Defaults to 10 s.
+    pub vacuum_interval: Duration,
     /// How often backlog gauges are refreshed. Defaults to 5 s.
     pub stats_interval: Duration,
 }
@@ -74,6 +78,7 @@ impl Default for RelayConfig {
             retention: Duration::from_secs(3600),
             cleaner_interval: Duration::from_secs(30),
             rescuer_interval: Duration::from_secs(1),
+            vacuum_interval: Duration::from_secs(10),
             stats_interval: Duration::from_secs(5),
         }
     }

@@ -23,7 +23,7 @@
 //!   creation/verification.
 //! - `dispatcher` (private): claim, publish, mark, overlapped; per-key ordering.
 //! - `partitions` (private): partition leases shared among instances.
-//! - `maintenance` (private): rescuer, cleaner, backlog stats.
+//! - `maintenance` (private): rescuer, cleaner, vacuum, backlog stats.
 //! - [`store`]: SQL on the relay's own tables (instances, partition leases).
 //! - [`reconcile`]: republish rows the stream no longer holds.
 //! - [`health`]: readiness state; [`http`]: `/health`, `/health/ready`, `/metrics`.
@@ -121,6 +121,11 @@ impl<P: Publisher> Relay<P> {
             stop_background.clone(),
         ));
         tasks.spawn(maintenance::rescuer(
+            config.clone(),
+            pool.clone(),
+            stop_background.clone(),
+        ));
+        tasks.spawn(maintenance::vacuum(
             config.clone(),
             pool.clone(),
             stop_background.clone(),

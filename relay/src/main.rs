@@ -194,6 +194,9 @@ struct RunArgs {
     /// How long published rows are kept (0 deletes on PubAck).
     #[arg(long, env = "RELAY_RETENTION", value_parser = parse_duration, default_value = "1h")]
     retention: Duration,
+    /// How often to vacuum outbox_message (0 disables).
+    #[arg(long, env = "RELAY_VACUUM_INTERVAL", value_parser = parse_duration, default_value = "10s")]
+    vacuum_interval: Duration,
     /// Apply migrations before starting.
     #[arg(long, env = "RELAY_MIGRATE")]
     migrate: bool,
@@ -457,6 +460,7 @@ async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
         lease_ttl: args.lease_ttl,
         heartbeat_interval: args.heartbeat_interval,
         retention: args.retention,
+        vacuum_interval: args.vacuum_interval,
         ..RelayConfig::default()
     };
     config.validate()?;

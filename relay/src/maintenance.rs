@@ -60,6 +60,30 @@ pub(crate) async fn cleaner(config: RelayConfig, pool: PgPool, stop: Cancellatio
     .await;
 }
 
+/// Every `vacuum_interval` (unless zero): vacuums the outbox table. Stops trying after the
+/// first permission error, which it logs.
+pub(crate) async fn vacuum(config: RelayConfig, pool: PgPool, stop: CancellationToken) {
+    if config.vacuum_interval.is_zero() {
+        return;
+    }
+    let denied = std::sync::atomic::AtomicBool::new(false);
+    every(config.vacuum_interval, &stop, || async {
+        if denied.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut conn = pool.acquire().await?;
+        match outbox::store::vacuum(&mut conn).await {
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+                denied.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, "cannot vacuum outbox_message (not its owner); leaving it to autovacuum");
+                Ok(())
+            }
+            other => other,
+        }
+    })
+    .await;
+}
+
 /// Every `stats_interval`: backlog and oldest-pending gauges.
 pub(crate) async fn stats(
     config: RelayConfig,
