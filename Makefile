@@ -24,6 +24,8 @@ bench: tools ## Run the four end-to-end scenarios at their default sizes, then t
 	$(CARGO) run --release --locked -p bench -- relay-latency
 	$(CARGO) run --release --locked -p bench -- producer-overhead
 	$(CARGO) run --release --locked -p bench -- relay-backlog
+	$(CARGO) run --release --locked -p bench -- inbox-consume --mode strict --events 20000
+	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched
 	$(CARGO) bench --locked -p bench
 
 fmt: ## Format the code
