@@ -19,7 +19,7 @@ lint: ## cargo fmt --check and cargo clippy --all-targets -- -D warnings
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-bench: tools ## Run the four end-to-end scenarios at their default sizes, then the criterion micro-benchmarks (see BENCHMARKS.md)
+bench: tools ## Run the end-to-end scenarios (relay, producer, inbox), then the criterion micro-benchmarks (see BENCHMARKS.md)
 	$(CARGO) run --release --locked -p bench -- relay-drain
 	$(CARGO) run --release --locked -p bench -- relay-latency
 	$(CARGO) run --release --locked -p bench -- producer-overhead
