@@ -104,6 +104,16 @@ struct RateLimitHandler {
     next: Arc<Mutex<Instant>>,
 }
 
+impl RateLimitHandler {
+    /// Takes the next start slot: now, or one interval after the previous slot.
+    async fn next_slot(&self) -> Instant {
+        let mut next = self.next.lock().await;
+        let slot = (*next).max(Instant::now());
+        *next = slot + self.interval;
+        slot
+    }
+}
+
 impl RawHandler for RateLimitHandler {
     fn handle<'a>(
         &'a self,
@@ -111,14 +121,50 @@ impl RawHandler for RateLimitHandler {
         delivery: &'a Delivery,
     ) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let start_at = {
-                let mut next = self.next.lock().await;
-                let slot = (*next).max(Instant::now());
-                *next = slot + self.interval;
-                slot
-            };
-            tokio::time::sleep_until(start_at).await;
+            tokio::time::sleep_until(self.next_slot().await).await;
             self.inner.handle(conn, delivery).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handler::HandlerError;
+
+    struct Noop;
+
+    impl RawHandler for Noop {
+        fn handle<'a>(
+            &'a self,
+            _conn: &'a mut PgConnection,
+            _delivery: &'a Delivery,
+        ) -> HandlerFuture<'a> {
+            Box::pin(async { Ok::<(), HandlerError>(()) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_spaces_deliveries_evenly() {
+        // The pacing alone (the handler call itself needs a database): back-to-back
+        // deliveries get slots 100 ms apart; after an idle second the next starts at once.
+        let limited = RateLimitHandler {
+            inner: Arc::new(Noop),
+            interval: Duration::from_secs(1) / 10,
+            next: Arc::new(Mutex::new(Instant::now())),
+        };
+        let start = Instant::now();
+        let mut slots = Vec::new();
+        for _ in 0..5 {
+            slots.push(limited.next_slot().await - start);
+        }
+        let expected: Vec<Duration> = (0..5).map(|i| Duration::from_millis(100 * i)).collect();
+        assert_eq!(slots, expected);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            limited.next_slot().await,
+            Instant::now(),
+            "no backlog of slots after idling"
+        );
     }
 }

@@ -699,3 +699,53 @@ async fn shutdown_lets_the_handler_in_progress_commit_and_ack() {
         "and its ack reached the broker before run() returned"
     );
 }
+
+#[tokio::test]
+async fn the_inbox_cleaner_deletes_only_rows_past_the_retention() {
+    let pg = Postgres::start().await.expect("PostgreSQL");
+    let pool = PgPool::connect(&pg.fresh_database().await.expect("db"))
+        .await
+        .expect("connect");
+    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
+        .await
+        .expect("migrate");
+    let mut conn = pool.acquire().await.expect("acquire");
+    for (consumer, id, age_hours) in [
+        ("billing", "old", 48),
+        ("billing", "new", 1),
+        ("email", "old", 48),
+    ] {
+        sqlx::query(
+            "INSERT INTO inbox_message (consumer, message_id, subject, received_at)
+             VALUES ($1, $2, 's', now() - make_interval(hours => $3))",
+        )
+        .bind(consumer)
+        .bind(id)
+        .bind(age_hours)
+        .execute(&mut *conn)
+        .await
+        .expect("seed");
+    }
+    assert!(
+        inbox::store::insert_if_new(&mut conn, "billing", "new", "s", None, "processed")
+            .await
+            .is_ok_and(|new| !new)
+    );
+    let deleted =
+        inbox::store::delete_older_than(&mut conn, "billing", Duration::from_secs(24 * 3600), 100)
+            .await
+            .expect("clean");
+    assert_eq!(deleted, 1, "only billing's row older than a day");
+    let left: Vec<(String, String)> =
+        sqlx::query_as("SELECT consumer, message_id FROM inbox_message ORDER BY 1, 2")
+            .fetch_all(&mut *conn)
+            .await
+            .expect("rows");
+    assert_eq!(
+        left,
+        [
+            ("billing".into(), "new".into()),
+            ("email".into(), "old".into())
+        ]
+    );
+}
