@@ -98,7 +98,7 @@ enum Command {
     /// Apply the toolkit's schema (outbox, inbox, dead letters, relay leases).
     Migrate,
     /// Publish the outbox until SIGTERM or Ctrl-C.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Manage the JetStream stream.
     #[command(subcommand)]
     Stream(StreamCommand),
@@ -390,7 +390,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Run(args) => run(global, args).await,
+        Command::Run(args) => run(global, *args).await,
     }
 }
 
