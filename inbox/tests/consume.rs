@@ -192,6 +192,19 @@ impl Running {
     }
 }
 
+/// The broker's view of a durable consumer: (ack floor stream sequence, acks pending), or
+/// None if it cannot be read.
+async fn ack_state(js: &jetstream::Context, consumer: &str) -> Option<(u64, usize)> {
+    let mut c = js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            consumer, "ORDERS",
+        )
+        .await
+        .ok()?;
+    let info = c.info().await.ok()?;
+    Some((info.ack_floor.stream_sequence, info.num_ack_pending))
+}
+
 async fn applied(pool: &PgPool, consumer: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM applied WHERE consumer = $1")
         .bind(consumer)
@@ -228,22 +241,11 @@ async fn a_message_delivered_twice_runs_its_handler_once() {
         .expect("publish")
         .await
         .expect("stored twice");
-    let js = env.js.clone();
-    wait_until(Duration::from_secs(10), "both deliveries acknowledged", || {
-        let js = js.clone();
-        async move {
-            let Ok(mut consumer) = js
-                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>("billing", "ORDERS")
-                .await
-            else {
-                return false;
-            };
-            consumer
-                .info()
-                .await
-                .is_ok_and(|i| i.ack_floor.stream_sequence == 2 && i.num_ack_pending == 0)
-        }
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "both deliveries acknowledged",
+        || async { ack_state(&env.js, "billing").await == Some((2, 0)) },
+    )
     .await
     .expect("acked");
     running.stop().await;
@@ -322,30 +324,22 @@ async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
         .expect("stops")
         .expect("task")
         .expect("run");
-    let mut info = env
-        .js
-        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-            "shipping", "ORDERS",
-        )
+    let floor = ack_state(&env.js, "shipping")
         .await
-        .expect("consumer");
-    let floor = info.info().await.expect("info").ack_floor.stream_sequence;
+        .expect("consumer info")
+        .0;
     assert_eq!(floor, 0, "the broker never got the ack");
 
     let second = start(&env, env.js.clone(), config("shipping"), recorder.clone());
-    let js = env.js.clone();
-    wait_until(Duration::from_secs(15), "the redelivery is acknowledged", || {
-        let js = js.clone();
-        async move {
-            let Ok(mut c) = js
-                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>("shipping", "ORDERS")
+    wait_until(
+        Duration::from_secs(15),
+        "the redelivery is acknowledged",
+        || async {
+            ack_state(&env.js, "shipping")
                 .await
-            else {
-                return false;
-            };
-            c.info().await.is_ok_and(|i| i.ack_floor.stream_sequence == 1)
-        }
-    })
+                .is_some_and(|(floor, _)| floor == 1)
+        },
+    )
     .await
     .expect("acked");
     second.stop().await;
@@ -688,14 +682,7 @@ async fn shutdown_lets_the_handler_in_progress_commit_and_ack() {
         1,
         "the in-progress handler committed"
     );
-    let mut info = env
-        .js
-        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-            "ledger", "ORDERS",
-        )
-        .await
-        .expect("consumer");
-    let floor = info.info().await.expect("info").ack_floor.stream_sequence;
+    let floor = ack_state(&env.js, "ledger").await.expect("consumer info").0;
     assert_eq!(
         floor, 1,
         "and its ack reached the broker before run() returned"
