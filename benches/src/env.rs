@@ -359,8 +359,9 @@ impl RunningRelay {
     }
 }
 
-/// A relay configuration: the defaults with a readable instance id. `BENCH_BATCH_SIZE` and
-/// `BENCH_MAX_IN_FLIGHT` override the batch size and the PubAck window for tuning runs.
+/// A relay configuration: the defaults with a readable instance id. `BENCH_BATCH_SIZE`,
+/// `BENCH_MAX_IN_FLIGHT` and `BENCH_RETENTION_SECS` override the batch size, the PubAck
+/// window and the retention of published rows for tuning runs.
 pub fn relay_config(instance_id: &str) -> RelayConfig {
     let defaults = RelayConfig::default();
     let from_env = |name: &str, default: usize| {
@@ -373,6 +374,10 @@ pub fn relay_config(instance_id: &str) -> RelayConfig {
         instance_id: instance_id.to_owned(),
         batch_size: from_env("BENCH_BATCH_SIZE", defaults.batch_size),
         max_in_flight: from_env("BENCH_MAX_IN_FLIGHT", defaults.max_in_flight),
+        retention: std::time::Duration::from_secs(from_env(
+            "BENCH_RETENTION_SECS",
+            defaults.retention.as_secs() as usize,
+        ) as u64),
         ..defaults
     }
 }
