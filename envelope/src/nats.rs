@@ -141,8 +141,7 @@ pub fn from_message(
     };
     let mut free = Headers::new();
     for (name, values) in map.iter() {
-        let name = name.to_string();
-        let name = name.as_str();
+        let name: &str = name.as_ref();
         if is_reserved_name(name) {
             continue;
         }

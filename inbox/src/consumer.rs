@@ -230,7 +230,8 @@ impl Consumer {
             .unwrap_or(self.config.retry_max_delay)
     }
 
-    /// What to do after the handler failed on delivery `attempt`; `None` means park.
+    /// What to do after the handler failed on delivery `attempt`: a reply to send, or
+    /// `Err` with why the message must be parked.
     fn disposition(&self, error: &HandlerError, attempt: u32) -> Result<Reply, Park> {
         match error {
             HandlerError::Retry { after, error } => {

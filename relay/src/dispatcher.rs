@@ -92,6 +92,7 @@ pub(crate) struct Dispatcher<P> {
     /// Flushes spawned so far (the next one gets this number plus one).
     flushes: u64,
     stopping: bool,
+    stopping_since: Option<Instant>,
     next_claim_at: Instant,
     idle_delay: Duration,
     broker_backoff: Option<backon::ExponentialBackoff>,
@@ -121,6 +122,7 @@ impl<P: Publisher> Dispatcher<P> {
             held_back: HashMap::new(),
             flushes: 0,
             stopping: false,
+            stopping_since: None,
             next_claim_at: Instant::now(),
             idle_delay,
             broker_backoff: None,
@@ -155,6 +157,17 @@ impl<P: Publisher> Dispatcher<P> {
                 if self.outcome.is_empty() {
                     break;
                 }
+                if self
+                    .stopping_since
+                    .is_some_and(|t| now.duration_since(t) > self.config.claim_ttl)
+                {
+                    // The database stayed unreachable: our claims expire by themselves and the
+                    // rescuer returns them; published rows are published again (deduplicated).
+                    tracing::warn!(
+                        "stopping without recording every outcome: the database is unreachable"
+                    );
+                    break;
+                }
                 // The database is failing while we stop: keep retrying the flush.
                 flush_retry_at = flush_retry_at.min(now + self.config.poll_max_interval);
             }
@@ -169,6 +182,7 @@ impl<P: Publisher> Dispatcher<P> {
                 _ = stop.cancelled(), if !self.stopping => {
                     tracing::info!(in_flight = self.in_flight.len(), held = self.held, "stopping: finishing in-flight messages and releasing the rest");
                     self.stopping = true;
+                    self.stopping_since = Some(Instant::now());
                     self.release_all_queued();
                 }
                 Some(done) = self.in_flight.next() => self.on_ack(done).await,
