@@ -511,7 +511,7 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_retry_runs_only_the_failed_consumer_once_inside_and_after_the_duplicate_window() {
-    let window = Duration::from_secs(1);
+    let window = Duration::from_secs(3);
     let env = env(window).await;
     let failing = Recorder::new("email", Behaviour::FailPermanently);
     let healthy = Recorder::new("analytics", Behaviour::Succeed);
