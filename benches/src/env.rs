@@ -360,8 +360,9 @@ impl RunningRelay {
 }
 
 /// A relay configuration: the defaults with a readable instance id. `BENCH_BATCH_SIZE`,
-/// `BENCH_MAX_IN_FLIGHT` and `BENCH_RETENTION_SECS` override the batch size, the PubAck
-/// window and the retention of published rows for tuning runs.
+/// `BENCH_MAX_IN_FLIGHT`, `BENCH_RETENTION_SECS` and `BENCH_VACUUM_MS` override the batch
+/// size, the PubAck window, the retention of published rows and the vacuum interval for
+/// tuning runs.
 pub fn relay_config(instance_id: &str) -> RelayConfig {
     let defaults = RelayConfig::default();
     let from_env = |name: &str, default: usize| {
@@ -374,6 +375,10 @@ pub fn relay_config(instance_id: &str) -> RelayConfig {
         instance_id: instance_id.to_owned(),
         batch_size: from_env("BENCH_BATCH_SIZE", defaults.batch_size),
         max_in_flight: from_env("BENCH_MAX_IN_FLIGHT", defaults.max_in_flight),
+        vacuum_interval: std::time::Duration::from_millis(from_env(
+            "BENCH_VACUUM_MS",
+            defaults.vacuum_interval.as_millis() as usize,
+        ) as u64),
         retention: std::time::Duration::from_secs(from_env(
             "BENCH_RETENTION_SECS",
             defaults.retention.as_secs() as usize,
