@@ -80,6 +80,39 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> Vec<String> {
     chain
 }
 
+/// NATS headers as stored in `dead_letter.headers`: name to the first value.
+pub fn headers_to_json(map: &async_nats::HeaderMap) -> serde_json::Map<String, serde_json::Value> {
+    map.iter()
+        .filter_map(|(name, values)| {
+            let value = values.first()?.as_str().to_owned();
+            Some((name.to_string(), serde_json::Value::String(value)))
+        })
+        .collect()
+}
+
+impl store::Stored {
+    /// The parked message as an envelope, from its subject, stored headers and bytes (headers
+    /// the NATS client would refuse are skipped); fails as decoding a received message does.
+    pub fn envelope(&self) -> Result<envelope::Envelope, envelope::Error> {
+        use std::str::FromStr;
+        let mut map = async_nats::HeaderMap::new();
+        for (name, value) in self.headers.as_object().into_iter().flatten() {
+            let parsed = (
+                async_nats::HeaderName::from_str(name),
+                value.as_str().map(async_nats::HeaderValue::from_str),
+            );
+            if let (Ok(name), Some(Ok(value))) = parsed {
+                map.insert(name, value);
+            }
+        }
+        envelope::nats::from_message(
+            &self.subject,
+            Some(&map),
+            bytes::Bytes::from(self.payload.clone()),
+        )
+    }
+}
+
 /// Why a relay dead letter could not go back to the outbox.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -103,25 +136,7 @@ pub async fn retry_to_outbox(
     conn: &mut sqlx::PgConnection,
     letter: &store::Stored,
 ) -> Result<(), RetryError> {
-    use std::str::FromStr;
-    let mut map = async_nats::HeaderMap::new();
-    if let Some(headers) = letter.headers.as_object() {
-        for (name, value) in headers {
-            let parsed = (
-                async_nats::HeaderName::from_str(name),
-                value.as_str().map(async_nats::HeaderValue::from_str),
-            );
-            if let (Ok(name), Some(Ok(value))) = parsed {
-                map.insert(name, value);
-            }
-        }
-    }
-    let envelope = envelope::nats::from_message(
-        &letter.subject,
-        Some(&map),
-        bytes::Bytes::from(letter.payload.clone()),
-    )
-    .map_err(|e| RetryError::Invalid {
+    let envelope = letter.envelope().map_err(|e| RetryError::Invalid {
         id: letter.id,
         reason: e.to_string(),
     })?;

@@ -10,7 +10,6 @@
 use std::collections::hash_map::DefaultHasher;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,6 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 /// The durable pull consumer this runtime reads.
 type PullConsumer = async_nats::jetstream::consumer::Consumer<pull::Config>;
 use async_nats::jetstream::{self, AckKind};
-use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use sqlx::{Acquire, PgConnection, PgPool};
@@ -385,17 +383,11 @@ impl Consumer {
         stream_seq: Option<u64>,
         park: Park,
     ) -> Result<(), sqlx::Error> {
-        let mut headers = serde_json::Map::new();
-        if let Some(map) = &message.headers {
-            for (name, values) in map.iter() {
-                if let Some(value) = values.first() {
-                    headers.insert(
-                        name.to_string(),
-                        serde_json::Value::String(value.as_str().to_owned()),
-                    );
-                }
-            }
-        }
+        let headers = message
+            .headers
+            .as_ref()
+            .map(dlq::headers_to_json)
+            .unwrap_or_default();
         let message_id = id
             .map(str::to_owned)
             .or_else(|| {
@@ -470,7 +462,7 @@ fn handler_span(consumer: &str, delivery: &Delivery) -> tracing::Span {
             };
             let state = trace
                 .tracestate()
-                .and_then(|s| TraceState::from_str(s).ok())
+                .and_then(|s| s.parse::<TraceState>().ok())
                 .unwrap_or_default();
             let remote = SpanContext::new(trace_id, span_id, flags, true, state);
             let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
@@ -635,7 +627,7 @@ async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
         let attempt = u32::try_from(letter.attempts)
             .unwrap_or(0)
             .saturating_add(1);
-        let envelope = rebuild(&letter);
+        let envelope = letter.envelope();
         let result = match envelope {
             Err(e) => Err(HandlerError::permanent_because("decode", e)),
             Ok(envelope) => {
@@ -692,25 +684,4 @@ async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
         }
     }
     tx.commit().await
-}
-
-/// The envelope of a parked message, from its stored subject, headers and bytes.
-fn rebuild(letter: &dlq::store::Stored) -> Result<envelope::Envelope, envelope::Error> {
-    let mut map = HeaderMap::new();
-    if let Some(headers) = letter.headers.as_object() {
-        for (name, value) in headers {
-            let (Ok(name), Some(Ok(value))) = (
-                HeaderName::from_str(name),
-                value.as_str().map(HeaderValue::from_str),
-            ) else {
-                continue;
-            };
-            map.insert(name, value);
-        }
-    }
-    envelope::nats::from_message(
-        &letter.subject,
-        Some(&map),
-        bytes::Bytes::from(letter.payload.clone()),
-    )
 }

@@ -564,13 +564,7 @@ async fn dead_letter(
             .to_envelope()
             .map(|env| envelope::nats::to_headers(&env))
         {
-            Ok(Ok(map)) => map
-                .iter()
-                .filter_map(|(name, values)| {
-                    let value = values.first()?.as_str().to_owned();
-                    Some((name.to_string(), serde_json::Value::String(value)))
-                })
-                .collect(),
+            Ok(Ok(map)) => dlq::headers_to_json(&map),
             _ => {
                 let mut headers = row.headers.as_object().cloned().unwrap_or_default();
                 for (name, value) in [
