@@ -162,10 +162,14 @@ async fn publish(js: &jetstream::Context, envelope: &Envelope) {
     .expect("ack");
 }
 
-/// Runs a consumer until the returned sender fires or is dropped.
-fn start(env: &Env, js: jetstream::Context, config: ConsumerConfig, handler: Recorder) -> Running {
-    let consumer =
-        Consumer::new(config, env.pool.clone(), js, typed(handler)).expect("valid config");
+/// Runs a consumer until [`Running::stop`] (or the value is dropped).
+fn start(
+    env: &Env,
+    js: jetstream::Context,
+    config: ConsumerConfig,
+    handler: Arc<dyn inbox::RawHandler>,
+) -> Running {
+    let consumer = Consumer::new(config, env.pool.clone(), js, handler).expect("valid config");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(consumer.run(async move {
         let _ = rx.await;
@@ -182,8 +186,14 @@ struct Running {
 }
 
 impl Running {
-    async fn stop(mut self) {
+    /// Asks the consumer to stop, without waiting.
+    fn request_stop(&mut self) {
         drop(self.stop.take());
+    }
+
+    /// Stops the consumer and waits until `run` returned successfully.
+    async fn stop(mut self) {
+        self.request_stop();
         tokio::time::timeout(Duration::from_secs(20), &mut self.task)
             .await
             .expect("stops in time")
@@ -221,7 +231,12 @@ async fn count(pool: &PgPool, sql: &'static str) -> i64 {
 async fn a_message_delivered_twice_runs_its_handler_once() {
     let env = env(Duration::from_secs(120)).await;
     let handler = Recorder::new("billing", Behaviour::Succeed);
-    let running = start(&env, env.js.clone(), config("billing"), handler.clone());
+    let running = start(
+        &env,
+        env.js.clone(),
+        config("billing"),
+        typed(handler.clone()),
+    );
     let envelope = order_envelope("o-1");
     publish(&env.js, &envelope).await;
     // The same message again under another broker id: what a republish after the duplicate
@@ -297,17 +312,7 @@ async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
         recorder: recorder.clone(),
         proxy: proxy.clone(),
     };
-    let first = Consumer::new(
-        config("shipping"),
-        env.pool.clone(),
-        proxied,
-        typed(cutting),
-    )
-    .expect("config");
-    let (stop_first, stopped) = tokio::sync::oneshot::channel::<()>();
-    let first = tokio::spawn(first.run(async move {
-        let _ = stopped.await;
-    }));
+    let first = start(&env, proxied, config("shipping"), typed(cutting));
     publish(&env.js, &order_envelope("o-7")).await;
     let pool = env.pool.clone();
     wait_until(
@@ -318,19 +323,19 @@ async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
     .await
     .expect("committed");
     // The consumer goes away with its ack undelivered.
-    drop(stop_first);
-    tokio::time::timeout(Duration::from_secs(20), first)
-        .await
-        .expect("stops")
-        .expect("task")
-        .expect("run");
+    first.stop().await;
     let floor = ack_state(&env.js, "shipping")
         .await
         .expect("consumer info")
         .0;
     assert_eq!(floor, 0, "the broker never got the ack");
 
-    let second = start(&env, env.js.clone(), config("shipping"), recorder.clone());
+    let second = start(
+        &env,
+        env.js.clone(),
+        config("shipping"),
+        typed(recorder.clone()),
+    );
     wait_until(
         Duration::from_secs(15),
         "the redelivery is acknowledged",
@@ -355,7 +360,12 @@ async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
 async fn a_failing_handler_is_retried_with_growing_delays_then_dead_lettered() {
     let env = env(Duration::from_secs(120)).await;
     let handler = Recorder::new("invoicing", Behaviour::Retry);
-    let running = start(&env, env.js.clone(), config("invoicing"), handler.clone());
+    let running = start(
+        &env,
+        env.js.clone(),
+        config("invoicing"),
+        typed(handler.clone()),
+    );
     let envelope = order_envelope("o-3");
     publish(&env.js, &envelope).await;
     let pool = env.pool.clone();
@@ -398,7 +408,12 @@ async fn a_failing_handler_is_retried_with_growing_delays_then_dead_lettered() {
 async fn an_undecodable_message_is_dead_lettered_at_once_with_its_bytes() {
     let env = env(Duration::from_secs(120)).await;
     let handler = Recorder::new("audit", Behaviour::Succeed);
-    let running = start(&env, env.js.clone(), config("audit"), handler.clone());
+    let running = start(
+        &env,
+        env.js.clone(),
+        config("audit"),
+        typed(handler.clone()),
+    );
     let mut headers = HeaderMap::new();
     headers.insert(
         HeaderName::from_str("Nats-Msg-Id").expect("name"),
@@ -471,21 +486,16 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
     for id in ["a", "b", "bad", "c", "d"] {
         publish(&env.js, &order_envelope(id)).await;
     }
-    let consumer = Consumer::new(
+    let running = start(
+        &env,
+        env.js.clone(),
         ConsumerConfig {
             mode: Mode::Batched { max_messages: 10 },
             concurrency: 1,
             ..config("batch")
         },
-        env.pool.clone(),
-        env.js.clone(),
         typed(Picky),
-    )
-    .expect("config");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = rx.await;
-    }));
+    );
     let pool = env.pool.clone();
     wait_until(
         Duration::from_secs(10),
@@ -497,8 +507,7 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
     )
     .await
     .expect("processed");
-    drop(tx);
-    task.await.expect("task").expect("run");
+    running.stop().await;
     let bad: i64 = sqlx::query_scalar("SELECT count(*) FROM applied WHERE order_id = 'bad'")
         .fetch_one(&env.pool)
         .await
@@ -515,8 +524,18 @@ async fn dlq_retry_runs_only_the_failed_consumer_once_inside_and_after_the_dupli
     let env = env(window).await;
     let failing = Recorder::new("email", Behaviour::FailPermanently);
     let healthy = Recorder::new("analytics", Behaviour::Succeed);
-    let email = start(&env, env.js.clone(), config("email"), failing.clone());
-    let analytics = start(&env, env.js.clone(), config("analytics"), healthy.clone());
+    let email = start(
+        &env,
+        env.js.clone(),
+        config("email"),
+        typed(failing.clone()),
+    );
+    let analytics = start(
+        &env,
+        env.js.clone(),
+        config("analytics"),
+        typed(healthy.clone()),
+    );
     let early = order_envelope("o-early");
     let late = order_envelope("o-late");
     let published_at = Instant::now();
@@ -651,32 +670,23 @@ async fn shutdown_lets_the_handler_in_progress_commit_and_ack() {
         started: started.clone(),
         go: go.clone(),
     };
-    let consumer = Consumer::new(
+    let mut running = start(
+        &env,
+        env.js.clone(),
         ConsumerConfig {
             concurrency: 1,
             ack_wait: Duration::from_secs(30),
             ..config("ledger")
         },
-        env.pool.clone(),
-        env.js.clone(),
         typed(handler),
-    )
-    .expect("config");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = stopped.await;
-    }));
+    );
     publish(&env.js, &order_envelope("o-10")).await;
     tokio::time::timeout(Duration::from_secs(10), started.notified())
         .await
         .expect("handler started");
-    drop(stop); // shutdown requested while the handler is in progress
+    running.request_stop(); // shutdown requested while the handler is in progress
     go.notify_one();
-    tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .expect("stops")
-        .expect("task")
-        .expect("run");
+    running.stop().await;
     assert_eq!(
         applied(&env.pool, "ledger").await,
         1,
