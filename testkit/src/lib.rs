@@ -7,6 +7,8 @@
 //! - `postgres`: [`Postgres`], [`PostgresConfig`] — initdb template cache, server process,
 //!   [`Postgres::fresh_database`]
 //! - `nats`: [`NatsServer`], [`NatsConfig`] — `nats-server -js` with a temp JetStream store
+//! - `child`: [`Process`], [`ProcessSpec`] — any program (a service, a relay) as a child that
+//!   can be SIGKILLed, SIGTERMed, paused and restarted
 //! - `proxy`: [`TcpProxy`] — latency, stall and cut between a client and a server
 //! - `wait`: [`wait_until`] (poll a condition with a deadline) and [`free_port`]
 //! - `error`: [`Error`], the one error type, and [`Result`]
@@ -23,6 +25,7 @@
 //! first server started makes the test process a child subreaper, so the backends of a killed
 //! postmaster are reaped by testkit rather than left as zombies.
 
+mod child;
 mod error;
 mod nats;
 mod postgres;
@@ -31,6 +34,7 @@ mod proxy;
 mod sys;
 mod wait;
 
+pub use child::{Process, ProcessSpec};
 pub use error::{Error, Result};
 pub use nats::{NatsConfig, NatsServer, find_nats_server};
 pub use postgres::{Postgres, PostgresConfig, find_postgres_bin_dir};

@@ -150,6 +150,7 @@ impl NatsServer {
                 cwd: dir.path().to_owned(),
                 log: dir.path().join("nats-server.log"),
                 run_as: None,
+                env: Vec::new(),
                 drop_signal: sys::SIGKILL,
             })?;
             match wait_healthy(&mut process, monitor_port).await {

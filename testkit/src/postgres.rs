@@ -141,6 +141,7 @@ impl Postgres {
                 cwd: dir.path().to_owned(),
                 log: dir.path().join("postgres.log"),
                 run_as,
+                env: Vec::new(),
                 drop_signal: sys::SIGQUIT,
             })?;
             let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");

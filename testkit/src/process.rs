@@ -76,6 +76,8 @@ pub(crate) struct Spec {
     /// stdout and stderr are appended here, across restarts.
     pub(crate) log: PathBuf,
     pub(crate) run_as: Option<RunAs>,
+    /// Extra environment variables.
+    pub(crate) env: Vec<(OsString, OsString)>,
     /// Sent to the leader on drop before the tree is SIGKILLed; `SIGKILL` means no grace.
     /// PostgreSQL gets SIGQUIT so the postmaster reaps its own backends.
     pub(crate) drop_signal: i32,
@@ -116,6 +118,7 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(log)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .process_group(0);
         if let Some(RunAs { uid, gid }) = spec.run_as {
             cmd.uid(uid).gid(gid);

@@ -1,0 +1,521 @@
+//! What the three services share: configuration from the environment, telemetry, database
+//! and broker connections, the toolkit schema, inbox consumers that restart after errors,
+//! health and metrics endpoints, and JSON errors for bad requests.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use inbox::{Consumer, ConsumerConfig};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use relay::publisher::jetstream::{StreamSpec, ensure_stream};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use connect::NatsConfig;
+
+use crate::events;
+
+/// Largest accepted request body; larger ones get 413 with a JSON reason.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every service needs to start. [`ServiceConfig::from_env`] reads it from
+/// `DATABASE_URL`, `NATS_URL` (and the `NATS_*` auth variables the relay reads),
+/// `HTTP_ADDR` and `RELAY_LAG_MAX_SECS`.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The service's own database.
+    pub database_url: String,
+    /// The broker.
+    pub nats: NatsConfig,
+    /// Where the HTTP API listens (port 0: any free port, see [`ServiceHandle::addr`]).
+    pub http_addr: SocketAddr,
+    /// `/health/ready` fails when the oldest unpublished outbox row is older than this.
+    pub relay_lag_max: Duration,
+}
+
+impl ServiceConfig {
+    /// Reads the configuration; `default_port` is the service's documented port.
+    pub fn from_env(default_port: u16) -> anyhow::Result<ServiceConfig> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let database_url = var("DATABASE_URL").context("DATABASE_URL is not set")?;
+        let http_addr = match var("HTTP_ADDR") {
+            Some(addr) => addr.parse().with_context(|| {
+                format!("HTTP_ADDR {addr:?} is not an address like 127.0.0.1:3001")
+            })?,
+            None => SocketAddr::from(([127, 0, 0, 1], default_port)),
+        };
+        let relay_lag_max = match var("RELAY_LAG_MAX_SECS") {
+            Some(s) => Duration::from_secs(
+                s.parse()
+                    .with_context(|| format!("RELAY_LAG_MAX_SECS {s:?} is not a number"))?,
+            ),
+            None => Duration::from_secs(30),
+        };
+        let nats = NatsConfig {
+            url: var("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            user: var("NATS_USER"),
+            password: var("NATS_PASSWORD"),
+            token: var("NATS_TOKEN"),
+            creds_file: var("NATS_CREDS").map(Into::into),
+            nkey_seed: var("NATS_NKEY"),
+            tls_ca: var("NATS_TLS_CA").map(Into::into),
+            tls_cert: var("NATS_TLS_CERT").map(Into::into),
+            tls_key: var("NATS_TLS_KEY").map(Into::into),
+            tls_required: var("NATS_TLS_REQUIRED").is_some_and(|v| v == "true" || v == "1"),
+            name: None,
+        };
+        Ok(ServiceConfig {
+            database_url,
+            nats,
+            http_addr,
+            relay_lag_max,
+        })
+    }
+}
+
+/// JSON logs on stdout (`RUST_LOG` filters; default `info`) and OpenTelemetry span ids
+/// without an exporter, so that the W3C trace context flows from HTTP request to outbox
+/// message to the consumers' handlers and every log line of one order carries its
+/// `trace_id`. Call once, first thing in `main`.
+pub fn init_telemetry(service: &'static str) {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    static PROVIDER: OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> = OnceLock::new();
+    let provider =
+        PROVIDER.get_or_init(|| opentelemetry_sdk::trace::SdkTracerProvider::builder().build());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(false)
+                .with_span_list(true),
+        )
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer(service)))
+        .try_init();
+}
+
+/// The process-wide Prometheus recorder (installed on first use).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); this handle then stays empty.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// A pool to the service's database, waiting (up to `patience`) for PostgreSQL to accept
+/// connections: services may start before it or while it restarts.
+pub async fn connect_database(url: &str, patience: Duration) -> anyhow::Result<PgPool> {
+    let start = tokio::time::Instant::now();
+    loop {
+        match PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+        {
+            Ok(pool) => return Ok(pool),
+            Err(e) if start.elapsed() < patience => {
+                tracing::warn!(error = %e, "database not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(anyhow!(e).context("connecting to the database")),
+        }
+    }
+}
+
+/// Applies the toolkit's schema, then the service's own (`schema`: idempotent DDL), under
+/// one advisory lock so that several instances can start together.
+pub async fn migrate(pool: &PgPool, schema: &'static str) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    migrations::migrate(&mut conn)
+        .await
+        .context("applying the toolkit schema")?;
+    crate::store::apply_schema(&mut conn, schema)
+        .await
+        .context("applying the service schema")?;
+    Ok(())
+}
+
+/// Creates or verifies the saga's stream, retrying until the broker answers or `stop`.
+pub async fn ensure_demo_stream(
+    jetstream: &async_nats::jetstream::Context,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let spec = StreamSpec {
+        name: events::STREAM.into(),
+        subjects: events::STREAM_SUBJECTS
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect(),
+        duplicate_window: Duration::from_secs(120),
+        replicas: 1,
+    };
+    loop {
+        match ensure_stream(jetstream, &spec).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "stream not ready yet; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return Err(anyhow!("stopped before the stream was ready")),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Makes sure the saga's stream exists, then runs an inbox consumer until `stop`, starting
+/// it again (after a pause) whenever it ends with an error, e.g. while the broker is away.
+pub fn spawn_consumer(
+    config: ConsumerConfig,
+    pool: PgPool,
+    jetstream: async_nats::jetstream::Context,
+    handler: Arc<dyn inbox::RawHandler>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let name = config.name.clone();
+        if ensure_demo_stream(&jetstream, &stop).await.is_err() {
+            return;
+        }
+        while !stop.is_cancelled() {
+            let consumer = match Consumer::new(
+                config.clone(),
+                pool.clone(),
+                jetstream.clone(),
+                handler.clone(),
+            ) {
+                Ok(c) => c.layer(inbox::layer::Logging),
+                Err(e) => {
+                    tracing::error!(consumer = %name, error = %e, "invalid consumer configuration");
+                    return;
+                }
+            };
+            let stopped = stop.clone();
+            match consumer.run(async move { stopped.cancelled().await }).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(consumer = %name, error = %e, "consumer stopped; restarting");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// What `/health/ready` checks.
+#[derive(Clone)]
+pub struct Readiness {
+    /// The service's database.
+    pub pool: PgPool,
+    /// The broker connection.
+    pub nats: async_nats::Client,
+    /// Whether the service writes an outbox (then its relay's lag counts).
+    pub has_outbox: bool,
+    /// The largest acceptable relay lag.
+    pub relay_lag_max: Duration,
+}
+
+impl Readiness {
+    async fn check(&self) -> (bool, serde_json::Value) {
+        let database = tokio::time::timeout(Duration::from_secs(2), async {
+            let mut conn = self.pool.acquire().await?;
+            let lag = if self.has_outbox {
+                Some(outbox::store::backlog(&mut conn).await?.oldest_age_seconds)
+            } else {
+                None
+            };
+            Ok::<_, sqlx::Error>(lag)
+        })
+        .await;
+        let (database_ok, lag) = match database {
+            Ok(Ok(lag)) => (true, lag),
+            _ => (false, None),
+        };
+        let broker_ok = matches!(
+            self.nats.connection_state(),
+            async_nats::connection::State::Connected
+        );
+        let lag_ok = lag.is_none_or(|l| l <= self.relay_lag_max.as_secs_f64());
+        let ready = database_ok && broker_ok && lag_ok;
+        (
+            ready,
+            json!({
+                "ready": ready,
+                "database": database_ok,
+                "broker": broker_ok,
+                "relayLagSeconds": lag,
+            }),
+        )
+    }
+}
+
+/// `/health` (liveness), `/health/ready` (database, broker, relay lag) and `/metrics`.
+pub fn ops_routes(readiness: Readiness) -> Router {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route(
+            "/health/ready",
+            get(move || {
+                let readiness = readiness.clone();
+                async move {
+                    let (ready, body) = readiness.check().await;
+                    let status = if ready {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (status, Json(body))
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    metrics_handle().render(),
+                )
+            }),
+        )
+}
+
+/// Adds what every API shares: the body limit, JSON 404/405 for unknown routes and methods.
+pub fn finish_routes(router: Router) -> Router {
+    router
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(traced))
+}
+
+/// Runs each request in an `http` span whose `trace_id` field is its OpenTelemetry trace id:
+/// what it enqueues carries that trace, so the consumers' log lines show the same id.
+async fn traced(request: Request, next: axum::middleware::Next) -> Response {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing::Instrument as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    let span = tracing::info_span!(
+        "http",
+        method = %request.method(),
+        path = %request.uri().path(),
+        trace_id = tracing::field::Empty,
+    );
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", trace_id.to_string());
+    }
+    next.run(request).instrument(span).await
+}
+
+/// An HTTP error with a JSON body `{"error": reason}`.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The status (4xx for the client's mistakes, 5xx for ours).
+    pub status: StatusCode,
+    /// Readable reason.
+    pub reason: String,
+}
+
+impl ApiError {
+    /// An error with this status and reason.
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            reason: reason.into(),
+        }
+    }
+
+    /// 422: the request is well-formed JSON but not acceptable.
+    pub fn invalid(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, reason)
+    }
+
+    /// 404.
+    pub fn not_found(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, reason)
+    }
+
+    /// 409.
+    pub fn conflict(reason: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, reason)
+    }
+
+    /// 500, logging the cause (the client gets no internals).
+    pub fn internal(error: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %error, "request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> ApiError {
+        ApiError::internal(e)
+    }
+}
+
+impl From<outbox::Error> for ApiError {
+    fn from(e: outbox::Error) -> ApiError {
+        ApiError::internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.reason }))).into_response()
+    }
+}
+
+/// `Json<T>` whose rejections (malformed JSON, wrong or missing fields, wrong content type,
+/// oversized body) are [`ApiError`]s with a JSON reason and the same 4xx status.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// A running service (HTTP API, consumers, background tasks).
+pub struct ServiceHandle {
+    /// Where its HTTP API listens.
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ServiceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceHandle")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceHandle {
+    /// Serves `router` on `listener` and owns `tasks`; everything stops on [`ServiceHandle::stop`].
+    pub fn new(
+        listener: TcpListener,
+        router: Router,
+        stop: CancellationToken,
+        mut tasks: Vec<JoinHandle<()>>,
+    ) -> anyhow::Result<ServiceHandle> {
+        let addr = listener.local_addr()?;
+        let stopped = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let server = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stopped.cancelled().await });
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+        Ok(ServiceHandle { addr, stop, tasks })
+    }
+
+    /// Stops accepting requests, lets handlers in progress finish (consumers commit and ack
+    /// what they started), and waits for every task.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Runs until SIGTERM or ctrl-c, then stops gracefully.
+    pub async fn run_until_signal(self) {
+        shutdown_signal().await;
+        tracing::info!("stopping");
+        self.stop().await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Connects to the broker (returns at once; the client keeps reconnecting in the
+/// background) and to the database, and applies the schemas.
+pub async fn connect_all(
+    config: &ServiceConfig,
+    service: &'static str,
+    schema: &'static str,
+) -> anyhow::Result<(PgPool, async_nats::Client)> {
+    // Install the recorder before anything counts.
+    let _ = metrics_handle();
+    let pool = connect_database(&config.database_url, Duration::from_secs(60)).await?;
+    migrate(&pool, schema).await?;
+    let nats = NatsConfig {
+        name: Some(service.into()),
+        ..config.nats.clone()
+    }
+    .connect()
+    .await
+    .context("connecting to NATS")?;
+    Ok((pool, nats))
+}
+
+/// Runs `fut` unless `stop` fires first.
+pub async fn until_stopped<F: Future<Output = ()>>(stop: &CancellationToken, fut: F) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = fut => {}
+    }
+}

@@ -1,0 +1,57 @@
+//! Shared pieces of the demo's end-to-end tests: the whole topology as processes.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use demo_services::order::PaymentSimulation;
+use demo_services::stack::{Stack, StackOptions};
+
+/// The directory of this package's binaries (order-service, ..., demo).
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_order-service"))
+        .parent()
+        .expect("binary directory")
+        .to_path_buf()
+}
+
+/// The `relay` binary next to ours, built first if this test run did not build it (as when
+/// running `cargo test -p demo-services` alone).
+pub fn relay_bin() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let relay = bin_dir().join("relay");
+            if !relay.exists() {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let status = Command::new(cargo)
+                    .args(["build", "-p", "relay", "--bin", "relay"])
+                    .status()
+                    .expect("run cargo build -p relay");
+                assert!(status.success(), "cargo build -p relay failed");
+            }
+            relay
+        })
+        .clone()
+}
+
+/// A stack in a temporary directory with free ports.
+pub async fn start(
+    payment: PaymentSimulation,
+    smtp_url: Option<String>,
+) -> (Stack, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stack = Stack::start(StackOptions {
+        dir: dir.path().to_path_buf(),
+        bin_dir: bin_dir(),
+        relay_bin: relay_bin(),
+        ports: None,
+        payment,
+        smtp_url,
+    })
+    .await
+    .expect("start the demo stack");
+    (stack, dir)
+}
