@@ -4,10 +4,21 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
-.PHONY: help tools test lint fmt bench
+.PHONY: help tools test lint fmt bench demo up
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+# With both DATABASE_URL and NATS_URL set, the demo uses those servers and needs nothing installed.
+DEMO_NEEDS := $(if $(and $(DATABASE_URL),$(NATS_URL)),,tools)
+
+demo: $(DEMO_NEEDS) ## Build, start PostgreSQL, nats-server, the 3 services and 2 relays, run the saga, print what happened
+	$(CARGO) build --locked -q -p demo-services -p relay --bins
+	$(CARGO) run --locked -q -p demo-services --bin demo -- run
+
+up: $(DEMO_NEEDS) ## Start the demo stack on ports 3001-3003 in the foreground (ctrl-c stops it)
+	$(CARGO) build --locked -q -p demo-services -p relay --bins
+	$(CARGO) run --locked -q -p demo-services --bin demo -- up
 
 tools: ## Install what is missing: PostgreSQL (apt-get when root) and nats-server 2.15.1 into .tools/bin
 	@tools/install.sh

@@ -420,6 +420,26 @@ impl Stack {
             .context("no orderId in the response")
     }
 
+    /// The order's history as `"<direction> <type>"` entries (`GET /orders/{id}/events`).
+    pub async fn history(&self, order_id: &str) -> anyhow::Result<Vec<String>> {
+        let r = client::get(&format!("{}/orders/{order_id}/events", self.urls.order)).await?;
+        if r.status != 200 {
+            bail!("GET events of {order_id}: {} {}", r.status, r.text);
+        }
+        Ok(r.json["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["direction"].as_str().unwrap_or_default(),
+                    e["type"].as_str().unwrap_or_default()
+                )
+            })
+            .collect())
+    }
+
     /// `GET /orders/{id}`.
     pub async fn order(&self, order_id: &str) -> anyhow::Result<Value> {
         let r = client::get(&format!("{}/orders/{order_id}", self.urls.order)).await?;
@@ -674,10 +694,9 @@ pub async fn run_demo(stack: &Stack) -> anyhow::Result<String> {
     for o in &orders {
         let _ = writeln!(
             out,
-            "  {:<8} {}  {:<9}  {:>8.2}  {}",
+            "  {:<8} {}  {:<9} {:>9.2}  {}",
             o["userId"].as_str().unwrap_or_default(),
-            &o["orderId"].as_str().unwrap_or_default()
-                [..8.min(o["orderId"].as_str().unwrap_or_default().len())],
+            o["orderId"].as_str().unwrap_or_default(),
             o["status"].as_str().unwrap_or_default(),
             o["total"].as_f64().unwrap_or_default(),
             o["reason"].as_str().unwrap_or(""),
@@ -734,22 +753,34 @@ pub async fn run_demo(stack: &Stack) -> anyhow::Result<String> {
             );
         }
     }
-    let history = client::get(&format!("{}/orders/{}/events", stack.urls.order, ids[0]))
-        .await?
-        .json;
-    let types: Vec<String> = history["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            format!(
-                "{} {}",
-                e["direction"].as_str().unwrap_or_default(),
-                e["type"].as_str().unwrap_or_default()
-            )
-        })
-        .collect();
-    let _ = writeln!(out, "Events of alice's order: {}", types.join(" -> "));
+    let _ = writeln!(
+        out,
+        "Events of alice's order: {}",
+        stack.history(&ids[0]).await?.join(" -> ")
+    );
+    // A declined payment's compensation: inventory releases the stock, order-service
+    // records the release.
+    if let Some(declined) = orders.iter().find(|o| {
+        o["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("payment failed")
+    }) {
+        let id = declined["orderId"].as_str().unwrap_or_default();
+        let released = "received inventory.released.v1".to_owned();
+        wait_for(
+            Duration::from_secs(30),
+            "the release to reach the order's history",
+            || async { Ok(stack.history(id).await?.contains(&released)) },
+        )
+        .await?;
+        let _ = writeln!(
+            out,
+            "Events of {}'s order (payment declined): {}",
+            declined["userId"].as_str().unwrap_or_default(),
+            stack.history(id).await?.join(" -> ")
+        );
+    }
 
     match trace_id_of(
         &stack.log_dir.join("order-service.log"),

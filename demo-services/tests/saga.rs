@@ -31,28 +31,6 @@ async fn stock(stack: &Stack, product: &str) -> (i64, i64) {
     )
 }
 
-fn event_types(history: &Value) -> Vec<String> {
-    history["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| {
-            format!(
-                "{} {}",
-                e["direction"].as_str().unwrap_or_default(),
-                e["type"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
-}
-
-async fn history(stack: &Stack, order_id: &str) -> Value {
-    client::get(&format!("{}/orders/{order_id}/events", stack.urls.order))
-        .await
-        .expect("GET events")
-        .json
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn success_insufficient_stock_and_payment_failure_with_compensation() {
     // Seed 3: with a 50% success rate the 1st payment succeeds and the 2nd is declined.
@@ -114,7 +92,7 @@ async fn success_insufficient_stock_and_payment_failure_with_compensation() {
     assert_eq!(stock(&stack, "prod-002").await, (49, 0));
 
     assert_eq!(
-        event_types(&history(&stack, &paid).await),
+        stack.history(&paid).await.expect("history"),
         [
             "published order.created.v1",
             "received inventory.reserved.v1",
@@ -123,18 +101,21 @@ async fn success_insufficient_stock_and_payment_failure_with_compensation() {
             "published order.confirmed.v1",
         ]
     );
-    let declined_history = history(&stack, &declined).await;
+    let declined_history = stack.history(&declined).await.expect("history");
     wait_for(
         Duration::from_secs(30),
         "the release to reach the order's history",
         || async {
-            Ok(event_types(&history(&stack, &declined).await)
+            Ok(stack
+                .history(&declined)
+                .await
+                .expect("history")
                 .contains(&"received inventory.released.v1".to_owned()))
         },
     )
     .await
     .expect("released");
-    assert!(event_types(&declined_history).starts_with(&[
+    assert!(declined_history.starts_with(&[
         "published order.created.v1".to_owned(),
         "received inventory.reserved.v1".to_owned(),
         "published payment.failed.v1".to_owned(),
@@ -142,7 +123,7 @@ async fn success_insufficient_stock_and_payment_failure_with_compensation() {
         "published order.cancelled.v1".to_owned(),
     ]));
     assert_eq!(
-        event_types(&history(&stack, &too_many).await),
+        stack.history(&too_many).await.expect("history"),
         [
             "published order.created.v1",
             "received inventory.reservation_failed.v1",
@@ -222,7 +203,10 @@ async fn cancel_endpoint_releases_stock_and_refuses_final_orders() {
         Duration::from_secs(30),
         "the release to reach the order's history",
         || async {
-            Ok(event_types(&history(&stack, &cancelled).await)
+            Ok(stack
+                .history(&cancelled)
+                .await
+                .expect("history")
                 .contains(&"received inventory.released.v1".to_owned()))
         },
     )
@@ -271,7 +255,7 @@ async fn snapshot(stack: &Stack, ids: &[String]) -> Value {
     let mut orders = Vec::new();
     for id in ids {
         let mut order = stack.order(id).await.expect("order");
-        order["history"] = json!(event_types(&history(stack, id).await));
+        order["history"] = json!(stack.history(id).await.expect("history"));
         orders.push(order);
     }
     let mut products = Vec::new();
