@@ -146,6 +146,14 @@ async fn demo_up_answers_the_readme_commands_and_stops_on_ctrl_c() {
     .await
     .expect("restock");
     assert_eq!(restocked.json["available"], 53);
+    let keyboard = client::post_json(
+        &format!("{inventory}/inventory"),
+        &json!({"product_id":"prod-003","name":"Keyboard","quantity":20,"price":49.5}),
+    )
+    .await
+    .expect("create product");
+    assert_eq!(keyboard.status, 201, "{}", keyboard.text);
+    assert_eq!(keyboard.json["available"], 20);
     let ready = client::get(&format!("{order}/health/ready"))
         .await
         .expect("ready");
@@ -181,12 +189,12 @@ fn aiosmtpd_path() -> PathBuf {
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn emails_go_through_smtp_once_per_order_with_stable_message_ids() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let maildir = dir.path().join("maildir");
+/// Starts aiosmtpd storing what it receives in the Maildir `<dir>/maildir`; returns the
+/// process and its port.
+async fn start_smtp_server(dir: &Path) -> (Process, u16) {
+    let maildir = dir.join("maildir");
     let port = testkit::free_port().expect("port");
-    let _smtp = Process::spawn(ProcessSpec {
+    let smtp = Process::spawn(ProcessSpec {
         name: "aiosmtpd",
         program: "python3".into(),
         args: [
@@ -203,8 +211,8 @@ async fn emails_go_through_smtp_once_per_order_with_stable_message_ids() {
         .chain([maildir.as_os_str().to_owned()])
         .collect(),
         env: vec![(OsString::from("PYTHONPATH"), aiosmtpd_path().into())],
-        cwd: dir.path().to_path_buf(),
-        log: dir.path().join("smtp.log"),
+        cwd: dir.to_path_buf(),
+        log: dir.join("smtp.log"),
     })
     .expect("start aiosmtpd");
     wait_for(
@@ -218,7 +226,23 @@ async fn emails_go_through_smtp_once_per_order_with_stable_message_ids() {
     )
     .await
     .expect("smtp up");
+    (smtp, port)
+}
 
+/// The messages in the Maildir's `new/`.
+fn received(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir.join("maildir/new")) else {
+        return Vec::new();
+    };
+    entries
+        .map(|e| std::fs::read_to_string(e.expect("entry").path()).expect("read"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emails_go_through_smtp_once_per_order_with_stable_message_ids() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_smtp, port) = start_smtp_server(dir.path()).await;
     let always = PaymentSimulation {
         success_rate: 1.0,
         seed: 1,
@@ -250,11 +274,7 @@ async fn emails_go_through_smtp_once_per_order_with_stable_message_ids() {
         "SMTP mode writes no files"
     );
 
-    let received = maildir.join("new");
-    let mut messages = Vec::new();
-    for entry in std::fs::read_dir(&received).expect("maildir/new") {
-        messages.push(std::fs::read_to_string(entry.expect("entry").path()).expect("read"));
-    }
+    let messages = received(dir.path());
     assert_eq!(messages.len(), 2, "one email per order: {messages:?}");
     for (order, kind, to) in [
         (&confirmed, "confirmation", "ann@example.com"),
@@ -267,5 +287,61 @@ async fn emails_go_through_smtp_once_per_order_with_stable_message_ids() {
             .unwrap_or_else(|| panic!("no message with {id}: {messages:?}"));
         assert!(message.contains(&format!("To: {to}")), "{message}");
     }
+    stack.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_service_killed_mid_send_sends_the_email_once_after_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_smtp, port) = start_smtp_server(dir.path()).await;
+    // The SMTP connection goes through a proxy that we stall, so the send hangs mid-way.
+    let proxy = testkit::TcpProxy::start(([127, 0, 0, 1], port).into())
+        .await
+        .expect("proxy");
+    let always = PaymentSimulation {
+        success_rate: 1.0,
+        seed: 1,
+    };
+    let (mut stack, _run) = common::start(always, Some(format!("smtp://{}", proxy.addr()))).await;
+    stack.seed().await.expect("seed");
+    proxy.stall();
+    let order = stack
+        .place_order("cy", &[("prod-002", 1)])
+        .await
+        .expect("order");
+    stack
+        .wait_terminal(std::slice::from_ref(&order), Duration::from_secs(60))
+        .await
+        .expect("final");
+    let email_db = stack.db.email.clone();
+    wait_for(
+        Duration::from_secs(30),
+        "the email to be recorded",
+        || async {
+            Ok(
+                demo_services::email::store::counts(&mut *email_db.acquire().await?).await?
+                    == (0, 1),
+            )
+        },
+    )
+    .await
+    .expect("recorded");
+
+    stack.email.kill().expect("SIGKILL email-service");
+    assert!(
+        received(dir.path()).is_empty(),
+        "nothing got through the stalled link"
+    );
+    proxy.unstall();
+    stack.email.restart().expect("restart email-service");
+
+    wait_for(Duration::from_secs(60), "the email to be sent", || async {
+        Ok(demo_services::email::store::counts(&mut *email_db.acquire().await?).await? == (1, 0))
+    })
+    .await
+    .expect("sent");
+    let messages = received(dir.path());
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert!(messages[0].contains(&format!("Message-ID: <{order}.confirmation@")));
     stack.stop().await.expect("clean stop");
 }
