@@ -13,9 +13,11 @@
 //!   sent (SMTP or `.eml` files).
 //! - [`platform`]: what the services share: config, telemetry, health, metrics, JSON errors.
 //! - [`store`]: the shared schema helper (each service's own SQL is in its `store` module).
+//! - [`chaos`]: the chaos run behind `make chaos`: load, seeded faults, invariants.
 //! - [`client`]: a minimal HTTP/1.1 JSON client (the runner and the tests use it).
 //! - [`stack`]: starting the whole topology as processes and running the demo scenario.
 
+pub mod chaos;
 pub mod client;
 pub mod email;
 pub mod events;

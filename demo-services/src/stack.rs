@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use testkit::{NatsServer, Postgres, Process, ProcessSpec};
+use testkit::{NatsServer, Postgres, Process, ProcessSpec, TcpProxy};
 
 use crate::client;
 use crate::events;
@@ -38,6 +38,9 @@ pub struct StackOptions {
     pub payment: PaymentSimulation,
     /// `SMTP_URL` for email-service; `None` writes `.eml` files to `<dir>/mail`.
     pub smtp_url: Option<String>,
+    /// Connect order-service's relay to the broker through a [`TcpProxy`] (for fault
+    /// injection: latency, cuts); see [`Stack::order_relay_proxy`].
+    pub proxy_order_relay: bool,
 }
 
 /// Base URLs of the running processes.
@@ -83,6 +86,8 @@ pub struct Stack {
     pub order_relay: Process,
     /// inventory-service's relay sidecar.
     pub inventory_relay: Process,
+    /// The proxy between order-service's relay and the broker, when asked for.
+    pub order_relay_proxy: Option<TcpProxy>,
     /// Where everything listens.
     pub urls: Urls,
     /// The databases.
@@ -265,12 +270,25 @@ impl Stack {
         wait_ready("email-service", &url(ports[1]), &mut email).await?;
         wait_ready("inventory-service", &url(ports[2]), &mut inventory).await?;
 
+        let order_relay_proxy = if options.proxy_order_relay {
+            Some(
+                TcpProxy::start(nats.addr())
+                    .await
+                    .context("starting the relay proxy")?,
+            )
+        } else {
+            None
+        };
+        let order_relay_nats = match &order_relay_proxy {
+            Some(proxy) => format!("nats://{}", proxy.addr()),
+            None => nats_url.clone(),
+        };
         let relay_ports = [testkit::free_port()?, testkit::free_port()?];
         let subjects = events::STREAM_SUBJECTS.join(",");
-        let relay_env = |db: &str, port: u16, id: &str| {
+        let relay_env = |db: &str, nats: &str, port: u16, id: &str| {
             env(&[
                 ("DATABASE_URL", db),
-                ("NATS_URL", &nats_url),
+                ("NATS_URL", nats),
                 ("RELAY_STREAM", events::STREAM),
                 ("RELAY_STREAM_SUBJECTS", &subjects),
                 ("RELAY_HTTP_ADDR", &format!("127.0.0.1:{port}")),
@@ -283,7 +301,12 @@ impl Stack {
             "order-relay",
             options.relay_bin.clone(),
             &["run"],
-            relay_env(&urls_db["demo_orders"], relay_ports[0], "order-relay"),
+            relay_env(
+                &urls_db["demo_orders"],
+                &order_relay_nats,
+                relay_ports[0],
+                "order-relay",
+            ),
         )?;
         let mut inventory_relay = spawn(
             "inventory-relay",
@@ -291,6 +314,7 @@ impl Stack {
             &["run"],
             relay_env(
                 &urls_db["demo_inventory"],
+                &nats_url,
                 relay_ports[1],
                 "inventory-relay",
             ),
@@ -323,6 +347,7 @@ impl Stack {
             email,
             order_relay,
             inventory_relay,
+            order_relay_proxy,
             urls: Urls {
                 order: url(ports[0]),
                 email: url(ports[1]),
@@ -370,7 +395,13 @@ impl Stack {
     /// Creates the two demo products (an existing one is left as it is) and waits until
     /// order-service's catalogue knows them.
     pub async fn seed(&self) -> anyhow::Result<()> {
-        for (id, name, quantity, price) in SEED_PRODUCTS {
+        self.seed_with(&SEED_PRODUCTS).await
+    }
+
+    /// Like [`Stack::seed`] with other quantities: (id, name, quantity, price); ids and
+    /// names should be those of [`SEED_PRODUCTS`], which [`Stack::place_order`] uses.
+    pub async fn seed_with(&self, products: &[(&str, &str, i64, f64)]) -> anyhow::Result<()> {
+        for (id, name, quantity, price) in products {
             let r = client::post_json(
                 &format!("{}/inventory", self.urls.inventory),
                 &json!({ "product_id": id, "name": name, "quantity": quantity, "price": price }),
@@ -387,7 +418,7 @@ impl Stack {
             || async {
                 let r = client::get(&catalogue).await?;
                 let known = r.json["products"].as_array().map_or(0, Vec::len);
-                Ok(known >= SEED_PRODUCTS.len())
+                Ok(known >= products.len())
             },
         )
         .await

@@ -78,6 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seed: cli.payment_seed,
         },
         smtp_url: cli.smtp_url,
+        proxy_order_relay: false,
     };
     println!(
         "demo: starting PostgreSQL{}, nats-server{}, 3 services and 2 relays (logs in {})",

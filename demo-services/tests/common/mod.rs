@@ -50,6 +50,7 @@ pub async fn start(
         ports: None,
         payment,
         smtp_url,
+        proxy_order_relay: false,
     })
     .await
     .expect("start the demo stack");
