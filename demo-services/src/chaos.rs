@@ -357,7 +357,7 @@ async fn load(urls: Urls, options: ChaosOptions) -> Vec<(String, anyhow::Result<
     placed
 }
 
-fn process<'a>(stack: &'a mut Stack, relay: Relay) -> &'a mut testkit::Process {
+fn process(stack: &mut Stack, relay: Relay) -> &mut testkit::Process {
     match relay {
         Relay::Order => &mut stack.order_relay,
         Relay::Inventory => &mut stack.inventory_relay,
