@@ -4,7 +4,7 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
-.PHONY: help tools test lint fmt bench demo up
+.PHONY: help tools test lint fmt bench demo up chaos
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -19,6 +19,12 @@ demo: $(DEMO_NEEDS) ## Build, start PostgreSQL, nats-server, the 3 services and 
 up: $(DEMO_NEEDS) ## Start the demo stack on ports 3001-3003 in the foreground (ctrl-c stops it)
 	$(CARGO) build --locked -q -p demo-services -p relay --bins
 	$(CARGO) run --locked -q -p demo-services --bin demo -- up
+
+CHAOS_ARGS ?=
+
+chaos: tools ## Kill the broker, relays, services and PostgreSQL mid-flow under load; check nothing is lost or doubled (CHAOS_ARGS="--seed 7 --orders 1000 --rate 20")
+	$(CARGO) build --locked -q -p demo-services -p relay --bins
+	$(CARGO) run --locked -q -p demo-services --bin chaos -- $(CHAOS_ARGS)
 
 tools: ## Install what is missing: PostgreSQL (apt-get when root) and nats-server 2.15.1 into .tools/bin
 	@tools/install.sh

@@ -654,3 +654,71 @@ async fn check(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_holds_every_promised_fault_and_follows_the_seed() {
+        let load = Duration::from_secs(50);
+        let a = schedule(5, load);
+        assert_eq!(a, schedule(5, load), "same seed, same schedule");
+        assert_ne!(a, schedule(6, load), "another seed, another schedule");
+        let count = |f: fn(&Fault) -> bool| a.iter().filter(|(_, x)| f(x)).count();
+        assert_eq!(count(|f| matches!(f, Fault::KillBroker { .. })), 3);
+        assert_eq!(
+            count(
+                |f| matches!(f, Fault::PauseBroker { paused } if *paused > Duration::from_secs(5))
+            ),
+            1
+        );
+        assert_eq!(count(|f| matches!(f, Fault::HangThenKillBroker { .. })), 1);
+        assert_eq!(
+            count(|f| matches!(
+                f,
+                Fault::KillRelay {
+                    relay: Relay::Order,
+                    ..
+                }
+            )),
+            1
+        );
+        assert_eq!(
+            count(|f| matches!(
+                f,
+                Fault::KillRelay {
+                    relay: Relay::Inventory,
+                    ..
+                }
+            )),
+            1
+        );
+        assert_eq!(count(|f| matches!(f, Fault::TermRelay { .. })), 1);
+        assert_eq!(
+            count(|f| matches!(
+                f,
+                Fault::KillService {
+                    service: Service::Inventory,
+                    ..
+                }
+            )),
+            1
+        );
+        assert_eq!(
+            count(|f| matches!(
+                f,
+                Fault::KillService {
+                    service: Service::Email,
+                    ..
+                }
+            )),
+            1
+        );
+        assert_eq!(count(|f| matches!(f, Fault::RestartPostgres { .. })), 1);
+        assert_eq!(count(|f| matches!(f, Fault::SlowRelayLink { .. })), 1);
+        assert_eq!(count(|f| matches!(f, Fault::CutRelayLink { .. })), 1);
+        assert!(a.windows(2).all(|w| w[0].0 <= w[1].0), "in time order");
+        assert!(a.iter().all(|(at, _)| *at < load), "all during the load");
+    }
+}
