@@ -4,7 +4,7 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
-.PHONY: help tools test lint fmt bench demo up chaos
+.PHONY: help tools test lint fmt bench demo up chaos chaos-cluster
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -25,6 +25,10 @@ CHAOS_ARGS ?=
 chaos: tools ## Kill the broker, relays, services and PostgreSQL mid-flow under load; check nothing is lost or doubled (CHAOS_ARGS="--seed 7 --orders 1000 --rate 20")
 	$(CARGO) build --locked -q -p demo-services -p relay --bins
 	$(CARGO) run --locked -q -p demo-services --bin chaos -- $(CHAOS_ARGS)
+
+chaos-cluster: tools ## The same on a 3-node JetStream cluster with an R3 stream: SIGKILL the stream leader, then a follower
+	$(CARGO) build --locked -q -p demo-services -p relay --bins
+	$(CARGO) run --locked -q -p demo-services --bin chaos -- --cluster --dir target/chaos-cluster $(CHAOS_ARGS)
 
 tools: ## Install what is missing: PostgreSQL (apt-get when root) and nats-server 2.15.1 into .tools/bin
 	@tools/install.sh

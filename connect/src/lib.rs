@@ -155,13 +155,46 @@ impl NatsConfig {
         if self.tls_required {
             options = options.require_tls(true);
         }
-        options.connect(&url).await.map_err(|e| fail(e.to_string()))
+        let servers = self.server_addrs().map_err(|e| fail(e.to_string()))?;
+        options
+            .connect(servers)
+            .await
+            .map_err(|e| fail(e.to_string()))
+    }
+
+    /// The server URLs, split at commas: async-nats parses a single `&str` as one URL.
+    pub fn server_addrs(&self) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
+        self.url()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| ConnectError::Config(format!("NATS URL {u:?}: {e}")))
+            })
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comma_separated_urls_are_several_servers() {
+        let config = NatsConfig {
+            url: "nats://127.0.0.1:4222, nats://127.0.0.1:4223,nats://127.0.0.1:4224".into(),
+            ..NatsConfig::default()
+        };
+        let servers = config.server_addrs().expect("valid");
+        assert_eq!(servers.len(), 3);
+        assert_eq!(servers[1].port(), 4223);
+        let bad = NatsConfig {
+            url: "nats://127.0.0.1:4222,nats://host:notaport".into(),
+            ..NatsConfig::default()
+        };
+        assert!(bad.server_addrs().is_err());
+    }
 
     #[test]
     fn debug_redacts_secrets_and_auth_methods_are_exclusive() {

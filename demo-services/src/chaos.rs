@@ -32,6 +32,9 @@ pub struct ChaosOptions {
     pub bin_dir: PathBuf,
     /// The relay binary.
     pub relay_bin: PathBuf,
+    /// A 3-node JetStream cluster with an R3 stream, and the cluster schedule (stream
+    /// leader SIGKILLed, then a follower) instead of the single-server one.
+    pub cluster: bool,
 }
 
 /// A small seeded generator (splitmix64).
@@ -137,6 +140,16 @@ pub enum Fault {
         /// How long.
         during: Duration,
     },
+    /// SIGKILL the cluster node that leads the saga's stream, restart it after `down`.
+    KillStreamLeader {
+        /// Time down.
+        down: Duration,
+    },
+    /// SIGKILL a cluster node that follows the saga's stream, restart it after `down`.
+    KillStreamFollower {
+        /// Time down.
+        down: Duration,
+    },
 }
 
 impl fmt::Display for Fault {
@@ -166,6 +179,12 @@ impl fmt::Display for Fault {
             ),
             Fault::CutRelayLink { during } => {
                 write!(f, "cut the order relay's broker link for {during:?}")
+            }
+            Fault::KillStreamLeader { down } => {
+                write!(f, "SIGKILL the stream leader node, restart after {down:?}")
+            }
+            Fault::KillStreamFollower { down } => {
+                write!(f, "SIGKILL a stream follower node, restart after {down:?}")
             }
         }
     }
@@ -239,6 +258,70 @@ pub fn schedule(seed: u64, load: Duration) -> Vec<(Duration, Fault)> {
             (slot * i as u32 + slot / 4 + jitter, fault)
         })
         .collect()
+}
+
+/// The cluster schedule for `seed`: the stream leader SIGKILLed at about a third of the load,
+/// a follower at about two thirds.
+pub fn cluster_schedule(seed: u64, load: Duration) -> Vec<(Duration, Fault)> {
+    let mut rng = Rng::new(seed ^ 0x0c1_5e7e);
+    vec![
+        (
+            load / 4 + rng.millis(0, (load.as_millis() as u64 / 8).max(1)),
+            Fault::KillStreamLeader {
+                down: rng.millis(1000, 4000),
+            },
+        ),
+        (
+            load * 3 / 5 + rng.millis(0, (load.as_millis() as u64 / 8).max(1)),
+            Fault::KillStreamFollower {
+                down: rng.millis(1000, 4000),
+            },
+        ),
+    ]
+}
+
+/// The names of the saga stream's leader and followers, as the cluster reports them
+/// (asking again for up to 30 s while a new leader is being elected).
+async fn stream_placement(stack: &Stack) -> anyhow::Result<(String, Vec<String>)> {
+    let start = Instant::now();
+    loop {
+        match try_stream_placement(stack).await {
+            Ok(placement) => return Ok(placement),
+            Err(e) if start.elapsed() > Duration::from_secs(30) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+async fn try_stream_placement(stack: &Stack) -> anyhow::Result<(String, Vec<String>)> {
+    let client = crate::platform::NatsConfig {
+        url: stack.nats_url.clone(),
+        ..crate::platform::NatsConfig::default()
+    }
+    .connect()
+    .await?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(crate::events::STREAM).await?;
+    let info = stream.info().await?;
+    let cluster = info
+        .cluster
+        .clone()
+        .context("the stream has no cluster info")?;
+    let leader = cluster.leader.context("the stream has no leader")?;
+    let followers = cluster.replicas.iter().map(|r| r.name.clone()).collect();
+    Ok((leader, followers))
+}
+
+/// The cluster node called `name`.
+fn node<'a>(stack: &'a mut Stack, name: &str) -> anyhow::Result<&'a mut testkit::NatsServer> {
+    if stack.nats.server_name().as_deref() == Some(name) {
+        return Ok(&mut stack.nats);
+    }
+    stack
+        .nats_peers
+        .iter_mut()
+        .find(|n| n.server_name().as_deref() == Some(name))
+        .with_context(|| format!("no cluster node named {name}"))
 }
 
 /// What a run found.
@@ -414,6 +497,21 @@ async fn inject(stack: &mut Stack, fault: Fault) -> anyhow::Result<()> {
             tokio::time::sleep(during).await;
             proxy.set_latency(Duration::ZERO);
         }
+        Fault::KillStreamLeader { down } | Fault::KillStreamFollower { down } => {
+            let (leader, followers) = stream_placement(stack).await?;
+            let name = match fault {
+                Fault::KillStreamLeader { .. } => leader,
+                _ => followers
+                    .first()
+                    .cloned()
+                    .context("the stream has no follower")?,
+            };
+            println!("chaos:   node {name}");
+            let victim = node(stack, &name)?;
+            victim.kill()?;
+            tokio::time::sleep(down).await;
+            node(stack, &name)?.restart().await?;
+        }
         Fault::CutRelayLink { during } => {
             let proxy = stack.order_relay_proxy.as_ref().context("no relay proxy")?;
             proxy.cut();
@@ -490,7 +588,8 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
             seed: options.seed,
         },
         smtp_url: None,
-        proxy_order_relay: true,
+        proxy_order_relay: !options.cluster,
+        cluster: options.cluster,
     })
     .await?;
     let laptops = (options.orders as i64 / 5).max(5);
@@ -503,7 +602,11 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
         .await?;
     let initial = [("prod-001", laptops), ("prod-002", mice)];
     let load_time = Duration::from_secs_f64(options.orders as f64 / options.rate);
-    let faults = schedule(options.seed, load_time);
+    let faults = if options.cluster {
+        cluster_schedule(options.seed, load_time)
+    } else {
+        schedule(options.seed, load_time)
+    };
     println!(
         "chaos: seed={} orders={} rate={}/s faults={} (logs in {})",
         options.seed,

@@ -44,6 +44,9 @@ pub struct ServiceConfig {
     pub http_addr: SocketAddr,
     /// `/health/ready` fails when the oldest unpublished outbox row is older than this.
     pub relay_lag_max: Duration,
+    /// Replicas of the saga's stream when this service creates it (`STREAM_REPLICAS`,
+    /// default 1; 3 on a cluster).
+    pub stream_replicas: usize,
 }
 
 impl ServiceConfig {
@@ -64,6 +67,14 @@ impl ServiceConfig {
             ),
             None => Duration::from_secs(30),
         };
+        let stream_replicas = match var("STREAM_REPLICAS") {
+            Some(s) => s
+                .parse()
+                .ok()
+                .filter(|r| (1..=5).contains(r))
+                .with_context(|| format!("STREAM_REPLICAS {s:?} must be 1 to 5"))?,
+            None => 1,
+        };
         let nats = NatsConfig {
             url: var("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
             user: var("NATS_USER"),
@@ -82,6 +93,7 @@ impl ServiceConfig {
             nats,
             http_addr,
             relay_lag_max,
+            stream_replicas,
         })
     }
 }
@@ -163,6 +175,7 @@ pub async fn migrate(pool: &PgPool, schema: &'static str) -> anyhow::Result<()> 
 /// Creates or verifies the saga's stream, retrying until the broker answers or `stop`.
 pub async fn ensure_demo_stream(
     jetstream: &async_nats::jetstream::Context,
+    replicas: usize,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let spec = StreamSpec {
@@ -172,7 +185,7 @@ pub async fn ensure_demo_stream(
             .map(|s| (*s).to_owned())
             .collect(),
         duplicate_window: Duration::from_secs(120),
-        replicas: 1,
+        replicas,
     };
     loop {
         match ensure_stream(jetstream, &spec).await {
@@ -195,11 +208,15 @@ pub fn spawn_consumer(
     pool: PgPool,
     jetstream: async_nats::jetstream::Context,
     handler: Arc<dyn inbox::RawHandler>,
+    stream_replicas: usize,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let name = config.name.clone();
-        if ensure_demo_stream(&jetstream, &stop).await.is_err() {
+        if ensure_demo_stream(&jetstream, stream_replicas, &stop)
+            .await
+            .is_err()
+        {
             return;
         }
         while !stop.is_cancelled() {

@@ -41,6 +41,8 @@ pub struct StackOptions {
     /// Connect order-service's relay to the broker through a [`TcpProxy`] (for fault
     /// injection: latency, cuts); see [`Stack::order_relay_proxy`].
     pub proxy_order_relay: bool,
+    /// Run a 3-node JetStream cluster on loopback with an R3 stream instead of one server.
+    pub cluster: bool,
 }
 
 /// Base URLs of the running processes.
@@ -74,8 +76,13 @@ pub struct Databases {
 pub struct Stack {
     /// PostgreSQL (started here, or the external `DATABASE_URL` server).
     pub postgres: Postgres,
-    /// nats-server (started here, or the external `NATS_URL` server).
+    /// nats-server (started here, or the external `NATS_URL` server); with `cluster`, the
+    /// first node.
     pub nats: NatsServer,
+    /// The other nodes of the cluster (empty without `cluster`).
+    pub nats_peers: Vec<NatsServer>,
+    /// The broker URL(s) the services and relays use (comma-separated for a cluster).
+    pub nats_url: String,
     /// order-service.
     pub order: Process,
     /// inventory-service.
@@ -189,9 +196,24 @@ impl Stack {
             );
         }
 
-        let (postgres, nats) = tokio::join!(Postgres::start(), NatsServer::start());
+        let brokers = async {
+            if options.cluster {
+                NatsServer::start_cluster(3).await
+            } else {
+                NatsServer::start().await.map(|n| vec![n])
+            }
+        };
+        let (postgres, brokers) = tokio::join!(Postgres::start(), brokers);
         let postgres = postgres.context("starting PostgreSQL")?;
-        let nats = nats.context("starting nats-server")?;
+        let mut brokers = brokers.context("starting nats-server")?;
+        let nats_url = brokers
+            .iter()
+            .map(|b| b.url().to_owned())
+            .collect::<Vec<_>>()
+            .join(",");
+        let nats = brokers.remove(0);
+        let nats_peers = brokers;
+        let replicas = if options.cluster { "3" } else { "1" };
         let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(postgres.url())
             .await
             .context("connecting to PostgreSQL")?;
@@ -224,11 +246,11 @@ impl Stack {
             })
             .with_context(|| format!("starting {name}"))
         };
-        let nats_url = nats.url().to_owned();
         let common = |db: &str, port: u16| {
             env(&[
                 ("DATABASE_URL", db),
                 ("NATS_URL", &nats_url),
+                ("STREAM_REPLICAS", replicas),
                 ("HTTP_ADDR", &format!("127.0.0.1:{port}")),
                 ("RUST_LOG", "info,sqlx=warn,async_nats=warn"),
             ])
@@ -342,6 +364,8 @@ impl Stack {
         Ok(Stack {
             postgres,
             nats,
+            nats_peers,
+            nats_url,
             order,
             inventory,
             email,

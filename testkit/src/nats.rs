@@ -87,6 +87,57 @@ impl NatsServer {
         }
     }
 
+    /// Starts a JetStream cluster of `nodes` servers on loopback (routes between all of them,
+    /// cluster name `testkit`), all at once since none is healthy before a quorum exists.
+    /// Each node can be killed, paused and restarted like a single server; it rejoins on
+    /// restart. Not available with `NATS_URL` set.
+    pub async fn start_cluster(nodes: usize) -> Result<Vec<NatsServer>> {
+        if std::env::var(ENV_URL).is_ok_and(|u| !u.trim().is_empty()) {
+            return Err(Error::ExternalServer {
+                server: SERVER,
+                env: ENV_URL,
+            });
+        }
+        let mut cluster_ports = Vec::with_capacity(nodes);
+        while cluster_ports.len() < nodes {
+            let port = free_port()?;
+            if !cluster_ports.contains(&port) {
+                cluster_ports.push(port);
+            }
+        }
+        let starts = cluster_ports.iter().map(|own| {
+            let routes: Vec<String> = cluster_ports
+                .iter()
+                .filter(|p| *p != own)
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            Self::start_managed(NatsConfig {
+                max_payload: None,
+                extra_args: vec![
+                    "--cluster_name".into(),
+                    "testkit".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{own}"),
+                    "--routes".into(),
+                    routes.join(","),
+                ],
+            })
+        });
+        futures::future::join_all(starts)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// The server's name (`testkit-<port>`), as JetStream reports stream leaders and
+    /// replicas; `None` for an external server.
+    pub fn server_name(&self) -> Option<String> {
+        match &self.kind {
+            Kind::Managed(m) => Some(format!("testkit-{}", m.addr.port())),
+            Kind::External { .. } => None,
+        }
+    }
+
     async fn external(url: String) -> Result<NatsServer> {
         let (host, port) = host_port(&url);
         let addr = (host, port)

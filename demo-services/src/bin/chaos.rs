@@ -27,6 +27,9 @@ struct Cli {
     /// The relay binary (default: next to this one).
     #[arg(long, env = "RELAY_BIN")]
     relay_bin: Option<PathBuf>,
+    /// A 3-node JetStream cluster with an R3 stream; kill the stream leader, then a follower.
+    #[arg(long)]
+    cluster: bool,
 }
 
 #[tokio::main]
@@ -59,6 +62,7 @@ async fn main() -> ExitCode {
         seed,
         dir,
         relay_bin: cli.relay_bin.unwrap_or_else(|| bin_dir.join("relay")),
+        cluster: cli.cluster,
         bin_dir,
     };
     println!("chaos: seed {seed} (reproduce with --seed {seed})");

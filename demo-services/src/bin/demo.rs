@@ -79,6 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         smtp_url: cli.smtp_url,
         proxy_order_relay: false,
+        cluster: false,
     };
     println!(
         "demo: starting PostgreSQL{}, nats-server{}, 3 services and 2 relays (logs in {})",

@@ -149,6 +149,7 @@ pub async fn start(config: EmailConfig) -> anyhow::Result<ServiceHandle> {
         pool.clone(),
         jetstream,
         router.into_handler(),
+        config.service.stream_replicas,
         stop.clone(),
     );
     let sender = tokio::spawn(send_loop(pool.clone(), mailer, stop.clone()));

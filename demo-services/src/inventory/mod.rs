@@ -59,6 +59,7 @@ pub async fn start(config: ServiceConfig) -> anyhow::Result<ServiceHandle> {
         pool.clone(),
         jetstream,
         router.into_handler(),
+        config.stream_replicas,
         stop.clone(),
     );
     let readiness = Readiness {

@@ -103,6 +103,7 @@ pub async fn start(config: OrderConfig) -> anyhow::Result<ServiceHandle> {
         pool.clone(),
         jetstream,
         router.into_handler(),
+        config.service.stream_replicas,
         stop.clone(),
     );
     let readiness = Readiness {

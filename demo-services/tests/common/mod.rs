@@ -51,6 +51,7 @@ pub async fn start(
         payment,
         smtp_url,
         proxy_order_relay: false,
+        cluster: false,
     })
     .await
     .expect("start the demo stack");

@@ -51,12 +51,11 @@ impl Publisher for JetStreamPublisher {
         let message = PublishMessage::build()
             .headers(headers)
             .payload(envelope.payload.clone());
-        let send = self
-            .context
-            .send_publish(envelope.subject.to_string(), message);
+        let subject = envelope.subject.to_string();
+        let send = self.context.send_publish(subject.clone(), message);
         let pending = match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(pending)) => pending,
-            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Err(e)) => return Err(confirm(&self.context, &subject, classify(&e)).await),
             Err(_) => {
                 return Err(PublishError::new(
                     PublishErrorKind::Unavailable,
@@ -65,6 +64,7 @@ impl Publisher for JetStreamPublisher {
             }
         };
         let timeout = self.timeout;
+        let context = self.context.clone();
         Ok(async move {
             match tokio::time::timeout(timeout, pending.into_future()).await {
                 Ok(Ok(ack)) => Ok(Ack {
@@ -72,7 +72,7 @@ impl Publisher for JetStreamPublisher {
                     sequence: ack.sequence,
                     duplicate: ack.duplicate,
                 }),
-                Ok(Err(e)) => Err(classify(&e)),
+                Ok(Err(e)) => Err(confirm(&context, &subject, classify(&e)).await),
                 Err(_) => Err(PublishError::new(
                     PublishErrorKind::Timeout,
                     "no PubAck in time",
@@ -84,6 +84,36 @@ impl Publisher for JetStreamPublisher {
 
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// Confirms a `NoStream` failure before it counts as permanent: while a clustered stream
+/// elects a new leader, publishes find no responder and async-nats reports "no stream", yet
+/// the stream exists. Only when the JetStream API answers that no stream captures `subject`
+/// does the failure stay `NoStream`; if a stream does, or the API does not answer, it is
+/// `Unavailable` (retried without limit).
+async fn confirm(context: &jetstream::Context, subject: &str, error: PublishError) -> PublishError {
+    use async_nats::jetstream::context::GetStreamByNameErrorKind as Lookup;
+    if error.kind != PublishErrorKind::NoStream {
+        return error;
+    }
+    let lookup = tokio::time::timeout(Duration::from_secs(2), context.stream_by_subject(subject));
+    match lookup.await {
+        Ok(Err(e)) if matches!(e.kind(), Lookup::NotFound) => error,
+        Ok(Ok(stream)) => PublishError::new(
+            PublishErrorKind::Unavailable,
+            format!(
+                "{} (stream {stream} captures the subject but did not answer: leader election?)",
+                error.message
+            ),
+        ),
+        _ => PublishError::new(
+            PublishErrorKind::Unavailable,
+            format!(
+                "{} (could not confirm with the JetStream API)",
+                error.message
+            ),
+        ),
     }
 }
 
