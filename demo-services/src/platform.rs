@@ -138,6 +138,15 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Registers `counters` at zero so that `/metrics` lists them before their first event
+/// (Prometheus queries and alerts then see 0 rather than nothing).
+pub fn register_counters(counters: &[&'static str]) {
+    let _ = metrics_handle();
+    for name in counters {
+        metrics::counter!(*name).increment(0);
+    }
+}
+
 /// A pool to the service's database, waiting (up to `patience`) for PostgreSQL to accept
 /// connections: services may start before it or while it restarts.
 pub async fn connect_database(url: &str, patience: Duration) -> anyhow::Result<PgPool> {

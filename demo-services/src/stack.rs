@@ -129,6 +129,39 @@ pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
 
 const READY_DEADLINE: Duration = Duration::from_secs(90);
 
+/// Deletes the saga's stream (and with it the durable consumers) if a previous run left it
+/// on the broker: each run starts from empty databases, so it must start from an empty
+/// stream too.
+async fn reset_stream(nats_url: &str) -> anyhow::Result<()> {
+    let client = crate::platform::NatsConfig {
+        url: nats_url.to_owned(),
+        ..crate::platform::NatsConfig::default()
+    }
+    .connect()
+    .await
+    .context("connecting to NATS")?;
+    let js = async_nats::jetstream::new(client);
+    let start = tokio::time::Instant::now();
+    loop {
+        match js.delete_stream(events::STREAM).await {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::context::DeleteStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                return Ok(());
+            }
+            Err(e) if start.elapsed() > Duration::from_secs(30) => {
+                return Err(anyhow!(e).context(format!("deleting the stream {}", events::STREAM)));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
 async fn wait_ready(name: &str, url: &str, process: &mut Process) -> anyhow::Result<()> {
     let start = tokio::time::Instant::now();
     loop {
@@ -213,6 +246,7 @@ impl Stack {
             .join(",");
         let nats = brokers.remove(0);
         let nats_peers = brokers;
+        reset_stream(&nats_url).await?;
         let replicas = if options.cluster { "3" } else { "1" };
         let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(postgres.url())
             .await

@@ -131,7 +131,7 @@ async fn success_insufficient_stock_and_payment_failure_with_compensation() {
         ]
     );
 
-    // Metrics count what happened.
+    // Metrics count what happened (and exist at zero before anything happens).
     let metrics = client::get(&format!("{}/metrics", stack.urls.order))
         .await
         .expect("metrics")
@@ -684,7 +684,15 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing() {
     assert_eq!(r.status, 405, "{}", r.text);
     assert!(r.json["error"].is_string(), "{}", r.text);
 
-    // Nothing was written: no order, no outbox message, stock unchanged.
+    // Nothing was written: no order, no outbox message, stock unchanged, nothing counted.
+    let metrics = client::get(&format!("{}/metrics", stack.urls.order))
+        .await
+        .expect("metrics")
+        .text;
+    assert!(
+        metrics.lines().any(|l| l == "orders_created_total 0"),
+        "{metrics}"
+    );
     let mut conn = stack.db.orders.acquire().await.expect("conn");
     assert_eq!(
         demo_services::order::store::count_orders(&mut conn)

@@ -137,6 +137,7 @@ pub fn parse_smtp_url(url: &str) -> anyhow::Result<(String, u16)> {
 
 /// Starts email-service: schema, consumer, sender, HTTP (health and metrics only).
 pub async fn start(config: EmailConfig) -> anyhow::Result<ServiceHandle> {
+    platform::register_counters(&["emails_queued_total", "emails_sent_total"]);
     let mailer = Mailer::new(&config.target)?;
     let (pool, nats) = platform::connect_all(&config.service, NAME, store::SCHEMA).await?;
     let jetstream = async_nats::jetstream::new(nats.clone());

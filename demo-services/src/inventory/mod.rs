@@ -43,6 +43,7 @@ struct AppState {
 
 /// Starts inventory-service: schema, consumer, HTTP API.
 pub async fn start(config: ServiceConfig) -> anyhow::Result<ServiceHandle> {
+    platform::register_counters(&["inventory_reservations_total", "inventory_failures_total"]);
     let (pool, nats) = platform::connect_all(&config, NAME, store::SCHEMA).await?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let outbox = Outbox::new(NAME)?;

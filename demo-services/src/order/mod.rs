@@ -93,6 +93,14 @@ struct AppState {
 
 /// Starts order-service: schema, consumer, HTTP API.
 pub async fn start(config: OrderConfig) -> anyhow::Result<ServiceHandle> {
+    platform::register_counters(&[
+        "orders_created_total",
+        "orders_confirmed_total",
+        "orders_cancelled_total",
+        "payments_processed_total",
+        "payments_success_total",
+        "payments_failed_total",
+    ]);
     let (pool, nats) = platform::connect_all(&config.service, NAME, store::SCHEMA).await?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let outbox = Outbox::new(NAME)?;
