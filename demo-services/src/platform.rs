@@ -538,6 +538,114 @@ pub async fn connect_all(
     Ok((pool, nats))
 }
 
+/// The consumer settings the three services share: quick retries for a demo.
+pub fn consumer_config(name: &str, subjects: Vec<String>) -> ConsumerConfig {
+    ConsumerConfig {
+        filter_subjects: subjects,
+        concurrency: 8,
+        max_attempts: 10,
+        ack_wait: Duration::from_secs(10),
+        retry_min_delay: Duration::from_millis(200),
+        retry_max_delay: Duration::from_secs(5),
+        retry_poll_interval: Duration::from_millis(500),
+        ..ConsumerConfig::new(name, events::STREAM)
+    }
+}
+
+/// What a starting service has: its database pool, broker connection, stop signal and
+/// background tasks. [`Runtime::serve`] turns it into a running [`ServiceHandle`].
+pub struct Runtime {
+    /// The service's name (consumer, outbox source, NATS connection name).
+    pub name: &'static str,
+    /// Its configuration.
+    pub config: ServiceConfig,
+    /// Its database (schemas applied).
+    pub pool: PgPool,
+    /// The broker connection.
+    pub nats: async_nats::Client,
+    /// Cancelled when the service stops.
+    pub stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Runtime {
+    /// Registers `counters` at zero, connects to the database (applying the toolkit's
+    /// schema and `schema`) and to the broker.
+    pub async fn connect(
+        name: &'static str,
+        config: ServiceConfig,
+        schema: &'static str,
+        counters: &[&'static str],
+    ) -> anyhow::Result<Runtime> {
+        register_counters(counters);
+        let (pool, nats) = connect_all(&config, name, schema).await?;
+        Ok(Runtime {
+            name,
+            config,
+            pool,
+            nats,
+            stop: CancellationToken::new(),
+            tasks: Vec::new(),
+        })
+    }
+
+    /// Runs the service's inbox consumer over `router`'s event types until the service stops.
+    pub fn consume(&mut self, router: inbox::Router) {
+        let consumer = spawn_consumer(
+            consumer_config(self.name, router.subjects()),
+            self.pool.clone(),
+            async_nats::jetstream::new(self.nats.clone()),
+            router.into_handler(),
+            self.config.stream_replicas,
+            self.stop.clone(),
+        );
+        self.tasks.push(consumer);
+    }
+
+    /// Adds a background task that ends when [`Runtime::stop`] is cancelled.
+    pub fn spawn(&mut self, task: JoinHandle<()>) {
+        self.tasks.push(task);
+    }
+
+    /// Serves `api` plus `/health`, `/health/ready` (with the relay lag when the service
+    /// writes an outbox) and `/metrics` on the configured address.
+    pub async fn serve(self, api: Router, has_outbox: bool) -> anyhow::Result<ServiceHandle> {
+        let readiness = Readiness {
+            pool: self.pool.clone(),
+            nats: self.nats.clone(),
+            has_outbox,
+            relay_lag_max: self.config.relay_lag_max,
+        };
+        let app = finish_routes(api.merge(ops_routes(readiness)));
+        let addr = self.config.http_addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let handle = ServiceHandle::new(listener, app, self.stop, self.tasks)?;
+        tracing::info!(addr = %handle.addr, "{} listening", self.name);
+        Ok(handle)
+    }
+}
+
+/// The body of each service binary's `main`: telemetry, then `start`, then serve until
+/// SIGTERM or ctrl-c; a failure to start is one line on stderr and exit code 1.
+pub async fn run_main<F>(name: &'static str, start: F) -> std::process::ExitCode
+where
+    F: Future<Output = anyhow::Result<ServiceHandle>>,
+{
+    init_telemetry(name);
+    match start.await {
+        Ok(service) => {
+            service.run_until_signal().await;
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs `fut` unless `stop` fires first.
 pub async fn until_stopped<F: Future<Output = ()>>(stop: &CancellationToken, fut: F) {
     tokio::select! {

@@ -5,19 +5,8 @@ use demo_services::{email, platform};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    platform::init_telemetry(email::NAME);
-    let started = match email::EmailConfig::from_env() {
-        Ok(config) => email::start(config).await,
-        Err(e) => Err(e),
-    };
-    match started {
-        Ok(service) => {
-            service.run_until_signal().await;
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("email-service: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    platform::run_main(email::NAME, async {
+        email::start(email::EmailConfig::from_env()?).await
+    })
+    .await
 }

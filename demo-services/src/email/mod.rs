@@ -30,7 +30,7 @@ use uuid::Uuid;
 use self::store::EmailRow;
 use crate::events::{OrderCancelled, OrderConfirmed, OrderLine};
 use crate::order::money;
-use crate::platform::{self, Readiness, ServiceConfig, ServiceHandle};
+use crate::platform::{Runtime, ServiceConfig, ServiceHandle};
 
 /// The documented port.
 pub const DEFAULT_PORT: u16 = 3002;
@@ -137,41 +137,22 @@ pub fn parse_smtp_url(url: &str) -> anyhow::Result<(String, u16)> {
 
 /// Starts email-service: schema, consumer, sender, HTTP (health and metrics only).
 pub async fn start(config: EmailConfig) -> anyhow::Result<ServiceHandle> {
-    platform::register_counters(&["emails_queued_total", "emails_sent_total"]);
     let mailer = Mailer::new(&config.target)?;
-    let (pool, nats) = platform::connect_all(&config.service, NAME, store::SCHEMA).await?;
-    let jetstream = async_nats::jetstream::new(nats.clone());
-    let stop = CancellationToken::new();
-    let router = inbox::Router::new()
-        .route::<OrderConfirmed, _>(Compose)
-        .route::<OrderCancelled, _>(Compose);
-    let consumer = platform::spawn_consumer(
-        crate::order::consumer_config(NAME, router.subjects()),
-        pool.clone(),
-        jetstream,
-        router.into_handler(),
-        config.service.stream_replicas,
-        stop.clone(),
+    let counters = ["emails_queued_total", "emails_sent_total"];
+    let mut runtime = Runtime::connect(NAME, config.service, store::SCHEMA, &counters).await?;
+    runtime.consume(
+        inbox::Router::new()
+            .route::<OrderConfirmed, _>(Compose)
+            .route::<OrderCancelled, _>(Compose),
     );
-    let sender = tokio::spawn(send_loop(pool.clone(), mailer, stop.clone()));
-    let readiness = Readiness {
-        pool,
-        nats,
-        has_outbox: false,
-        relay_lag_max: config.service.relay_lag_max,
-    };
-    let api = Router::new().merge(platform::ops_routes(readiness));
-    let listener = tokio::net::TcpListener::bind(config.service.http_addr)
-        .await
-        .with_context(|| format!("listening on {}", config.service.http_addr))?;
-    let handle = ServiceHandle::new(
-        listener,
-        platform::finish_routes(api),
-        stop,
-        vec![consumer, sender],
-    )?;
-    tracing::info!(addr = %handle.addr, target = ?config.target, "email-service listening");
-    Ok(handle)
+    let sender = tokio::spawn(send_loop(
+        runtime.pool.clone(),
+        mailer,
+        runtime.stop.clone(),
+    ));
+    runtime.spawn(sender);
+    tracing::info!(target = ?config.target, "emails go to");
+    runtime.serve(Router::new(), false).await
 }
 
 /// Delivers unsent emails until `stop` (finishing the batch in hand).

@@ -10,7 +10,6 @@
 
 pub mod store;
 
-use anyhow::Context as _;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -20,7 +19,6 @@ use outbox::Outbox;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool};
-use tokio_util::sync::CancellationToken;
 
 use self::store::{ProductRow, ReservationOutcome};
 use crate::events::{
@@ -28,7 +26,7 @@ use crate::events::{
     OrderConfirmed, OrderCreated, ProductUpdated, StockLine,
 };
 use crate::order::{money, price_to_cents, text_field};
-use crate::platform::{self, ApiError, ApiJson, Readiness, ServiceConfig, ServiceHandle};
+use crate::platform::{ApiError, ApiJson, Runtime, ServiceConfig, ServiceHandle};
 
 /// The documented port.
 pub const DEFAULT_PORT: u16 = 3003;
@@ -43,44 +41,27 @@ struct AppState {
 
 /// Starts inventory-service: schema, consumer, HTTP API.
 pub async fn start(config: ServiceConfig) -> anyhow::Result<ServiceHandle> {
-    platform::register_counters(&["inventory_reservations_total", "inventory_failures_total"]);
-    let (pool, nats) = platform::connect_all(&config, NAME, store::SCHEMA).await?;
-    let jetstream = async_nats::jetstream::new(nats.clone());
+    let counters = ["inventory_reservations_total", "inventory_failures_total"];
+    let mut runtime = Runtime::connect(NAME, config, store::SCHEMA, &counters).await?;
     let outbox = Outbox::new(NAME)?;
-    let stop = CancellationToken::new();
     let stock = Stock {
         outbox: outbox.clone(),
     };
-    let router = inbox::Router::new()
-        .route::<OrderCreated, _>(stock.clone())
-        .route::<OrderConfirmed, _>(stock.clone())
-        .route::<OrderCancelled, _>(stock);
-    let consumer = platform::spawn_consumer(
-        crate::order::consumer_config(NAME, router.subjects()),
-        pool.clone(),
-        jetstream,
-        router.into_handler(),
-        config.stream_replicas,
-        stop.clone(),
+    runtime.consume(
+        inbox::Router::new()
+            .route::<OrderCreated, _>(stock.clone())
+            .route::<OrderConfirmed, _>(stock.clone())
+            .route::<OrderCancelled, _>(stock),
     );
-    let readiness = Readiness {
-        pool: pool.clone(),
-        nats,
-        has_outbox: true,
-        relay_lag_max: config.relay_lag_max,
-    };
     let api = Router::new()
         .route("/inventory", post(create_product))
         .route("/inventory/{product_id}", get(get_product))
         .route("/inventory/{product_id}/restock", post(restock))
-        .with_state(AppState { pool, outbox })
-        .merge(platform::ops_routes(readiness));
-    let listener = tokio::net::TcpListener::bind(config.http_addr)
-        .await
-        .with_context(|| format!("listening on {}", config.http_addr))?;
-    let handle = ServiceHandle::new(listener, platform::finish_routes(api), stop, vec![consumer])?;
-    tracing::info!(addr = %handle.addr, "inventory-service listening");
-    Ok(handle)
+        .with_state(AppState {
+            pool: runtime.pool.clone(),
+            outbox,
+        });
+    runtime.serve(api, true).await
 }
 
 fn product_json(p: &ProductRow) -> Value {

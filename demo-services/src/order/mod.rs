@@ -11,25 +11,21 @@
 pub mod saga;
 pub mod store;
 
-use std::time::Duration;
-
 use anyhow::Context as _;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use inbox::ConsumerConfig;
 use outbox::Outbox;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use saga::PaymentSimulation;
 
-use crate::events::{self, OrderCreated, OrderLine};
-use crate::platform::{self, ApiError, ApiJson, Readiness, ServiceConfig, ServiceHandle};
+use crate::events::{OrderCreated, OrderLine};
+use crate::platform::{ApiError, ApiJson, Runtime, ServiceConfig, ServiceHandle};
 
 /// The documented port.
 pub const DEFAULT_PORT: u16 = 3001;
@@ -71,20 +67,6 @@ impl OrderConfig {
     }
 }
 
-/// The consumer settings the three services share: quick retries for a demo.
-pub(crate) fn consumer_config(name: &str, subjects: Vec<String>) -> ConsumerConfig {
-    ConsumerConfig {
-        filter_subjects: subjects,
-        concurrency: 8,
-        max_attempts: 10,
-        ack_wait: Duration::from_secs(10),
-        retry_min_delay: Duration::from_millis(200),
-        retry_max_delay: Duration::from_secs(5),
-        retry_poll_interval: Duration::from_millis(500),
-        ..ConsumerConfig::new(name, events::STREAM)
-    }
-}
-
 #[derive(Clone)]
 struct AppState {
     pool: PgPool,
@@ -93,33 +75,17 @@ struct AppState {
 
 /// Starts order-service: schema, consumer, HTTP API.
 pub async fn start(config: OrderConfig) -> anyhow::Result<ServiceHandle> {
-    platform::register_counters(&[
+    let counters = [
         "orders_created_total",
         "orders_confirmed_total",
         "orders_cancelled_total",
         "payments_processed_total",
         "payments_success_total",
         "payments_failed_total",
-    ]);
-    let (pool, nats) = platform::connect_all(&config.service, NAME, store::SCHEMA).await?;
-    let jetstream = async_nats::jetstream::new(nats.clone());
+    ];
+    let mut runtime = Runtime::connect(NAME, config.service, store::SCHEMA, &counters).await?;
     let outbox = Outbox::new(NAME)?;
-    let stop = CancellationToken::new();
-    let router = saga::router(outbox.clone(), config.payment);
-    let consumer = platform::spawn_consumer(
-        consumer_config(NAME, router.subjects()),
-        pool.clone(),
-        jetstream,
-        router.into_handler(),
-        config.service.stream_replicas,
-        stop.clone(),
-    );
-    let readiness = Readiness {
-        pool: pool.clone(),
-        nats,
-        has_outbox: true,
-        relay_lag_max: config.service.relay_lag_max,
-    };
+    runtime.consume(saga::router(outbox.clone(), config.payment));
     let api = Router::new()
         .route("/orders", post(create_order))
         .route("/orders/{order_id}", get(get_order))
@@ -127,14 +93,11 @@ pub async fn start(config: OrderConfig) -> anyhow::Result<ServiceHandle> {
         .route("/orders/{order_id}/cancel", post(cancel_order))
         .route("/orders/{order_id}/events", get(order_events))
         .route("/products", get(products))
-        .with_state(AppState { pool, outbox })
-        .merge(platform::ops_routes(readiness));
-    let listener = tokio::net::TcpListener::bind(config.service.http_addr)
-        .await
-        .with_context(|| format!("listening on {}", config.service.http_addr))?;
-    let handle = ServiceHandle::new(listener, platform::finish_routes(api), stop, vec![consumer])?;
-    tracing::info!(addr = %handle.addr, "order-service listening");
-    Ok(handle)
+        .with_state(AppState {
+            pool: runtime.pool.clone(),
+            outbox,
+        });
+    runtime.serve(api, true).await
 }
 
 #[derive(Debug, Deserialize)]
