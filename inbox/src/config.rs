@@ -9,8 +9,11 @@ use crate::error::Error;
 pub enum Mode {
     /// One transaction per message: insert inbox row, run handler, commit, ack.
     Strict,
-    /// Up to `max_messages` messages per transaction, each inside a savepoint so that one
-    /// failing handler does not undo the others; all acks after the one commit.
+    /// Up to `max_messages` messages per transaction; all acks after the one commit. The
+    /// inbox rows are inserted with one statement and the handlers run without savepoints;
+    /// if a handler fails, the batch is rolled back and run again with a savepoint per
+    /// message, so that one failing handler does not undo the others. A handler may thus
+    /// run twice for one delivery, but only one run commits.
     Batched {
         /// Messages per transaction, at least 1.
         max_messages: usize,

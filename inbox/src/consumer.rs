@@ -42,6 +42,7 @@ pub struct Consumer {
 }
 
 /// What to tell the broker about a message once its transaction is over.
+#[derive(Clone, Copy)]
 enum Reply {
     Ack,
     Nak(Duration),
@@ -302,7 +303,10 @@ impl Consumer {
                 return Ok(Handled::Reply(Reply::Ack));
             }
             return Ok(match self.run_handler(conn, &delivery).await {
-                Ok(()) => Handled::Reply(Reply::Ack),
+                Ok(()) => {
+                    self.count_processed();
+                    Handled::Reply(Reply::Ack)
+                }
                 Err(error) => Handled::Failed { error, attempt, id },
             });
         }
@@ -316,6 +320,7 @@ impl Consumer {
         match self.run_handler(&mut sp, &delivery).await {
             Ok(()) => {
                 sp.commit().await?;
+                self.count_processed();
                 Ok(Handled::Reply(Reply::Ack))
             }
             Err(error) => {
@@ -328,7 +333,78 @@ impl Consumer {
         }
     }
 
-    /// Runs the handler in its span, recording its latency and success.
+    /// The batched fast path: one statement inserts every inbox row, then the handlers run
+    /// one after the other in the same transaction without savepoints, and it commits:
+    /// two round trips per message fewer than a savepoint each. Returns `None`, having
+    /// rolled everything back, when a message does not decode or a handler fails; the caller
+    /// then runs the batch again with savepoints, which isolates the failure. Handlers may
+    /// thus run twice for one delivery, but only the second run can commit (the handler
+    /// contract allows this: the first transaction did not commit).
+    async fn try_batch_without_savepoints(
+        &self,
+        batch: &[jetstream::Message],
+    ) -> Result<Option<Vec<Reply>>, sqlx::Error> {
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for message in batch {
+            let (attempt, stream_seq) = match message.info() {
+                Ok(info) => (
+                    u32::try_from(info.delivered).unwrap_or(u32::MAX),
+                    Some(info.stream_sequence),
+                ),
+                Err(_) => (1, None),
+            };
+            let Ok(envelope) = envelope::nats::from_message(
+                message.subject.as_str(),
+                message.headers.as_ref(),
+                message.payload.clone(),
+            ) else {
+                return Ok(None);
+            };
+            deliveries.push(Delivery {
+                envelope,
+                consumer: Arc::from(self.config.name.as_str()),
+                attempt,
+                stream_seq,
+            });
+        }
+        let ids: Vec<String> = deliveries
+            .iter()
+            .map(|d| d.envelope.id.to_string())
+            .collect();
+        let subjects: Vec<String> = batch.iter().map(|m| m.subject.to_string()).collect();
+        let seqs: Vec<Option<i64>> = deliveries
+            .iter()
+            .map(|d| d.stream_seq.and_then(|s| i64::try_from(s).ok()))
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        let mut new: std::collections::HashSet<String> =
+            store::insert_many_if_new(&mut tx, &self.config.name, &ids, &subjects, &seqs)
+                .await?
+                .into_iter()
+                .collect();
+        let mut handled = 0;
+        let mut duplicates = 0;
+        for (delivery, id) in deliveries.iter().zip(&ids) {
+            // Taking the id out makes a second copy in the same batch a duplicate.
+            if !new.remove(id) {
+                duplicates += 1;
+                continue;
+            }
+            if self.run_handler(&mut tx, delivery).await.is_err() {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            handled += 1;
+        }
+        tx.commit().await?;
+        let name = self.config.name.clone();
+        metrics::counter!(m::PROCESSED, "consumer" => name.clone()).increment(handled);
+        metrics::counter!(m::DUPLICATES, "consumer" => name).increment(duplicates);
+        Ok(Some(vec![Reply::Ack; batch.len()]))
+    }
+
+    /// Runs the handler in its span, recording its latency (and, for the caller's
+    /// transaction, nothing else: the caller counts what commits).
     async fn run_handler(
         &self,
         conn: &mut PgConnection,
@@ -340,10 +416,11 @@ impl Consumer {
             tracing::Instrument::instrument(self.handler.handle(conn, delivery), span).await;
         metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone())
             .record(started.elapsed().as_secs_f64());
-        if result.is_ok() {
-            metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone()).increment(1);
-        }
         result
+    }
+
+    fn count_processed(&self) {
+        metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone()).increment(1);
     }
 
     /// After a handler failure whose effects were rolled back: NAK for a retry, or park the
@@ -515,11 +592,16 @@ async fn lane(
     }
 }
 
-/// Handles messages in one transaction (a savepoint each), commits, then replies.
+/// Handles messages in one transaction, commits, then replies. In batched mode it first
+/// tries the fast path ([`Consumer::try_batch_without_savepoints`]); when a handler fails
+/// there, the batch is rolled back and run again with a savepoint per message.
 /// If the database fails, nothing is acked: the messages are NAKed with a backoff.
 async fn handle_batch(consumer: &Consumer, batch: Vec<jetstream::Message>) {
     let strict = consumer.config.mode == Mode::Strict;
     let outcome = async {
+        if !strict && let Some(replies) = consumer.try_batch_without_savepoints(&batch).await? {
+            return Ok(replies);
+        }
         let mut tx = consumer.pool.begin().await?;
         let mut replies = Vec::with_capacity(batch.len());
         let mut failed = None;

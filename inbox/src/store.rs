@@ -28,6 +28,30 @@ pub async fn insert_if_new(
     Ok(inserted.rows_affected() == 1)
 }
 
+/// [`insert_if_new`] for many messages in one statement (all `processed`): returns the ids
+/// whose row is new. An id listed twice is inserted once and returned once.
+pub async fn insert_many_if_new(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_ids: &[String],
+    subjects: &[String],
+    stream_seqs: &[Option<i64>],
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO inbox_message (consumer, message_id, subject, stream_seq, outcome)
+         SELECT $1, m.id, m.subject, m.seq, 'processed'
+         FROM unnest($2::text[], $3::text[], $4::bigint[]) AS m(id, subject, seq)
+         ON CONFLICT (consumer, message_id) DO NOTHING
+         RETURNING message_id",
+    )
+    .bind(consumer)
+    .bind(message_ids)
+    .bind(subjects)
+    .bind(stream_seqs)
+    .fetch_all(conn)
+    .await
+}
+
 /// Records that a parked message was finally processed (after `dlq retry`).
 pub async fn mark_processed(
     conn: &mut PgConnection,

@@ -519,6 +519,52 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_mode_runs_a_message_present_twice_in_one_batch_once() {
+    let env = env(Duration::from_secs(120)).await;
+    let handler = Recorder::new("batchdup", Behaviour::Succeed);
+    // Two copies of one message (another broker id each time) and a second message, all in
+    // the stream before the consumer starts, so they arrive in one batch.
+    let envelope = order_envelope("o-dup");
+    publish(&env.js, &envelope).await;
+    let mut headers = envelope::nats::to_headers(&envelope).expect("headers");
+    headers.insert(
+        HeaderName::from_str("Nats-Msg-Id").expect("name"),
+        HeaderValue::from_str("copy-in-the-same-batch").expect("value"),
+    );
+    env.js
+        .publish_with_headers(
+            envelope.subject.to_string(),
+            headers,
+            envelope.payload.clone(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored twice");
+    publish(&env.js, &order_envelope("o-other")).await;
+    let running = start(
+        &env,
+        env.js.clone(),
+        ConsumerConfig {
+            mode: Mode::Batched { max_messages: 10 },
+            concurrency: 1,
+            ..config("batchdup")
+        },
+        typed(handler.clone()),
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "all three deliveries acknowledged",
+        || async { ack_state(&env.js, "batchdup").await == Some((3, 0)) },
+    )
+    .await
+    .expect("acked");
+    running.stop().await;
+    assert_eq!(handler.calls(), 2, "one call per distinct message");
+    assert_eq!(applied(&env.pool, "batchdup").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_retry_runs_only_the_failed_consumer_once_inside_and_after_the_duplicate_window() {
     let window = Duration::from_secs(3);
     let env = env(window).await;
