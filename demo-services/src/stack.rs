@@ -71,18 +71,9 @@ pub struct Databases {
     pub email: PgPool,
 }
 
-/// The running topology. Dropping it kills every process; [`Stack::stop`] stops them
-/// gracefully first.
+/// The running topology. Dropping it kills every process (the services and relays before
+/// the servers they use); [`Stack::stop`] stops them gracefully first.
 pub struct Stack {
-    /// PostgreSQL (started here, or the external `DATABASE_URL` server).
-    pub postgres: Postgres,
-    /// nats-server (started here, or the external `NATS_URL` server); with `cluster`, the
-    /// first node.
-    pub nats: NatsServer,
-    /// The other nodes of the cluster (empty without `cluster`).
-    pub nats_peers: Vec<NatsServer>,
-    /// The broker URL(s) the services and relays use (comma-separated for a cluster).
-    pub nats_url: String,
     /// order-service.
     pub order: Process,
     /// inventory-service.
@@ -93,6 +84,15 @@ pub struct Stack {
     pub order_relay: Process,
     /// inventory-service's relay sidecar.
     pub inventory_relay: Process,
+    /// PostgreSQL (started here, or the external `DATABASE_URL` server).
+    pub postgres: Postgres,
+    /// nats-server (started here, or the external `NATS_URL` server); with `cluster`, the
+    /// first node.
+    pub nats: NatsServer,
+    /// The other nodes of the cluster (empty without `cluster`).
+    pub nats_peers: Vec<NatsServer>,
+    /// The broker URL(s) the services and relays use (comma-separated for a cluster).
+    pub nats_url: String,
     /// The proxy between order-service's relay and the broker, when asked for.
     pub order_relay_proxy: Option<TcpProxy>,
     /// Where everything listens.

@@ -154,3 +154,66 @@ async fn hostile_messages_are_dead_lettered_with_a_reason_and_change_nothing() {
     assert_eq!(orders[0]["status"], "CONFIRMED");
     stack.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_that_overtakes_its_creation_leaves_no_stock_reserved() {
+    let (stack, _dir) = common::start(
+        PaymentSimulation {
+            success_rate: 1.0,
+            seed: 1,
+        },
+        None,
+    )
+    .await;
+    stack.seed().await.expect("seed");
+    let js = jetstream::new(
+        async_nats::connect(stack.nats.url())
+            .await
+            .expect("connect"),
+    );
+    // What a redelivery or a `dlq retry` of order.created after the customer cancelled
+    // looks like to inventory: the cancellation first, then the creation.
+    let created = order_created();
+    let cancelled = demo_services::events::OrderCancelled {
+        order_id: created.order_id,
+        user_id: created.user_id.clone(),
+        items: created.items.clone(),
+        total_cents: created.total_cents,
+        reason: "cancelled by the customer".into(),
+    };
+    let source = HeaderText::new("source", "hostile-test").expect("source");
+    for envelope in [
+        Envelope::from_event(source.clone(), &cancelled).expect("envelope"),
+        Envelope::from_event(source, &created).expect("envelope"),
+    ] {
+        js.publish_with_headers(
+            envelope.subject.to_string(),
+            envelope::nats::to_headers(&envelope).expect("headers"),
+            envelope.payload.clone(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    }
+    let stream = js.get_stream("DEMO").await.expect("stream");
+    wait_for(Duration::from_secs(30), "inventory to handle both", || {
+        let stream = stream.clone();
+        async move {
+            let info = stream.consumer_info("inventory-service").await?;
+            Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+        }
+    })
+    .await
+    .expect("handled");
+    let stock = demo_services::client::get(&format!("{}/inventory/prod-001", stack.urls.inventory))
+        .await
+        .expect("GET")
+        .json;
+    assert_eq!(
+        (stock["available"].as_i64(), stock["reserved"].as_i64()),
+        (Some(10), Some(0)),
+        "nothing reserved for an order that was already cancelled"
+    );
+    stack.stop().await.expect("clean stop");
+}

@@ -530,6 +530,24 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing() {
             422,
         ),
         (
+            "not the catalogue's price",
+            order_url.clone(),
+            json_ct,
+            item(json!(1), json!(0.01), "prod-001")
+                .to_string()
+                .into_bytes(),
+            422,
+        ),
+        (
+            "price over a million",
+            order_url.clone(),
+            json_ct,
+            item(json!(1), json!(340375221.15), "prod-001")
+                .to_string()
+                .into_bytes(),
+            422,
+        ),
+        (
             "empty items",
             order_url.clone(),
             json_ct,
@@ -668,11 +686,19 @@ async fn bad_input_gets_a_json_4xx_and_writes_nothing() {
             format!("{}/inventory/prod-999", stack.urls.inventory),
         ),
         ("unknown route", format!("{}/nope", stack.urls.order)),
+        (
+            "NUL in a product id",
+            format!("{}/inventory/a%00b", stack.urls.inventory),
+        ),
     ] {
         let r = client::get(&url).await.expect(what);
         assert_eq!(r.status, 404, "{what}: {}", r.text);
         assert!(r.json["error"].is_string(), "{what}: {}", r.text);
     }
+    let r = client::get(&format!("{}/orders/user/a%00b", stack.urls.order))
+        .await
+        .expect("GET");
+    assert_eq!(r.status, 422, "NUL in a user id: {}", r.text);
     let r = client::send(
         "DELETE",
         &format!("{}/orders", stack.urls.order),

@@ -174,14 +174,19 @@ async fn send_loop(pool: PgPool, mailer: Mailer, stop: CancellationToken) {
     }
 }
 
+/// Sends up to 20 due emails, each in its own transaction (lock, deliver, mark, commit), so
+/// that a crash repeats at most the one email in hand.
 async fn send_batch(pool: &PgPool, mailer: &Mailer) -> Result<usize, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let batch = store::lock_unsent(&mut tx, 20).await?;
     let mut sent = 0;
-    for email in &batch {
-        match mailer.deliver(email).await {
+    for _ in 0..20 {
+        let mut tx = pool.begin().await?;
+        let Some(email) = store::lock_next_unsent(&mut tx).await? else {
+            break;
+        };
+        match mailer.deliver(&email).await {
             Ok(()) => {
                 store::mark_sent(&mut tx, email.order_id).await?;
+                tx.commit().await?;
                 metrics::counter!("emails_sent_total").increment(1);
                 tracing::info!(order_id = %email.order_id, kind = %email.kind, message_id = %email.message_id, "email sent");
                 sent += 1;
@@ -189,37 +194,64 @@ async fn send_batch(pool: &PgPool, mailer: &Mailer) -> Result<usize, sqlx::Error
             Err(e) => {
                 tracing::warn!(order_id = %email.order_id, error = %e, "email not delivered; will retry");
                 store::mark_failed(&mut tx, email.order_id, &format!("{e:#}")).await?;
+                tx.commit().await?;
             }
         }
     }
-    tx.commit().await?;
     Ok(sent)
 }
 
 /// A recipient address for a user id: `<user>@example.com`, the local part reduced to
 /// characters every mail system accepts.
 pub fn recipient(user_id: &str) -> String {
-    let local: String = user_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    let local = local.trim_matches('.');
-    format!(
+    let mut local = String::new();
+    for c in user_id.chars().take(64) {
+        let c = if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+            c
+        } else {
+            '_'
+        };
+        // No empty dot-separated parts: `a..b` and leading or trailing dots are invalid.
+        if c == '.' && (local.is_empty() || local.ends_with('.')) {
+            continue;
+        }
+        local.push(c);
+    }
+    let local = local.trim_end_matches('.');
+    let address = format!(
         "{}@example.com",
         if local.is_empty() { "customer" } else { local }
-    )
+    );
+    if address.parse::<lettre::Address>().is_ok() {
+        address
+    } else {
+        "customer@example.com".into()
+    }
 }
 
 /// The stable Message-ID of an order's email.
 pub fn message_id(order_id: Uuid, kind: &str) -> String {
     format!("{order_id}.{kind}@demo.outbox-toolkit.invalid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recipient;
+
+    #[test]
+    fn recipients_are_always_valid_addresses() {
+        assert_eq!(recipient("alice"), "alice@example.com");
+        assert_eq!(recipient("john..doe"), "john.doe@example.com");
+        assert_eq!(recipient(".x."), "x@example.com");
+        assert_eq!(recipient("a b/c"), "a_b_c@example.com");
+        assert_eq!(recipient("..."), "customer@example.com");
+        for hostile in ["", "é", "a@b", "\0", &"x".repeat(500)] {
+            assert!(
+                recipient(hostile).parse::<lettre::Address>().is_ok(),
+                "{hostile:?}"
+            );
+        }
+    }
 }
 
 fn lines_text(items: &[OrderLine]) -> String {

@@ -16,9 +16,10 @@ CREATE TABLE IF NOT EXISTS email (
     created_at  timestamptz NOT NULL DEFAULT now(),
     sent_at     timestamptz,
     attempts    integer NOT NULL DEFAULT 0,
-    last_error  text
+    last_error  text,
+    next_attempt_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS email_unsent_idx ON email (created_at) WHERE sent_at IS NULL;
+CREATE INDEX IF NOT EXISTS email_unsent_idx ON email (next_attempt_at) WHERE sent_at IS NULL;
 "#;
 
 /// One email to send.
@@ -56,18 +57,15 @@ pub async fn queue(conn: &mut PgConnection, email: &EmailRow) -> Result<bool, sq
     Ok(inserted == 1)
 }
 
-/// Up to `limit` unsent emails, oldest first, locked until the transaction ends (other
-/// instances skip them).
-pub async fn lock_unsent(
-    conn: &mut PgConnection,
-    limit: i64,
-) -> Result<Vec<EmailRow>, sqlx::Error> {
+/// The unsent email due first (a failed one waits for its next attempt), locked until the
+/// transaction ends (other instances skip it).
+pub async fn lock_next_unsent(conn: &mut PgConnection) -> Result<Option<EmailRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT order_id, kind, recipient, subject, body, message_id FROM email
-         WHERE sent_at IS NULL ORDER BY created_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+         WHERE sent_at IS NULL AND next_attempt_at <= now()
+         ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
     )
-    .bind(limit)
-    .fetch_all(conn)
+    .fetch_optional(conn)
     .await
 }
 
@@ -80,17 +78,22 @@ pub async fn mark_sent(conn: &mut PgConnection, order_id: Uuid) -> Result<(), sq
     Ok(())
 }
 
-/// Records a failed attempt (it is tried again).
+/// Records a failed attempt; the next one waits 2^attempts seconds, at most 10 minutes, so
+/// that an email that cannot be delivered does not hold up the others.
 pub async fn mark_failed(
     conn: &mut PgConnection,
     order_id: Uuid,
     error: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE email SET attempts = attempts + 1, last_error = $2 WHERE order_id = $1")
-        .bind(order_id)
-        .bind(error)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE email SET attempts = attempts + 1, last_error = $2,
+                next_attempt_at = now() + least(power(2, attempts + 1), 600) * interval '1 second'
+         WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(error)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

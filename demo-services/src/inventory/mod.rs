@@ -104,6 +104,12 @@ fn valid_product_id(id: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// 404 for a path id that no product can have (before any SQL: PostgreSQL refuses NUL).
+fn known_id_shape(product_id: &str) -> Result<(), ApiError> {
+    valid_product_id(product_id)
+        .map_err(|_| ApiError::not_found(format!("product {product_id:?} not found")))
+}
+
 async fn create_product(
     State(app): State<AppState>,
     ApiJson(request): ApiJson<CreateProduct>,
@@ -147,6 +153,7 @@ async fn get_product(
     State(app): State<AppState>,
     Path(product_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    known_id_shape(&product_id)?;
     let mut conn = app.pool.acquire().await?;
     match store::get_product(&mut conn, &product_id).await? {
         Some(p) => Ok(Json(product_json(&p))),
@@ -161,6 +168,7 @@ async fn restock(
     Path(product_id): Path<String>,
     ApiJson(request): ApiJson<Restock>,
 ) -> Result<Json<Value>, ApiError> {
+    known_id_shape(&product_id)?;
     if !(1..=MAX_STOCK).contains(&request.quantity) {
         return Err(ApiError::invalid(format!(
             "quantity must be 1 to {MAX_STOCK}, got {}",
@@ -229,6 +237,23 @@ impl Handler<OrderCreated> for Stock {
             })
             .collect();
         let ids: Vec<String> = lines.iter().map(|l| l.product_id.clone()).collect();
+        let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+        if lines.is_empty() || distinct.len() != ids.len() || lines.iter().any(|l| l.quantity <= 0)
+        {
+            return Err(HandlerError::permanent_because(
+                "invalid_order",
+                format!(
+                    "order {} has no lines, a repeated product or a quantity below 1",
+                    event.order_id
+                ),
+            ));
+        }
+        if store::is_closed(conn, event.order_id).await.map_err(db)? {
+            // Cancelled before we saw it (a redelivery or a `dlq retry` overtook it):
+            // reserving now would hold stock for an order that is already over.
+            tracing::info!(order_id = %event.order_id, "order already cancelled; nothing reserved");
+            return Ok(());
+        }
         let products = store::lock_products(conn, &ids).await.map_err(db)?;
         match shortage(&lines, &products) {
             None => {
@@ -292,7 +317,12 @@ impl Handler<OrderCancelled> for Stock {
             .await
             .map_err(db)?;
         if released.is_empty() {
-            // The reservation had failed: nothing to give back.
+            // Nothing was reserved (the reservation failed, or order.created has not been
+            // handled yet): remember the order is over so that a late order.created does
+            // not reserve for it.
+            store::close(conn, event.order_id, &event.reason)
+                .await
+                .map_err(db)?;
             return Ok(());
         }
         let event = InventoryReleased {

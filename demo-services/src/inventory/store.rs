@@ -1,5 +1,6 @@
 //! All SQL on inventory-service's tables: `product` (stock levels) and `reservation` (what
-//! each order holds), plus `reservation_failure` (orders that could not be reserved).
+//! each order holds), plus `reservation_failure` (orders that could not be reserved) and
+//! `closed_order` (orders cancelled before anything was reserved for them).
 //!
 //! Stock invariant, at any commit: `available + reserved + sold = received` per product,
 //! where `received` counts the initial quantity and every restock.
@@ -31,6 +32,11 @@ CREATE TABLE IF NOT EXISTS reservation (
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (order_id, product_id)
+);
+CREATE TABLE IF NOT EXISTS closed_order (
+    order_id    uuid PRIMARY KEY,
+    reason      text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE IF NOT EXISTS reservation_failure (
     order_id    uuid PRIMARY KEY,
@@ -200,6 +206,16 @@ pub async fn end_reservations(
                     updated_at = now() FROM ended e WHERE p.product_id = e.product_id",
         ),
     };
+    // Lock the products in id order first, as reservations do, so that two orders ending
+    // and starting at once cannot deadlock.
+    sqlx::query(
+        "SELECT 1 FROM product WHERE product_id IN
+             (SELECT product_id FROM reservation WHERE order_id = $1 AND status = 'reserved')
+         ORDER BY product_id FOR UPDATE",
+    )
+    .bind(order_id)
+    .execute(&mut *conn)
+    .await?;
     let rows: Vec<(String, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH ended AS (
              UPDATE reservation SET status = $2, updated_at = now()
@@ -219,6 +235,30 @@ pub async fn end_reservations(
             quantity,
         })
         .collect())
+}
+
+/// Records that `order_id` was cancelled with nothing reserved.
+pub async fn close(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO closed_order (order_id, reason) VALUES ($1, $2) ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Whether `order_id` was cancelled before anything was reserved for it.
+pub async fn is_closed(conn: &mut PgConnection, order_id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM closed_order WHERE order_id = $1)")
+        .bind(order_id)
+        .fetch_one(conn)
+        .await
 }
 
 /// How a reservation ends.

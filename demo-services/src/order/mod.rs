@@ -122,9 +122,10 @@ const MAX_QUANTITY: i64 = 10_000;
 
 /// Parses a price in currency units into cents: positive, at most 2 decimals, at most 1e9.
 pub(crate) fn price_to_cents(field: &str, price: f64) -> Result<i64, ApiError> {
-    if !price.is_finite() || price <= 0.0 || price > 1e9 {
+    // Up to one million: far below the 2^53 cents where doubles stop holding every cent.
+    if !price.is_finite() || price <= 0.0 || price > 1e6 {
         return Err(ApiError::invalid(format!(
-            "{field} must be a positive amount up to 1000000000, got {price}"
+            "{field} must be a positive amount up to 1000000, got {price}"
         )));
     }
     let cents = (price * 100.0).round();
@@ -247,8 +248,23 @@ async fn create_order(
     let mut tx = app.pool.begin().await?;
     let ids: Vec<String> = lines.iter().map(|l| l.product_id.clone()).collect();
     let known = store::known_products(&mut tx, &ids).await?;
-    if let Some(unknown) = ids.iter().find(|id| !known.contains(id)) {
-        return Err(ApiError::invalid(format!("unknown product {unknown}")));
+    for line in &lines {
+        match known.iter().find(|(id, _)| *id == line.product_id) {
+            None => {
+                return Err(ApiError::invalid(format!(
+                    "unknown product {}",
+                    line.product_id
+                )));
+            }
+            Some((id, price)) if *price != line.price_cents => {
+                return Err(ApiError::invalid(format!(
+                    "the price of {id} is {:.2}, not {:.2}",
+                    money(*price),
+                    money(line.price_cents)
+                )));
+            }
+            Some(_) => {}
+        }
     }
     let order_id = Uuid::now_v7();
     let order = store::insert_order(&mut tx, order_id, &user_id, &lines, total_cents).await?;
@@ -281,6 +297,7 @@ async fn orders_of_user(
     State(app): State<AppState>,
     Path(user_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    text_field("userId", &user_id, 100)?;
     let mut conn = app.pool.acquire().await?;
     let orders = store::orders_of_user(&mut conn, &user_id).await?;
     Ok(Json(json!({
@@ -301,6 +318,14 @@ async fn cancel_order(
     if order.status == "CONFIRMED" || order.status == "CANCELLED" {
         return Err(ApiError::conflict(format!(
             "order {order_id} is already {}",
+            order.status
+        )));
+    }
+    if order.status != "PENDING" {
+        // INVENTORY_RESERVED: the payment was taken in the same step; it can no longer be
+        // cancelled without a refund, which the demo does not model.
+        return Err(ApiError::conflict(format!(
+            "order {order_id} is {}: the payment is under way, it can no longer be cancelled",
             order.status
         )));
     }

@@ -217,12 +217,12 @@ pub async fn upsert_product(
     Ok(())
 }
 
-/// Which of `product_ids` the catalogue knows.
+/// Which of `product_ids` the catalogue knows, with their prices in cents.
 pub async fn known_products(
     conn: &mut PgConnection,
     product_ids: &[String],
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT product_id FROM catalog_product WHERE product_id = ANY($1)")
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT product_id, price_cents FROM catalog_product WHERE product_id = ANY($1)")
         .bind(product_ids)
         .fetch_all(conn)
         .await

@@ -89,9 +89,10 @@ impl Publisher for JetStreamPublisher {
 
 /// Confirms a `NoStream` failure before it counts as permanent: while a clustered stream
 /// elects a new leader, publishes find no responder and async-nats reports "no stream", yet
-/// the stream exists. Only when the JetStream API answers that no stream captures `subject`
-/// does the failure stay `NoStream`; if a stream does, or the API does not answer, it is
-/// `Unavailable` (retried without limit).
+/// the stream exists. When the JetStream API answers that no stream captures `subject` (or
+/// refuses to answer, e.g. JetStream is not enabled), the failure stays `NoStream`; if a
+/// stream does capture it, or the API does not answer within 2 s, it is `Unavailable`
+/// (retried with backoff, without an attempt limit).
 async fn confirm(context: &jetstream::Context, subject: &str, error: PublishError) -> PublishError {
     use async_nats::jetstream::context::GetStreamByNameErrorKind as Lookup;
     if error.kind != PublishErrorKind::NoStream {
@@ -99,7 +100,16 @@ async fn confirm(context: &jetstream::Context, subject: &str, error: PublishErro
     }
     let lookup = tokio::time::timeout(Duration::from_secs(2), context.stream_by_subject(subject));
     match lookup.await {
-        Ok(Err(e)) if matches!(e.kind(), Lookup::NotFound) => error,
+        // The API answered: no stream captures the subject, or it refused the question (for
+        // instance JetStream is not enabled for the account): retrying cannot help.
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                Lookup::NotFound | Lookup::InvalidSubject | Lookup::JetStream(_)
+            ) =>
+        {
+            error
+        }
         Ok(Ok(stream)) => PublishError::new(
             PublishErrorKind::Unavailable,
             format!(
