@@ -152,8 +152,9 @@ pub fn register_counters(counters: &[&'static str]) {
 pub async fn connect_database(url: &str, patience: Duration) -> anyhow::Result<PgPool> {
     let start = tokio::time::Instant::now();
     loop {
+        // Room for the consumer's 8 lanes, the email sender, the dlq retry runner and requests.
         match PgPoolOptions::new()
-            .max_connections(10)
+            .max_connections(24)
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await

@@ -113,18 +113,18 @@ impl std::fmt::Debug for Stack {
     }
 }
 
-/// `url` with its database name replaced by `name`.
+/// `url` with its database name replaced by `name` (the query string, if any, is kept).
 pub fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
     let scheme_end = url.find("://").context("database URL without scheme")? + 3;
-    let (path_start, query) = match url[scheme_end..].find('/') {
-        Some(i) => {
-            let start = scheme_end + i;
-            let query = url[start..].find('?').map(|q| &url[start + q..]);
-            (start, query.unwrap_or(""))
-        }
-        None => (url.len(), ""),
-    };
-    Ok(format!("{}/{name}{query}", &url[..path_start]))
+    let rest = &url[scheme_end..];
+    let query_at = rest.find('?').unwrap_or(rest.len());
+    let authority_end = rest[..query_at].find('/').unwrap_or(query_at);
+    Ok(format!(
+        "{}{}/{name}{}",
+        &url[..scheme_end],
+        &rest[..authority_end],
+        &rest[query_at..]
+    ))
 }
 
 const READY_DEADLINE: Duration = Duration::from_secs(90);
@@ -931,4 +931,33 @@ pub fn curl_examples(urls: &Urls) -> String {
         order = urls.order,
         inventory = urls.inventory
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn the_database_name_is_replaced_and_the_rest_kept() {
+        let cases = [
+            ("postgres://u@h:5432/postgres", "postgres://u@h:5432/demo_x"),
+            (
+                "postgres://u@h:5432/postgres?sslmode=require",
+                "postgres://u@h:5432/demo_x?sslmode=require",
+            ),
+            ("postgres://u@h:5432", "postgres://u@h:5432/demo_x"),
+            (
+                "postgres://u@h:5432?sslmode=disable",
+                "postgres://u@h:5432/demo_x?sslmode=disable",
+            ),
+            (
+                "postgres://?host=/run/pg",
+                "postgres:///demo_x?host=/run/pg",
+            ),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(with_database(url, "demo_x").expect(url), expected);
+        }
+        assert!(with_database("no-scheme", "x").is_err());
+    }
 }

@@ -98,6 +98,19 @@ impl NatsServer {
                 env: ENV_URL,
             });
         }
+        let mut last_error = None;
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start_cluster(nodes).await {
+                Ok(cluster) => return Ok(cluster),
+                // Another process took one of the ports: try again with fresh ones.
+                Err(e) if e.is_port_conflict() => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.unwrap_or(Error::NotRunning { server: SERVER }))
+    }
+
+    async fn try_start_cluster(nodes: usize) -> Result<Vec<NatsServer>> {
         let mut cluster_ports = Vec::with_capacity(nodes);
         while cluster_ports.len() < nodes {
             let port = free_port()?;
@@ -111,18 +124,21 @@ impl NatsServer {
                 .filter(|p| *p != own)
                 .map(|p| format!("nats://127.0.0.1:{p}"))
                 .collect();
+            let mut extra_args = vec![
+                "--cluster_name".into(),
+                "testkit".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{own}"),
+            ];
+            if !routes.is_empty() {
+                extra_args.extend(["--routes".into(), routes.join(",")]);
+            }
             Self::start_managed(NatsConfig {
                 max_payload: None,
-                extra_args: vec![
-                    "--cluster_name".into(),
-                    "testkit".into(),
-                    "--cluster".into(),
-                    format!("nats://127.0.0.1:{own}"),
-                    "--routes".into(),
-                    routes.join(","),
-                ],
+                extra_args,
             })
         });
+        // If one node fails, the started ones are dropped, which kills them.
         futures::future::join_all(starts)
             .await
             .into_iter()
