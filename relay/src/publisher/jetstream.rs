@@ -1,6 +1,8 @@
 //! The real publisher: NATS JetStream through async-nats.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use async_nats::jetstream::context::PublishErrorKind as NatsKind;
@@ -19,7 +21,16 @@ pub struct JetStreamPublisher {
     client: Client,
     context: jetstream::Context,
     timeout: Duration,
+    confirmations: Confirmations,
 }
+
+/// Recent answers of [`confirm`] per subject, so that a burst of failed acks (every message
+/// in flight during a leader election) asks the JetStream API about once a second, not once
+/// per message. `true` means "no stream captures it" was confirmed.
+type Confirmations = Arc<Mutex<HashMap<String, (Instant, bool)>>>;
+
+/// How long a [`confirm`] answer is reused.
+const CONFIRMATION_TTL: Duration = Duration::from_secs(1);
 
 impl JetStreamPublisher {
     /// A publisher over a connected client; `publish_timeout` bounds each ack and
@@ -35,6 +46,7 @@ impl JetStreamPublisher {
             client,
             context,
             timeout: publish_timeout,
+            confirmations: Confirmations::default(),
         }
     }
 
@@ -55,7 +67,10 @@ impl Publisher for JetStreamPublisher {
         let send = self.context.send_publish(subject.clone(), message);
         let pending = match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(pending)) => pending,
-            Ok(Err(e)) => return Err(confirm(&self.context, &subject, classify(&e)).await),
+            Ok(Err(e)) => {
+                let error = classify(&e);
+                return Err(confirm(&self.context, &self.confirmations, &subject, error).await);
+            }
             Err(_) => {
                 return Err(PublishError::new(
                     PublishErrorKind::Unavailable,
@@ -65,6 +80,7 @@ impl Publisher for JetStreamPublisher {
         };
         let timeout = self.timeout;
         let context = self.context.clone();
+        let confirmations = self.confirmations.clone();
         Ok(async move {
             match tokio::time::timeout(timeout, pending.into_future()).await {
                 Ok(Ok(ack)) => Ok(Ack {
@@ -72,7 +88,7 @@ impl Publisher for JetStreamPublisher {
                     sequence: ack.sequence,
                     duplicate: ack.duplicate,
                 }),
-                Ok(Err(e)) => Err(confirm(&context, &subject, classify(&e)).await),
+                Ok(Err(e)) => Err(confirm(&context, &confirmations, &subject, classify(&e)).await),
                 Err(_) => Err(PublishError::new(
                     PublishErrorKind::Timeout,
                     "no PubAck in time",
@@ -93,37 +109,59 @@ impl Publisher for JetStreamPublisher {
 /// refuses to answer, e.g. JetStream is not enabled), the failure stays `NoStream`; if a
 /// stream does capture it, or the API does not answer within 2 s, it is `Unavailable`
 /// (retried with backoff, without an attempt limit).
-async fn confirm(context: &jetstream::Context, subject: &str, error: PublishError) -> PublishError {
-    use async_nats::jetstream::context::GetStreamByNameErrorKind as Lookup;
+async fn confirm(
+    context: &jetstream::Context,
+    confirmations: &Confirmations,
+    subject: &str,
+    error: PublishError,
+) -> PublishError {
     if error.kind != PublishErrorKind::NoStream {
         return error;
     }
+    let recent = confirmations
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(subject)
+        .filter(|(at, _)| at.elapsed() < CONFIRMATION_TTL)
+        .map(|(_, missing)| *missing);
+    let missing = match recent {
+        Some(missing) => missing,
+        None => {
+            let missing = stream_is_missing(context, subject).await;
+            let mut cache = confirmations.lock().unwrap_or_else(PoisonError::into_inner);
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(subject.to_owned(), (Instant::now(), missing));
+            missing
+        }
+    };
+    if missing {
+        error
+    } else {
+        PublishError::new(
+            PublishErrorKind::Unavailable,
+            format!(
+                "{} (a stream captures the subject, or the JetStream API did not answer: leader election?)",
+                error.message
+            ),
+        )
+    }
+}
+
+/// Whether the JetStream API confirms that no stream captures `subject` (see [`confirm`]).
+async fn stream_is_missing(context: &jetstream::Context, subject: &str) -> bool {
+    use async_nats::jetstream::context::GetStreamByNameErrorKind as Lookup;
     let lookup = tokio::time::timeout(Duration::from_secs(2), context.stream_by_subject(subject));
     match lookup.await {
         // The API answered: no stream captures the subject, or it refused the question (for
         // instance JetStream is not enabled for the account): retrying cannot help.
-        Ok(Err(e))
-            if matches!(
-                e.kind(),
-                Lookup::NotFound | Lookup::InvalidSubject | Lookup::JetStream(_)
-            ) =>
-        {
-            error
-        }
-        Ok(Ok(stream)) => PublishError::new(
-            PublishErrorKind::Unavailable,
-            format!(
-                "{} (stream {stream} captures the subject but did not answer: leader election?)",
-                error.message
-            ),
+        Ok(Err(e)) => matches!(
+            e.kind(),
+            Lookup::NotFound | Lookup::InvalidSubject | Lookup::JetStream(_)
         ),
-        _ => PublishError::new(
-            PublishErrorKind::Unavailable,
-            format!(
-                "{} (could not confirm with the JetStream API)",
-                error.message
-            ),
-        ),
+        // A stream captures it, or no answer in time: transient.
+        Ok(Ok(_)) | Err(_) => false,
     }
 }
 
