@@ -149,7 +149,7 @@ pub fn register_counters(counters: &[&'static str]) {
 
 /// A pool to the service's database, waiting (up to `patience`) for PostgreSQL to accept
 /// connections: services may start before it or while it restarts.
-pub async fn connect_database(url: &str, patience: Duration) -> anyhow::Result<PgPool> {
+async fn connect_database(url: &str, patience: Duration) -> anyhow::Result<PgPool> {
     let start = tokio::time::Instant::now();
     loop {
         // Room for the consumer's 8 lanes, the email sender, the dlq retry runner and requests.
@@ -171,7 +171,7 @@ pub async fn connect_database(url: &str, patience: Duration) -> anyhow::Result<P
 
 /// Applies the toolkit's schema, then the service's own (`schema`: idempotent DDL), under
 /// one advisory lock so that several instances can start together.
-pub async fn migrate(pool: &PgPool, schema: &'static str) -> anyhow::Result<()> {
+async fn migrate(pool: &PgPool, schema: &'static str) -> anyhow::Result<()> {
     let mut conn = pool.acquire().await?;
     migrations::migrate(&mut conn)
         .await
@@ -183,7 +183,7 @@ pub async fn migrate(pool: &PgPool, schema: &'static str) -> anyhow::Result<()> 
 }
 
 /// Creates or verifies the saga's stream, retrying until the broker answers or `stop`.
-pub async fn ensure_demo_stream(
+async fn ensure_demo_stream(
     jetstream: &async_nats::jetstream::Context,
     replicas: usize,
     stop: &CancellationToken,
@@ -213,7 +213,7 @@ pub async fn ensure_demo_stream(
 
 /// Makes sure the saga's stream exists, then runs an inbox consumer until `stop`, starting
 /// it again (after a pause) whenever it ends with an error, e.g. while the broker is away.
-pub fn spawn_consumer(
+fn spawn_consumer(
     config: ConsumerConfig,
     pool: PgPool,
     jetstream: async_nats::jetstream::Context,
@@ -257,17 +257,27 @@ pub fn spawn_consumer(
     })
 }
 
+/// A failed outbox enqueue inside a handler: retried if the database may recover, parked if
+/// the message itself is invalid.
+pub fn enqueue_failure(e: outbox::Error) -> inbox::HandlerError {
+    if e.is_transient() {
+        inbox::HandlerError::retry(e)
+    } else {
+        inbox::HandlerError::permanent(e)
+    }
+}
+
 /// What `/health/ready` checks.
 #[derive(Clone)]
-pub struct Readiness {
+struct Readiness {
     /// The service's database.
-    pub pool: PgPool,
+    pool: PgPool,
     /// The broker connection.
-    pub nats: async_nats::Client,
+    nats: async_nats::Client,
     /// Whether the service writes an outbox (then its relay's lag counts).
-    pub has_outbox: bool,
+    has_outbox: bool,
     /// The largest acceptable relay lag.
-    pub relay_lag_max: Duration,
+    relay_lag_max: Duration,
 }
 
 impl Readiness {
@@ -305,7 +315,7 @@ impl Readiness {
 }
 
 /// `/health` (liveness), `/health/ready` (database, broker, relay lag) and `/metrics`.
-pub fn ops_routes(readiness: Readiness) -> Router {
+fn ops_routes(readiness: Readiness) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route(
@@ -338,7 +348,7 @@ pub fn ops_routes(readiness: Readiness) -> Router {
 }
 
 /// Adds what every API shares: the body limit, JSON 404/405 for unknown routes and methods.
-pub fn finish_routes(router: Router) -> Router {
+fn finish_routes(router: Router) -> Router {
     router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -369,6 +379,48 @@ async fn traced(request: Request, next: axum::middleware::Next) -> Response {
         span.record("trace_id", trace_id.to_string());
     }
     next.run(request).instrument(span).await
+}
+
+// Request validation and money, shared by the APIs.
+
+/// Parses a price in currency units into cents: positive, at most 2 decimals, at most 1e6.
+pub fn price_to_cents(field: &str, price: f64) -> Result<i64, ApiError> {
+    // Up to one million: far below the 2^53 cents where doubles stop holding every cent.
+    if !price.is_finite() || price <= 0.0 || price > 1e6 {
+        return Err(ApiError::invalid(format!(
+            "{field} must be a positive amount up to 1000000, got {price}"
+        )));
+    }
+    let cents = (price * 100.0).round();
+    if (cents - price * 100.0).abs() > 1e-6 {
+        return Err(ApiError::invalid(format!(
+            "{field} must have at most 2 decimals, got {price}"
+        )));
+    }
+    Ok(cents as i64)
+}
+
+/// Cents as a currency amount for JSON.
+pub fn money(cents: i64) -> f64 {
+    cents as f64 / 100.0
+}
+
+/// Validates a request's text field: not blank, at most `max` characters, no control characters.
+pub fn text_field(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid(format!("{field} must not be empty")));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::invalid(format!(
+            "{field} must be at most {max} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(format!(
+            "{field} must not contain control characters"
+        )));
+    }
+    Ok(())
 }
 
 /// An HTTP error with a JSON body `{"error": reason}`.
@@ -520,13 +572,11 @@ pub async fn shutdown_signal() {
 
 /// Connects to the broker (returns at once; the client keeps reconnecting in the
 /// background) and to the database, and applies the schemas.
-pub async fn connect_all(
+async fn connect_all(
     config: &ServiceConfig,
     service: &'static str,
     schema: &'static str,
 ) -> anyhow::Result<(PgPool, async_nats::Client)> {
-    // Install the recorder before anything counts.
-    let _ = metrics_handle();
     let pool = connect_database(&config.database_url, Duration::from_secs(60)).await?;
     migrate(&pool, schema).await?;
     let nats = NatsConfig {
@@ -540,7 +590,7 @@ pub async fn connect_all(
 }
 
 /// The consumer settings the three services share: quick retries for a demo.
-pub fn consumer_config(name: &str, subjects: Vec<String>) -> ConsumerConfig {
+fn consumer_config(name: &str, subjects: Vec<String>) -> ConsumerConfig {
     ConsumerConfig {
         filter_subjects: subjects,
         concurrency: 8,
@@ -644,13 +694,5 @@ where
             eprintln!("{name}: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// Runs `fut` unless `stop` fires first.
-pub async fn until_stopped<F: Future<Output = ()>>(stop: &CancellationToken, fut: F) {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = fut => {}
     }
 }

@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use demo_services::client;
-use demo_services::order::PaymentSimulation;
 use demo_services::stack::wait_for;
 use serde_json::json;
 use testkit::{Process, ProcessSpec};
@@ -243,10 +242,7 @@ fn received(dir: &Path) -> Vec<String> {
 async fn emails_go_through_smtp_once_per_order_with_stable_message_ids() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (_smtp, port) = start_smtp_server(dir.path()).await;
-    let always = PaymentSimulation {
-        success_rate: 1.0,
-        seed: 1,
-    };
+    let always = common::always_pay();
     let (stack, _run) = common::start(always, Some(format!("smtp://127.0.0.1:{port}"))).await;
     stack.seed().await.expect("seed");
     let confirmed = stack
@@ -298,10 +294,7 @@ async fn email_service_killed_mid_send_sends_the_email_once_after_restart() {
     let proxy = testkit::TcpProxy::start(([127, 0, 0, 1], port).into())
         .await
         .expect("proxy");
-    let always = PaymentSimulation {
-        success_rate: 1.0,
-        seed: 1,
-    };
+    let always = common::always_pay();
     let (mut stack, _run) = common::start(always, Some(format!("smtp://{}", proxy.addr()))).await;
     stack.seed().await.expect("seed");
     proxy.stall();

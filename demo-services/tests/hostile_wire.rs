@@ -8,10 +8,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream;
 use bytes::Bytes;
 use demo_services::events::{OrderCreated, OrderLine};
-use demo_services::order::PaymentSimulation;
 use demo_services::stack::wait_for;
 use envelope::{Envelope, HeaderText};
 use uuid::Uuid;
@@ -38,20 +36,9 @@ fn order_created() -> OrderCreated {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_messages_are_dead_lettered_with_a_reason_and_change_nothing() {
-    let (stack, _dir) = common::start(
-        PaymentSimulation {
-            success_rate: 1.0,
-            seed: 1,
-        },
-        None,
-    )
-    .await;
+    let (stack, _dir) = common::start(common::always_pay(), None).await;
     stack.seed().await.expect("seed");
-    let js = jetstream::new(
-        async_nats::connect(stack.nats.url())
-            .await
-            .expect("connect"),
-    );
+    let js = common::jetstream(&stack).await;
     let subject = "order.created.v1";
 
     let mut cases: Vec<(&str, HeaderMap, Bytes, &str)> = Vec::new();
@@ -157,20 +144,9 @@ async fn hostile_messages_are_dead_lettered_with_a_reason_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancellation_that_overtakes_its_creation_leaves_no_stock_reserved() {
-    let (stack, _dir) = common::start(
-        PaymentSimulation {
-            success_rate: 1.0,
-            seed: 1,
-        },
-        None,
-    )
-    .await;
+    let (stack, _dir) = common::start(common::always_pay(), None).await;
     stack.seed().await.expect("seed");
-    let js = jetstream::new(
-        async_nats::connect(stack.nats.url())
-            .await
-            .expect("connect"),
-    );
+    let js = common::jetstream(&stack).await;
     // What a redelivery or a `dlq retry` of order.created after the customer cancelled
     // looks like to inventory: the cancellation first, then the creation.
     let created = order_created();
@@ -196,16 +172,7 @@ async fn a_cancellation_that_overtakes_its_creation_leaves_no_stock_reserved() {
         .await
         .expect("ack");
     }
-    let stream = js.get_stream("DEMO").await.expect("stream");
-    wait_for(Duration::from_secs(30), "inventory to handle both", || {
-        let stream = stream.clone();
-        async move {
-            let info = stream.consumer_info("inventory-service").await?;
-            Ok(info.num_pending == 0 && info.num_ack_pending == 0)
-        }
-    })
-    .await
-    .expect("handled");
+    common::wait_consumed(&js, "inventory-service").await;
     let stock = demo_services::client::get(&format!("{}/inventory/prod-001", stack.urls.inventory))
         .await
         .expect("GET")

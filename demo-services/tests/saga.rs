@@ -6,19 +6,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use demo_services::client;
 use demo_services::events;
 use demo_services::order::PaymentSimulation;
 use demo_services::stack::{SEED_PRODUCTS, Stack, wait_for};
 use serde_json::{Value, json};
-
-fn always_pay() -> PaymentSimulation {
-    PaymentSimulation {
-        success_rate: 1.0,
-        seed: 1,
-    }
-}
 
 async fn stock(stack: &Stack, product: &str) -> (i64, i64) {
     let p = client::get(&format!("{}/inventory/{product}", stack.urls.inventory))
@@ -170,7 +162,7 @@ async fn success_insufficient_stock_and_payment_failure_with_compensation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_endpoint_releases_stock_and_refuses_final_orders() {
-    let (stack, _dir) = common::start(always_pay(), None).await;
+    let (stack, _dir) = common::start(common::always_pay(), None).await;
     stack.seed().await.expect("seed");
     let confirmed = stack
         .place_order("u1", &[("prod-002", 1)])
@@ -312,10 +304,7 @@ async fn every_event_type_delivered_twice_takes_effect_once() {
 
     // Deliver every message of the stream again: same ce-id (the inbox's key), a new
     // Nats-Msg-Id so that the broker's dedup does not drop the copy.
-    let client = async_nats::connect(stack.nats.url())
-        .await
-        .expect("connect");
-    let js = jetstream::new(client);
+    let js = common::jetstream(&stack).await;
     let mut stream = js.get_stream(events::STREAM).await.expect("stream");
     let last = stream.info().await.expect("info").state.last_sequence;
     let mut subjects = BTreeSet::new();
@@ -356,20 +345,8 @@ async fn every_event_type_delivered_twice_takes_effect_once() {
     let end = stream.info().await.expect("info").state.last_sequence;
     assert_eq!(end, 2 * last);
     for consumer in ["order-service", "inventory-service", "email-service"] {
-        wait_for(
-            Duration::from_secs(60),
-            &format!("{consumer} to ack every copy"),
-            || {
-                let stream = stream.clone();
-                async move {
-                    let info = stream.consumer_info(consumer).await?;
-                    // Every copy is published (acked) already, so nothing pending means delivered.
-                    Ok(info.num_pending == 0 && info.num_ack_pending == 0)
-                }
-            },
-        )
-        .await
-        .expect("consumed");
+        // Every copy is published (acked) already, so nothing pending means delivered.
+        common::wait_consumed(&js, consumer).await;
     }
     // Each service saw its copies and skipped them as duplicates.
     for (url, prefixes) in [
@@ -413,7 +390,7 @@ type Case<'a> = (&'a str, String, Option<&'a str>, Vec<u8>, u16);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_json_4xx_and_writes_nothing() {
-    let (stack, _dir) = common::start(always_pay(), None).await;
+    let (stack, _dir) = common::start(common::always_pay(), None).await;
     stack.seed().await.expect("seed");
     let order_url = format!("{}/orders", stack.urls.order);
     let item = |quantity: Value, price: Value, product: &str| json!({ "userId": "u", "items": [{ "productId": product, "productName": "Laptop", "quantity": quantity, "price": price }] });

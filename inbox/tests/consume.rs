@@ -204,6 +204,25 @@ impl Running {
 
 /// The broker's view of a durable consumer: (ack floor stream sequence, acks pending), or
 /// None if it cannot be read.
+/// Publishes `envelope` again under another `Nats-Msg-Id`, so JetStream stores a second
+/// copy (what a republish after the duplicate window looks like).
+async fn publish_copy(js: &jetstream::Context, envelope: &Envelope, broker_id: &str) {
+    let mut headers = envelope::nats::to_headers(envelope).expect("headers");
+    headers.insert(
+        HeaderName::from_str("Nats-Msg-Id").expect("name"),
+        HeaderValue::from_str(broker_id).expect("value"),
+    );
+    js.publish_with_headers(
+        envelope.subject.to_string(),
+        headers,
+        envelope.payload.clone(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored twice");
+}
+
 async fn ack_state(js: &jetstream::Context, consumer: &str) -> Option<(u64, usize)> {
     let mut c = js
         .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
@@ -241,21 +260,7 @@ async fn a_message_delivered_twice_runs_its_handler_once() {
     publish(&env.js, &envelope).await;
     // The same message again under another broker id: what a republish after the duplicate
     // window looks like. JetStream stores it; the inbox must skip it.
-    let mut headers = envelope::nats::to_headers(&envelope).expect("headers");
-    headers.insert(
-        HeaderName::from_str("Nats-Msg-Id").expect("name"),
-        HeaderValue::from_str("another-broker-id").expect("value"),
-    );
-    env.js
-        .publish_with_headers(
-            envelope.subject.to_string(),
-            headers,
-            envelope.payload.clone(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("stored twice");
+    publish_copy(&env.js, &envelope, "another-broker-id").await;
     wait_until(
         Duration::from_secs(10),
         "both deliveries acknowledged",
@@ -526,21 +531,7 @@ async fn batched_mode_runs_a_message_present_twice_in_one_batch_once() {
     // the stream before the consumer starts, so they arrive in one batch.
     let envelope = order_envelope("o-dup");
     publish(&env.js, &envelope).await;
-    let mut headers = envelope::nats::to_headers(&envelope).expect("headers");
-    headers.insert(
-        HeaderName::from_str("Nats-Msg-Id").expect("name"),
-        HeaderValue::from_str("copy-in-the-same-batch").expect("value"),
-    );
-    env.js
-        .publish_with_headers(
-            envelope.subject.to_string(),
-            headers,
-            envelope.payload.clone(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("stored twice");
+    publish_copy(&env.js, &envelope, "copy-in-the-same-batch").await;
     publish(&env.js, &order_envelope("o-other")).await;
     let running = start(
         &env,

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use self::store::EmailRow;
 use crate::events::{OrderCancelled, OrderConfirmed, OrderLine};
-use crate::order::money;
+use crate::platform::money;
 use crate::platform::{Runtime, ServiceConfig, ServiceHandle};
 
 /// The documented port.

@@ -25,8 +25,10 @@ use crate::events::{
     InventoryReleased, InventoryReservationFailed, InventoryReserved, OrderCancelled,
     OrderConfirmed, OrderCreated, ProductUpdated, StockLine,
 };
-use crate::order::{money, price_to_cents, text_field};
-use crate::platform::{ApiError, ApiJson, Runtime, ServiceConfig, ServiceHandle};
+use crate::platform::{
+    self, ApiError, ApiJson, Runtime, ServiceConfig, ServiceHandle, money, price_to_cents,
+    text_field,
+};
 
 /// The documented port.
 pub const DEFAULT_PORT: u16 = 3003;
@@ -195,18 +197,6 @@ struct Stock {
     outbox: Outbox,
 }
 
-fn db(e: sqlx::Error) -> HandlerError {
-    HandlerError::retry(e)
-}
-
-fn enqueue_error(e: outbox::Error) -> HandlerError {
-    if e.is_transient() {
-        HandlerError::retry(e)
-    } else {
-        HandlerError::permanent(e)
-    }
-}
-
 /// Why `lines` cannot all be reserved from `products` (locked), if they cannot.
 fn shortage(lines: &[StockLine], products: &[ProductRow]) -> Option<String> {
     lines.iter().find_map(
@@ -248,18 +238,23 @@ impl Handler<OrderCreated> for Stock {
                 ),
             ));
         }
-        if store::is_closed(conn, event.order_id).await.map_err(db)? {
+        if store::is_closed(conn, event.order_id)
+            .await
+            .map_err(HandlerError::retry)?
+        {
             // Cancelled before we saw it (a redelivery or a `dlq retry` overtook it):
             // reserving now would hold stock for an order that is already over.
             tracing::info!(order_id = %event.order_id, "order already cancelled; nothing reserved");
             return Ok(());
         }
-        let products = store::lock_products(conn, &ids).await.map_err(db)?;
+        let products = store::lock_products(conn, &ids)
+            .await
+            .map_err(HandlerError::retry)?;
         match shortage(&lines, &products) {
             None => {
                 store::reserve(conn, event.order_id, &lines)
                     .await
-                    .map_err(db)?;
+                    .map_err(HandlerError::retry)?;
                 let reserved = InventoryReserved {
                     order_id: event.order_id,
                     items: lines,
@@ -267,14 +262,14 @@ impl Handler<OrderCreated> for Stock {
                 self.outbox
                     .enqueue(conn, &reserved)
                     .await
-                    .map_err(enqueue_error)?;
+                    .map_err(platform::enqueue_failure)?;
                 metrics::counter!("inventory_reservations_total").increment(1);
                 tracing::info!(order_id = %event.order_id, "stock reserved");
             }
             Some(reason) => {
                 store::record_failure(conn, event.order_id, &reason)
                     .await
-                    .map_err(db)?;
+                    .map_err(HandlerError::retry)?;
                 let failed = InventoryReservationFailed {
                     order_id: event.order_id,
                     reason: reason.clone(),
@@ -282,7 +277,7 @@ impl Handler<OrderCreated> for Stock {
                 self.outbox
                     .enqueue(conn, &failed)
                     .await
-                    .map_err(enqueue_error)?;
+                    .map_err(platform::enqueue_failure)?;
                 metrics::counter!("inventory_failures_total").increment(1);
                 tracing::info!(order_id = %event.order_id, %reason, "reservation failed");
             }
@@ -300,7 +295,7 @@ impl Handler<OrderConfirmed> for Stock {
     ) -> Result<(), HandlerError> {
         let sold = store::end_reservations(conn, event.order_id, ReservationOutcome::Committed)
             .await
-            .map_err(db)?;
+            .map_err(HandlerError::retry)?;
         tracing::info!(order_id = %event.order_id, lines = sold.len(), "reservation committed");
         Ok(())
     }
@@ -315,14 +310,14 @@ impl Handler<OrderCancelled> for Stock {
     ) -> Result<(), HandlerError> {
         let released = store::end_reservations(conn, event.order_id, ReservationOutcome::Released)
             .await
-            .map_err(db)?;
+            .map_err(HandlerError::retry)?;
         if released.is_empty() {
             // Nothing was reserved (the reservation failed, or order.created has not been
             // handled yet): remember the order is over so that a late order.created does
             // not reserve for it.
             store::close(conn, event.order_id, &event.reason)
                 .await
-                .map_err(db)?;
+                .map_err(HandlerError::retry)?;
             return Ok(());
         }
         let event = InventoryReleased {
@@ -332,7 +327,7 @@ impl Handler<OrderCancelled> for Stock {
         self.outbox
             .enqueue(conn, &event)
             .await
-            .map_err(enqueue_error)?;
+            .map_err(platform::enqueue_failure)?;
         tracing::info!(order_id = %event.order_id, "reserved stock released");
         Ok(())
     }

@@ -25,7 +25,9 @@ use uuid::Uuid;
 pub use saga::PaymentSimulation;
 
 use crate::events::{OrderCreated, OrderLine};
-use crate::platform::{ApiError, ApiJson, Runtime, ServiceConfig, ServiceHandle};
+use crate::platform::{
+    ApiError, ApiJson, Runtime, ServiceConfig, ServiceHandle, money, price_to_cents, text_field,
+};
 
 /// The documented port.
 pub const DEFAULT_PORT: u16 = 3001;
@@ -119,46 +121,6 @@ struct CreateOrderItem {
 /// Most lines per order and units per line.
 const MAX_LINES: usize = 100;
 const MAX_QUANTITY: i64 = 10_000;
-
-/// Parses a price in currency units into cents: positive, at most 2 decimals, at most 1e9.
-pub(crate) fn price_to_cents(field: &str, price: f64) -> Result<i64, ApiError> {
-    // Up to one million: far below the 2^53 cents where doubles stop holding every cent.
-    if !price.is_finite() || price <= 0.0 || price > 1e6 {
-        return Err(ApiError::invalid(format!(
-            "{field} must be a positive amount up to 1000000, got {price}"
-        )));
-    }
-    let cents = (price * 100.0).round();
-    if (cents - price * 100.0).abs() > 1e-6 {
-        return Err(ApiError::invalid(format!(
-            "{field} must have at most 2 decimals, got {price}"
-        )));
-    }
-    Ok(cents as i64)
-}
-
-/// Cents as a currency amount for JSON.
-pub(crate) fn money(cents: i64) -> f64 {
-    cents as f64 / 100.0
-}
-
-/// Validates a request's text field: not blank, at most `max` characters, no control characters.
-pub(crate) fn text_field(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
-    if value.trim().is_empty() {
-        return Err(ApiError::invalid(format!("{field} must not be empty")));
-    }
-    if value.chars().count() > max {
-        return Err(ApiError::invalid(format!(
-            "{field} must be at most {max} characters"
-        )));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(ApiError::invalid(format!(
-            "{field} must not contain control characters"
-        )));
-    }
-    Ok(())
-}
 
 fn validate(request: CreateOrder) -> Result<(String, Vec<OrderLine>, i64), ApiError> {
     text_field("userId", &request.user_id, 100)?;

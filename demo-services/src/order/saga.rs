@@ -93,8 +93,8 @@ pub(crate) enum PublishError {
 impl From<PublishError> for HandlerError {
     fn from(e: PublishError) -> Self {
         match e {
-            PublishError::Outbox(e) if !e.is_transient() => HandlerError::permanent(e),
-            other => HandlerError::retry(other),
+            PublishError::Outbox(e) => crate::platform::enqueue_failure(e),
+            PublishError::Database(e) => HandlerError::retry(e),
         }
     }
 }
@@ -124,10 +124,6 @@ pub fn router(outbox: Outbox, payment: PaymentSimulation) -> Router {
         .route::<PaymentFailed, _>(saga)
 }
 
-fn db(e: sqlx::Error) -> HandlerError {
-    HandlerError::retry(e)
-}
-
 /// Locks the order and records the delivery in its history; `None` (the event is ignored)
 /// for an order this service does not know, which cannot happen in the saga.
 async fn receive<E: Serialize>(
@@ -136,7 +132,10 @@ async fn receive<E: Serialize>(
     event: &E,
     delivery: &Delivery,
 ) -> Result<Option<OrderRow>, HandlerError> {
-    let Some(order) = store::lock_order(conn, order_id).await.map_err(db)? else {
+    let Some(order) = store::lock_order(conn, order_id)
+        .await
+        .map_err(HandlerError::retry)?
+    else {
         tracing::warn!(%order_id, "event for an unknown order ignored");
         return Ok(None);
     };
@@ -150,7 +149,7 @@ async fn receive<E: Serialize>(
         &data,
     )
     .await
-    .map_err(db)?;
+    .map_err(HandlerError::retry)?;
     Ok(Some(order))
 }
 
@@ -195,7 +194,9 @@ impl Handler<ProductUpdated> for Saga {
         event: ProductUpdated,
         _delivery: &Delivery,
     ) -> Result<(), HandlerError> {
-        store::upsert_product(conn, &event).await.map_err(db)
+        store::upsert_product(conn, &event)
+            .await
+            .map_err(HandlerError::retry)
     }
 }
 
@@ -215,7 +216,7 @@ impl Handler<InventoryReserved> for Saga {
         }
         store::set_status(conn, order.order_id, "INVENTORY_RESERVED", None)
             .await
-            .map_err(db)?;
+            .map_err(HandlerError::retry)?;
         // The payment step: simulated, decided by the order's placement number.
         metrics::counter!("payments_processed_total").increment(1);
         if self.payment.succeeds(order.order_no) {
@@ -274,7 +275,7 @@ impl Handler<PaymentProcessed> for Saga {
         }
         store::set_status(conn, order.order_id, "CONFIRMED", None)
             .await
-            .map_err(db)?;
+            .map_err(HandlerError::retry)?;
         let confirmed = OrderConfirmed {
             order_id: order.order_id,
             user_id: order.user_id.clone(),

@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use std::time::Duration;
+
+use async_nats::jetstream;
 use demo_services::order::PaymentSimulation;
-use demo_services::stack::{Stack, StackOptions};
+use demo_services::stack::{Stack, StackOptions, wait_for};
 
 /// The directory of this package's binaries (order-service, ..., demo).
 pub fn bin_dir() -> PathBuf {
@@ -56,4 +59,43 @@ pub async fn start(
     .await
     .expect("start the demo stack");
     (stack, dir)
+}
+
+/// Every payment succeeds.
+pub fn always_pay() -> PaymentSimulation {
+    PaymentSimulation {
+        success_rate: 1.0,
+        seed: 1,
+    }
+}
+
+/// A JetStream context on the stack's broker.
+pub async fn jetstream(stack: &Stack) -> jetstream::Context {
+    jetstream::new(
+        async_nats::connect(stack.nats.url())
+            .await
+            .expect("connect"),
+    )
+}
+
+/// Waits until `consumer` has been handed and has acknowledged everything in the saga's
+/// stream (call it after the publishes it must see were acknowledged).
+pub async fn wait_consumed(js: &jetstream::Context, consumer: &str) {
+    let stream = js
+        .get_stream(demo_services::events::STREAM)
+        .await
+        .expect("stream");
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{consumer} to ack everything"),
+        || {
+            let stream = stream.clone();
+            async move {
+                let info = stream.consumer_info(consumer).await?;
+                Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+            }
+        },
+    )
+    .await
+    .expect("consumed");
 }
