@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "claim_indexes",
         sql: include_str!("../sql/0006_claim_indexes.sql"),
     },
+    Migration {
+        version: 7,
+        name: "claims_are_row_locks",
+        sql: include_str!("../sql/0007_claims_are_row_locks.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -8,19 +8,25 @@ use crate::error::Error;
 /// one relay per service database on the same host as the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
-    /// This instance's name in `relay_instance`, `claimed_by` and partition leases; unique
+    /// This instance's name in `relay_instance` and partition leases; unique
     /// among the relays of one database. Defaults to `relay-<hostname>-<pid>-<random>`.
     pub instance_id: String,
-    /// Rows claimed per statement. Defaults to 512.
+    /// Rows claimed per claim transaction (the rows one commit marks). Defaults to 512.
     pub batch_size: usize,
     /// Most messages sent and not yet acknowledged (the PubAck window); also bounds the
     /// claimed rows held in memory (twice this). Defaults to 1024.
     pub max_in_flight: usize,
+    /// Claim transactions open at once (claiming, publishing or committing), each holding a
+    /// database connection. More overlap claims and commits better at a high rate. Defaults
+    /// to 6.
+    pub max_open_claims: usize,
     /// How long to wait for a PubAck before the outcome counts as unknown and the row is
     /// retried with the same id. Defaults to 5 s.
     pub publish_timeout: Duration,
-    /// How long a claim lasts before the rescuer may return the row to `pending`; must
-    /// exceed twice `publish_timeout`. Defaults to 30 s.
+    /// The longest a claim transaction may stay open: the relay starts no publish in the
+    /// second half of it, and the server ends a session left idle in its claim transaction
+    /// this long (`idle_in_transaction_session_timeout`), so a hung relay cannot hold rows.
+    /// Must be at least twice `publish_timeout`. Defaults to 30 s.
     pub claim_ttl: Duration,
     /// Attempts after which a row failing with a permanent error (no stream for its
     /// subject, larger than the broker accepts) moves to `dead_letter`. Transient errors
@@ -39,7 +45,8 @@ pub struct RelayConfig {
     /// `relay notify enable`). Defaults to false.
     pub listen_notify: bool,
     /// How long a partition lease and an instance heartbeat stay valid; a killed instance's
-    /// partitions and claims are taken over after this. Defaults to 5 s.
+    /// partitions are taken over after this (its claims end with its database sessions).
+    /// Defaults to 5 s.
     pub lease_ttl: Duration,
     /// How often leases and the heartbeat are renewed; must be under a third of
     /// `lease_ttl`. Defaults to 1 s.
@@ -49,8 +56,6 @@ pub struct RelayConfig {
     pub retention: Duration,
     /// How often the cleaner deletes rows past the retention. Defaults to 30 s.
     pub cleaner_interval: Duration,
-    /// How often the rescuer returns expired claims. Defaults to 1 s.
-    pub rescuer_interval: Duration,
     /// How often the relay vacuums `outbox_message` (needs the table's owner or a superuser;
     /// a failure is logged once and autovacuum is left to do it). Claims slow down as dead
     /// row versions pile up at the head of the claim index. Zero disables. Defaults to 10 s.
@@ -65,6 +70,7 @@ impl Default for RelayConfig {
             instance_id: default_instance_id(),
             batch_size: 512,
             max_in_flight: 1024,
+            max_open_claims: 6,
             publish_timeout: Duration::from_secs(5),
             claim_ttl: Duration::from_secs(30),
             max_permanent_attempts: 5,
@@ -77,7 +83,6 @@ impl Default for RelayConfig {
             heartbeat_interval: Duration::from_secs(1),
             retention: Duration::from_secs(3600),
             cleaner_interval: Duration::from_secs(30),
-            rescuer_interval: Duration::from_secs(1),
             vacuum_interval: Duration::from_secs(10),
             stats_interval: Duration::from_secs(5),
         }
@@ -110,6 +115,12 @@ impl RelayConfig {
             return refuse(format!(
                 "batch_size must be 1 to 10000, got {}",
                 self.batch_size
+            ));
+        }
+        if !(1..=64).contains(&self.max_open_claims) {
+            return refuse(format!(
+                "max_open_claims must be 1 to 64, got {}",
+                self.max_open_claims
             ));
         }
         if !(1..=65_536).contains(&self.max_in_flight) {
@@ -152,7 +163,6 @@ impl RelayConfig {
         }
         for (name, value) in [
             ("cleaner_interval", self.cleaner_interval),
-            ("rescuer_interval", self.rescuer_interval),
             ("stats_interval", self.stats_interval),
         ] {
             if value.is_zero() {
@@ -160,6 +170,12 @@ impl RelayConfig {
             }
         }
         Ok(())
+    }
+
+    /// The fewest database connections the relay's pool must allow: one per open claim, one
+    /// for late marks, leases, cleaner, vacuum and stats, and one more with `listen_notify`.
+    pub fn min_connections(&self) -> u32 {
+        self.max_open_claims as u32 + 5 + u32::from(self.listen_notify)
     }
 
     /// Rows held in memory at most: the claim window.

@@ -1,16 +1,25 @@
 //! The publishing pipeline: claim, publish with many PubAcks in flight, mark, all overlapped.
 //!
+//! A claim is a transaction: it locks a batch of pending rows (`FOR UPDATE SKIP LOCKED`) and
+//! stays open while they are published; when every row of the batch is resolved, the
+//! published marks, failed attempts and dead letters are written in that transaction and it
+//! commits (one commit per batch). Rows the batch did not publish need no write: they are
+//! pending all along and the commit unlocks them. Several claims are open at once, so the next
+//! batch is claimed and the previous one committed while messages are on the wire.
+//!
 //! One task owns the state below and reacts to whichever finishes first: a PubAck, a claim,
-//! a flush of outcomes to the database, a poll timer or a wakeup. Claims and flushes run as
-//! separate tasks on their own connections, so the next batch is claimed and the previous
-//! one marked while messages are on the wire.
+//! a batch's commit, a late write, a poll timer or a wakeup.
 //!
 //! Per-key order: rows are queued per partition key in `seq` order and only the head of a
-//! key's queue is ever in flight; rows of a key claimed later are appended behind it. A
-//! failed head returns the rest of its queue to `pending`, and the key is *held back* until
-//! that release is written: rows of it that a claim returns meanwhile go straight back too.
-//! Once written, the claim statement skips rows behind a head that waits out its backoff
-//! (or is claimed by another instance), so no later message of a key overtakes an earlier one.
+//! key's queue is ever in flight; rows of a key claimed later (in another batch) are appended
+//! behind it. A failed head gives up the rest of its queue, and the key is *held back* until
+//! the failure is committed with its backoff: rows of it that a claim returns meanwhile are
+//! given up at once. Once committed, the claim statement skips the key while its head waits
+//! out the backoff, so no later message of a key overtakes an earlier one.
+//!
+//! If a batch cannot commit (the database went away), its rows' locks are gone with the
+//! session. The PubAcks it held are written later on a fresh connection, with backoff; until
+//! then a claim that returns one of those rows marks it without publishing it again.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -22,8 +31,8 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use envelope::Envelope;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use outbox::store::{self as outbox_store, ClaimedRow, Published, Release};
-use sqlx::PgPool;
+use outbox::store::{self as outbox_store, ClaimedRow, Failure, Published};
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -35,10 +44,16 @@ use crate::health::Health;
 use crate::metrics as m;
 use crate::publisher::{Ack, PublishError, PublishErrorKind, Publisher};
 
+type ClaimTx = Transaction<'static, Postgres>;
+
+/// A claim's open transaction and its rows.
+type Claimed = Result<(ClaimTx, Vec<ClaimedRow>), sqlx::Error>;
+
 /// A claimed row waiting in its key's queue.
 struct Row {
     claimed: ClaimedRow,
     envelope: Result<Envelope, envelope::Error>,
+    batch: u64,
     claimed_at: Instant,
 }
 
@@ -50,18 +65,28 @@ struct Dead {
     attempts: i32,
 }
 
-/// What happened to rows, waiting to be written to the database.
+/// What happened to a batch's rows, written when the batch commits.
 #[derive(Default)]
 struct Outcome {
     published: Vec<Published>,
-    released: Vec<Release>,
+    failures: Vec<Failure>,
     dead: Vec<Dead>,
 }
 
 impl Outcome {
     fn is_empty(&self) -> bool {
-        self.published.is_empty() && self.released.is_empty() && self.dead.is_empty()
+        self.published.is_empty() && self.failures.is_empty() && self.dead.is_empty()
     }
+}
+
+/// An open claim transaction and what its rows came to so far.
+struct Batch {
+    tx: ClaimTx,
+    /// Rows not resolved yet (queued or in flight).
+    open: usize,
+    outcome: Outcome,
+    /// Keys held back until this batch's failures are committed.
+    holds_back: Vec<Arc<str>>,
 }
 
 /// A resolved PubAck.
@@ -72,6 +97,16 @@ struct Done {
 }
 
 type InFlight = FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>;
+
+/// A batch's commit: its holds-back keys and whatever could not be written.
+type Finishing =
+    FuturesUnordered<Pin<Box<dyn Future<Output = (Vec<Arc<str>>, Result<(), Unwritten>)> + Send>>>;
+
+/// Outcomes of a batch that failed to commit, with the error.
+struct Unwritten {
+    outcome: Outcome,
+    error: String,
+}
 
 /// The pipeline's state; see the module docs.
 pub(crate) struct Dispatcher<P> {
@@ -86,11 +121,16 @@ pub(crate) struct Dispatcher<P> {
     in_flight: InFlight,
     /// Keys whose head is in flight.
     sending: HashSet<Arc<str>>,
-    outcome: Outcome,
-    /// Keys with a release not yet written, and the number of the flush that writes it.
-    held_back: HashMap<Arc<str>, u64>,
-    /// Flushes spawned so far (the next one gets this number plus one).
-    flushes: u64,
+    /// Open claims by number.
+    batches: HashMap<u64, Batch>,
+    next_batch: u64,
+    finishing: Finishing,
+    /// Keys with a failure not yet committed, and how many batches hold them back.
+    held_back: HashMap<Arc<str>, usize>,
+    /// PubAcks and dead letters whose batch could not commit, to be written on their own.
+    late: Outcome,
+    /// The ids in `late.published`, for claims that return them before they are written.
+    late_ids: HashMap<Uuid, usize>,
     stopping: bool,
     stopping_since: Option<Instant>,
     next_claim_at: Instant,
@@ -118,9 +158,12 @@ impl<P: Publisher> Dispatcher<P> {
             held: 0,
             in_flight: FuturesUnordered::new(),
             sending: HashSet::new(),
-            outcome: Outcome::default(),
+            batches: HashMap::new(),
+            next_batch: 0,
+            finishing: FuturesUnordered::new(),
             held_back: HashMap::new(),
-            flushes: 0,
+            late: Outcome::default(),
+            late_ids: HashMap::new(),
             stopping: false,
             stopping_since: None,
             next_claim_at: Instant::now(),
@@ -130,46 +173,49 @@ impl<P: Publisher> Dispatcher<P> {
         }
     }
 
-    /// Runs until `stop`, then finishes what is in flight, releases what was claimed and
-    /// not sent, records every outcome, and returns.
+    /// Runs until `stop`, then finishes what is in flight, gives up what was claimed and not
+    /// sent, commits every batch, and returns.
     pub(crate) async fn run(mut self, stop: CancellationToken) {
-        let mut claim: Option<JoinHandle<Result<Vec<ClaimedRow>, sqlx::Error>>> = None;
-        let mut flush: Option<JoinHandle<Result<(), (Outcome, sqlx::Error)>>> = None;
-        let mut flush_retry_at = Instant::now();
+        let mut claim: Option<JoinHandle<Claimed>> = None;
+        let mut late_write: Option<JoinHandle<Result<(), Unwritten>>> = None;
+        let mut late_retry_at = Instant::now();
         loop {
             let now = Instant::now();
             let room = self.held + self.config.batch_size.min(self.config.max_in_flight)
                 <= self.config.max_held();
-            let can_claim = !self.stopping && claim.is_none() && room;
+            let open = self.batches.len() + self.finishing.len();
+            let can_claim =
+                !self.stopping && claim.is_none() && room && open < self.config.max_open_claims;
             if can_claim && now >= self.next_claim_at {
                 claim = Some(self.spawn_claim());
             }
-            let can_flush = flush.is_none() && !self.outcome.is_empty();
-            if can_flush && now >= flush_retry_at {
-                flush = Some(self.spawn_flush());
+            let can_write_late = late_write.is_none() && !self.late.is_empty();
+            if can_write_late && now >= late_retry_at {
+                late_write = Some(self.spawn_late_write());
             }
             if self.stopping
                 && claim.is_none()
                 && self.in_flight.is_empty()
                 && self.held == 0
-                && flush.is_none()
+                && self.batches.is_empty()
+                && self.finishing.is_empty()
+                && late_write.is_none()
             {
-                if self.outcome.is_empty() {
+                if self.late.is_empty() {
                     break;
                 }
                 if self
                     .stopping_since
                     .is_some_and(|t| now.duration_since(t) > self.config.claim_ttl)
                 {
-                    // The database stayed unreachable: our claims expire by themselves and the
-                    // rescuer returns them; published rows are published again (deduplicated).
+                    // The database stayed unreachable: these rows are pending and will be
+                    // published again (deduplicated by the broker within its window).
                     tracing::warn!(
-                        "stopping without recording every outcome: the database is unreachable"
+                        rows = self.late.published.len(),
+                        "stopping without marking every published row: the database is unreachable"
                     );
                     break;
                 }
-                // The database is failing while we stop: keep retrying the flush.
-                flush_retry_at = flush_retry_at.min(now + self.config.poll_max_interval);
             }
             self.health.set_in_flight(self.in_flight.len());
             metrics::gauge!(m::IN_FLIGHT).set(self.in_flight.len() as f64);
@@ -177,27 +223,28 @@ impl<P: Publisher> Dispatcher<P> {
             // Timers are armed from the same `now` as the decisions above, so a deadline that
             // passes in between still wakes the loop (sleep_until a past instant returns at once).
             let claim_timer = can_claim && claim.is_none();
-            let flush_timer = can_flush && flush.is_none();
+            let late_timer = can_write_late && late_write.is_none();
             tokio::select! {
                 _ = stop.cancelled(), if !self.stopping => {
-                    tracing::info!(in_flight = self.in_flight.len(), held = self.held, "stopping: finishing in-flight messages and releasing the rest");
+                    tracing::info!(in_flight = self.in_flight.len(), held = self.held, "stopping: finishing in-flight messages and giving up the rest");
                     self.stopping = true;
                     self.stopping_since = Some(Instant::now());
-                    self.release_all_queued();
+                    self.give_up_all_queued();
                 }
                 Some(done) = self.in_flight.next() => self.on_ack(done).await,
+                Some((keys, result)) = self.finishing.next() => self.on_finished(keys, result),
                 joined = async { claim.as_mut().expect("guarded").await }, if claim.is_some() => {
                     claim = None;
                     self.on_claim(joined).await;
                 }
-                joined = async { flush.as_mut().expect("guarded").await }, if flush.is_some() => {
-                    flush = None;
-                    if let Some(delay) = self.on_flush(joined, self.flushes) {
-                        flush_retry_at = Instant::now() + delay;
+                joined = async { late_write.as_mut().expect("guarded").await }, if late_write.is_some() => {
+                    late_write = None;
+                    if let Some(delay) = self.on_late_written(joined) {
+                        late_retry_at = Instant::now() + delay;
                     }
                 }
                 _ = tokio::time::sleep_until(self.next_claim_at), if claim_timer => {}
-                _ = tokio::time::sleep_until(flush_retry_at), if flush_timer => {}
+                _ = tokio::time::sleep_until(late_retry_at), if late_timer => {}
                 _ = self.wake.notified(), if can_claim => {
                     self.next_claim_at = Instant::now();
                     self.idle_delay = self.config.poll_min_interval;
@@ -207,33 +254,41 @@ impl<P: Publisher> Dispatcher<P> {
         self.health.set_in_flight(0);
     }
 
-    fn spawn_claim(&self) -> JoinHandle<Result<Vec<ClaimedRow>, sqlx::Error>> {
+    fn spawn_claim(&self) -> JoinHandle<Claimed> {
         let pool = self.pool.clone();
         let owner = self.config.instance_id.clone();
         let room = self.config.max_held() - self.held;
         let limit = self.config.batch_size.min(room) as i64;
-        let ttl = i64::try_from(self.config.claim_ttl.as_millis()).unwrap_or(i64::MAX);
+        let ttl = u64::try_from(self.config.claim_ttl.as_millis()).unwrap_or(u64::MAX);
         tokio::spawn(async move {
-            let mut conn = pool.acquire().await?;
-            outbox_store::claim_batch(&mut conn, &owner, limit, ttl).await
+            let mut tx = outbox_store::begin_claim(&pool, ttl).await?;
+            let rows = outbox_store::claim_batch(&mut tx, &owner, limit).await?;
+            Ok((tx, rows))
         })
     }
 
-    fn spawn_flush(&mut self) -> JoinHandle<Result<(), (Outcome, sqlx::Error)>> {
-        self.flushes += 1;
-        let outcome = std::mem::take(&mut self.outcome);
+    fn spawn_late_write(&mut self) -> JoinHandle<Result<(), Unwritten>> {
+        let outcome = std::mem::take(&mut self.late);
+        self.late_ids.clear();
         let pool = self.pool.clone();
-        let owner = self.config.instance_id.clone();
         let delete = self.config.retention.is_zero();
-        tokio::spawn(flush(pool, owner, delete, outcome))
+        tokio::spawn(async move {
+            let written = async {
+                let mut tx = pool.begin().await?;
+                write_outcome(&mut tx, delete, &outcome).await?;
+                tx.commit().await
+            }
+            .await;
+            written.map_err(|e| Unwritten {
+                outcome,
+                error: e.to_string(),
+            })
+        })
     }
 
-    async fn on_claim(
-        &mut self,
-        joined: Result<Result<Vec<ClaimedRow>, sqlx::Error>, tokio::task::JoinError>,
-    ) {
-        let rows = match joined {
-            Ok(Ok(rows)) => rows,
+    async fn on_claim(&mut self, joined: Result<Claimed, tokio::task::JoinError>) {
+        let (tx, rows) = match joined {
+            Ok(Ok(claimed)) => claimed,
             Ok(Err(e)) => {
                 self.health.set_database(false);
                 let delay = next_delay(&mut self.db_backoff, &self.config);
@@ -265,20 +320,29 @@ impl<P: Publisher> Dispatcher<P> {
             self.idle_delay = self.config.poll_min_interval;
             self.next_claim_at = Instant::now() + self.idle_delay;
         }
+        let id = self.next_batch;
+        self.next_batch += 1;
+        let mut batch = Batch {
+            tx,
+            open: 0,
+            outcome: Outcome::default(),
+            holds_back: Vec::new(),
+        };
         let now = Instant::now();
         let mut fresh_keys = Vec::new();
         for claimed in rows {
+            if let Some(index) = self.late_ids.remove(&claimed.id) {
+                // Published already; its mark was lost with an earlier batch. Mark it here.
+                batch
+                    .outcome
+                    .published
+                    .push(self.late.published[index].clone());
+                continue;
+            }
             let key: Arc<str> = Arc::from(claimed.partition_key.as_str());
             if self.held_back.contains_key(&key) {
-                // An earlier row of this key is on its way back to pending: this one must
-                // not overtake it.
-                self.outcome.released.push(Release {
-                    id: claimed.id,
-                    failed: false,
-                    delay_ms: 0,
-                    error: None,
-                });
-                self.held_back.insert(key, self.flushes + 1);
+                // An earlier row of this key failed and its backoff is not committed yet:
+                // this one must not overtake it. Left pending.
                 continue;
             }
             let envelope = claimed.to_envelope();
@@ -289,12 +353,124 @@ impl<P: Publisher> Dispatcher<P> {
             queue.push_back(Row {
                 claimed,
                 envelope,
+                batch: id,
                 claimed_at: now,
             });
+            batch.open += 1;
             self.held += 1;
+        }
+        let empty = batch.open == 0;
+        self.batches.insert(id, batch);
+        if empty {
+            self.finish(id);
         }
         for key in fresh_keys {
             self.send_head(key).await;
+        }
+    }
+
+    /// One row of `batch` is resolved; commits the batch when it was the last.
+    fn resolve(&mut self, batch: u64) {
+        let Some(open) = self.batches.get_mut(&batch) else {
+            return;
+        };
+        open.open -= 1;
+        if open.open == 0 {
+            self.finish(batch);
+        }
+    }
+
+    /// Writes a fully resolved batch's outcome in its transaction and commits it.
+    fn finish(&mut self, id: u64) {
+        let Some(batch) = self.batches.remove(&id) else {
+            return;
+        };
+        let delete = self.config.retention.is_zero();
+        let Batch {
+            mut tx,
+            outcome,
+            holds_back,
+            ..
+        } = batch;
+        self.finishing.push(Box::pin(async move {
+            let written = if outcome.is_empty() {
+                // Nothing to write: ending the transaction gives the rows back.
+                let _ = tx.rollback().await;
+                Ok(())
+            } else {
+                match write_outcome(&mut tx, delete, &outcome).await {
+                    Ok(()) => tx.commit().await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| Unwritten {
+                    outcome,
+                    error: e.to_string(),
+                })
+            };
+            (holds_back, written)
+        }));
+    }
+
+    fn on_finished(&mut self, holds_back: Vec<Arc<str>>, result: Result<(), Unwritten>) {
+        for key in holds_back {
+            if let Some(count) = self.held_back.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.held_back.remove(&key);
+                }
+            }
+        }
+        match result {
+            Ok(()) => self.health.set_database(true),
+            Err(unwritten) => {
+                self.health.set_database(false);
+                tracing::warn!(
+                    error = %unwritten.error,
+                    published = unwritten.outcome.published.len(),
+                    "committing a batch failed; its published rows will be marked later"
+                );
+                // Failed attempts are only backoff hints: the rows are pending again and
+                // will be retried. PubAcks and dead letters must not be lost.
+                for published in unwritten.outcome.published {
+                    self.late_ids
+                        .insert(published.id, self.late.published.len());
+                    self.late.published.push(published);
+                }
+                self.late.dead.extend(unwritten.outcome.dead);
+            }
+        }
+    }
+
+    fn on_late_written(
+        &mut self,
+        joined: Result<Result<(), Unwritten>, tokio::task::JoinError>,
+    ) -> Option<Duration> {
+        match joined {
+            Ok(Ok(())) => {
+                self.health.set_database(true);
+                None
+            }
+            Ok(Err(unwritten)) => {
+                self.health.set_database(false);
+                let delay = next_delay(&mut self.db_backoff, &self.config);
+                tracing::warn!(error = %unwritten.error, retry_in = ?delay, "marking published rows failed; will retry");
+                // Keep what was not written, ahead of anything newer.
+                let newer = std::mem::replace(&mut self.late, unwritten.outcome);
+                self.late.published.extend(newer.published);
+                self.late.dead.extend(newer.dead);
+                self.late_ids = self
+                    .late
+                    .published
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| (p.id, i))
+                    .collect();
+                Some(delay)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "late write task failed");
+                Some(self.config.poll_max_interval)
+            }
         }
     }
 
@@ -309,8 +485,8 @@ impl<P: Publisher> Dispatcher<P> {
                 return;
             };
             if self.stopping || row.claimed_at.elapsed() > self.config.claim_ttl / 2 {
-                // Do not start a publish whose claim could expire before its ack.
-                self.release_queue(&key, None);
+                // Do not start a publish whose claim could end before its ack.
+                self.give_up_queue(&key);
                 return;
             }
             let envelope = match &row.envelope {
@@ -323,8 +499,10 @@ impl<P: Publisher> Dispatcher<P> {
                         attempts: row.claimed.attempts + 1,
                     };
                     tracing::warn!(id = %dead.id, error = %dead.error, "outbox row can never be published: moving it to dead_letter");
-                    self.outcome.dead.push(dead);
-                    self.pop_head(&key);
+                    if let Some(row) = self.pop_head(&key) {
+                        self.outcome_of(row.batch, |o| o.dead.push(dead));
+                        self.resolve(row.batch);
+                    }
                     continue;
                 }
             };
@@ -364,11 +542,13 @@ impl<P: Publisher> Dispatcher<P> {
                 self.broker_backoff = None;
                 self.health.set_broker(true);
                 if let Some(row) = self.pop_head(&done.key) {
-                    self.outcome.published.push(Published {
+                    let published = Published {
                         id: row.claimed.id,
                         stream: ack.stream,
                         stream_seq: i64::try_from(ack.sequence).unwrap_or(i64::MAX),
-                    });
+                    };
+                    self.outcome_of(row.batch, |o| o.published.push(published));
+                    self.resolve(row.batch);
                 }
                 self.send_head(done.key).await;
             }
@@ -381,7 +561,7 @@ impl<P: Publisher> Dispatcher<P> {
     }
 
     /// Handles a failed head of `key`. Returns true when the head was dead-lettered and the
-    /// next row of the key may be sent; false when the queue was released.
+    /// next row of the key may be sent; false when the queue was given up.
     fn on_failure(&mut self, key: &Arc<str>, error: PublishError) -> bool {
         metrics::counter!(m::FAILED, "kind" => error.kind.as_str()).increment(1);
         let Some(row) = self.queues.get(key).and_then(|q| q.front()) else {
@@ -389,29 +569,34 @@ impl<P: Publisher> Dispatcher<P> {
         };
         let attempts = row.claimed.attempts + 1;
         let id = row.claimed.id;
+        let batch = row.batch;
         if error.kind.is_permanent() && attempts >= self.config.max_permanent_attempts as i32 {
             tracing::warn!(%id, attempts, error = %error, "permanent publish failure: moving the row to dead_letter");
-            self.outcome.dead.push(Dead {
+            let dead = Dead {
                 id,
                 reason: error.kind.as_str(),
                 error: error.to_string(),
                 attempts,
-            });
+            };
             self.pop_head(key);
+            self.outcome_of(batch, |o| o.dead.push(dead));
+            self.resolve(batch);
             return true;
         }
         let delay = retry_delay(&self.config, attempts);
-        tracing::debug!(%id, attempts, retry_in = ?delay, error = %error, "publish failed; row goes back to pending");
+        tracing::debug!(%id, attempts, retry_in = ?delay, error = %error, "publish failed; row stays pending with a backoff");
         metrics::counter!(m::RETRIED).increment(1);
-        self.release_queue(
-            key,
-            Some(Release {
-                id,
-                failed: true,
-                delay_ms: i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
-                error: Some(error.to_string()),
-            }),
-        );
+        let failure = Failure {
+            id,
+            delay_ms: i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+            error: error.to_string(),
+        };
+        if let Some(open) = self.batches.get_mut(&batch) {
+            open.outcome.failures.push(failure);
+            open.holds_back.push(key.clone());
+            *self.held_back.entry(key.clone()).or_default() += 1;
+        }
+        self.give_up_queue(key);
         if matches!(
             error.kind,
             PublishErrorKind::Unavailable | PublishErrorKind::Timeout
@@ -422,6 +607,13 @@ impl<P: Publisher> Dispatcher<P> {
             self.next_claim_at = self.next_claim_at.max(Instant::now() + pause);
         }
         false
+    }
+
+    /// Adds to the outcome of an open batch (every queued row's batch is open).
+    fn outcome_of(&mut self, batch: u64, add: impl FnOnce(&mut Outcome)) {
+        if let Some(open) = self.batches.get_mut(&batch) {
+            add(&mut open.outcome);
+        }
     }
 
     fn pop_head(&mut self, key: &Arc<str>) -> Option<Row> {
@@ -436,31 +628,20 @@ impl<P: Publisher> Dispatcher<P> {
         row
     }
 
-    /// Returns `key`'s whole queue to pending: the head with `head` (a failure), the rest
-    /// unchanged.
-    fn release_queue(&mut self, key: &Arc<str>, head: Option<Release>) {
+    /// Gives up `key`'s whole queue: its rows stay pending, unlocked when their batches end.
+    fn give_up_queue(&mut self, key: &Arc<str>) {
         let Some(queue) = self.queues.remove(key) else {
             return;
         };
         self.held -= queue.len();
-        let mut rows = queue.into_iter();
-        if let Some(head) = head {
-            rows.next();
-            self.outcome.released.push(head);
-        }
-        for row in rows {
-            self.outcome.released.push(Release {
-                id: row.claimed.id,
-                failed: false,
-                delay_ms: 0,
-                error: None,
-            });
+        for row in queue {
+            self.resolve(row.batch);
         }
     }
 
-    /// On stop: every queued row that is not in flight goes back to pending; a head in
-    /// flight stays until its ack resolves it.
-    fn release_all_queued(&mut self) {
+    /// On stop: every queued row that is not in flight is given up; a head in flight stays
+    /// until its ack resolves it.
+    fn give_up_all_queued(&mut self) {
         let keys: Vec<Arc<str>> = self.queues.keys().cloned().collect();
         for key in keys {
             if self.sending.contains(&key) {
@@ -470,90 +651,33 @@ impl<P: Publisher> Dispatcher<P> {
                 let behind: Vec<Row> = queue.drain(1..).collect();
                 self.held -= behind.len();
                 for row in behind {
-                    self.outcome.released.push(Release {
-                        id: row.claimed.id,
-                        failed: false,
-                        delay_ms: 0,
-                        error: None,
-                    });
+                    self.resolve(row.batch);
                 }
             } else {
-                self.release_queue(&key, None);
-            }
-        }
-    }
-
-    fn on_flush(
-        &mut self,
-        joined: Result<Result<(), (Outcome, sqlx::Error)>, tokio::task::JoinError>,
-        flush_number: u64,
-    ) -> Option<Duration> {
-        match joined {
-            Ok(Ok(())) => {
-                self.health.set_database(true);
-                // Releases written by this flush (or earlier ones) no longer hold keys back.
-                self.held_back
-                    .retain(|_, written_by| *written_by > flush_number);
-                None
-            }
-            Ok(Err((unwritten, e))) => {
-                self.health.set_database(false);
-                let delay = next_delay(&mut self.db_backoff, &self.config);
-                tracing::warn!(error = %e, retry_in = ?delay, "recording publish outcomes failed; will retry");
-                // Keep what was not written, ahead of anything newer.
-                let newer = std::mem::replace(&mut self.outcome, unwritten);
-                self.outcome.published.extend(newer.published);
-                self.outcome.released.extend(newer.released);
-                self.outcome.dead.extend(newer.dead);
-                Some(delay)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "flush task failed");
-                Some(self.config.poll_max_interval)
+                self.give_up_queue(&key);
             }
         }
     }
 }
 
-/// Writes outcomes: published marks, releases, dead letters. On failure returns what was
-/// not written yet.
-async fn flush(
-    pool: PgPool,
-    owner: String,
+/// Writes a batch's outcome: published marks (or deletions), failed attempts, dead letters.
+async fn write_outcome(
+    conn: &mut sqlx::PgConnection,
     delete: bool,
-    mut outcome: Outcome,
-) -> Result<(), (Outcome, sqlx::Error)> {
-    let mut conn = match pool.acquire().await {
-        Ok(conn) => conn,
-        Err(e) => return Err((outcome, e)),
-    };
-    if let Err(e) = outbox_store::mark_published(&mut conn, &outcome.published, delete).await {
-        return Err((outcome, e));
-    }
-    outcome.published.clear();
-    if let Err(e) = outbox_store::release(&mut conn, &owner, &outcome.released).await {
-        return Err((outcome, e));
-    }
-    outcome.released.clear();
+    outcome: &Outcome,
+) -> Result<(), sqlx::Error> {
+    outbox_store::mark_published(conn, &outcome.published, delete).await?;
+    outbox_store::record_failures(conn, &outcome.failures).await?;
     if !outcome.dead.is_empty() {
-        if let Err(e) = dead_letter(&mut conn, &owner, &outcome.dead).await {
-            return Err((outcome, e));
-        }
-        outcome.dead.clear();
+        dead_letter(conn, &outcome.dead).await?;
     }
     Ok(())
 }
 
-/// Moves rows to `dead_letter` and out of the outbox in one transaction.
-async fn dead_letter(
-    conn: &mut sqlx::PgConnection,
-    owner: &str,
-    dead: &[Dead],
-) -> Result<(), sqlx::Error> {
-    use sqlx::Connection;
-    let mut tx = conn.begin().await?;
+/// Moves rows to `dead_letter` and out of the outbox, inside the caller's transaction.
+async fn dead_letter(conn: &mut sqlx::PgConnection, dead: &[Dead]) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = dead.iter().map(|d| d.id).collect();
-    let rows = outbox_store::take_for_dead_letter(&mut tx, owner, &ids).await?;
+    let rows = outbox_store::take_for_dead_letter(&mut *conn, &ids).await?;
     for row in rows {
         let Some(why) = dead.iter().find(|d| d.id == row.id) else {
             continue;
@@ -593,10 +717,10 @@ async fn dead_letter(
             stream: None,
             stream_seq: None,
         };
-        dlq::store::record(&mut tx, &letter).await?;
+        dlq::store::record(&mut *conn, &letter).await?;
         metrics::counter!(m::DEAD_LETTERED, "reason" => why.reason).increment(1);
     }
-    tx.commit().await
+    Ok(())
 }
 
 fn backoff(config: &RelayConfig) -> backon::ExponentialBackoff {

@@ -11,11 +11,12 @@
 //! - Messages with the same partition key are published in `seq` (commit) order: never two
 //!   of one key unacknowledged at once, across batches and across instances.
 //! - A row is marked published only after its PubAck; a crash between publish and mark
-//!   republishes it with the same id.
+//!   republishes it with the same id. A claim is a transaction holding row locks, so a
+//!   crashed relay's claims end with its database sessions: nothing waits for an expiry.
 //! - A failing row never blocks other keys; after `max_permanent_attempts` permanent
 //!   failures it moves to `dead_letter` with the reason. Broker outages never dead-letter.
-//! - On shutdown the relay finishes in-flight publishes, returns the other claimed rows to
-//!   `pending` and gives up its partitions.
+//! - On shutdown the relay finishes in-flight publishes, commits its claims (rows it did not
+//!   publish stay `pending`) and gives up its partitions.
 //!
 //! # Layout
 //! - [`config`]: [`RelayConfig`] with defaults and `validate()`.
@@ -23,7 +24,7 @@
 //!   creation/verification.
 //! - `dispatcher` (private): claim, publish, mark, overlapped; per-key ordering.
 //! - `partitions` (private): partition leases shared among instances.
-//! - `maintenance` (private): rescuer, cleaner, vacuum, backlog stats.
+//! - `maintenance` (private): cleaner, vacuum, backlog stats.
 //! - [`store`]: SQL on the relay's own tables (instances, partition leases).
 //! - [`reconcile`]: republish rows the stream no longer holds.
 //! - [`health`]: readiness state; [`http`]: `/health`, `/health/ready`, `/metrics`.
@@ -68,10 +69,17 @@ pub struct Relay<P> {
 }
 
 impl<P: Publisher> Relay<P> {
-    /// Validates the configuration. The pool should allow at least 6 connections (claim,
-    /// flush, leases, rescuer, cleaner, stats; one more with `listen_notify`).
+    /// Validates the configuration and the pool: it must allow at least
+    /// [`RelayConfig::min_connections`] connections.
     pub fn new(config: RelayConfig, pool: PgPool, publisher: P) -> Result<Self, Error> {
         config.validate()?;
+        let needed = config.min_connections();
+        let max = pool.options().get_max_connections();
+        if max < needed {
+            return Err(Error::Config(format!(
+                "the database pool allows {max} connections; the relay needs at least {needed}"
+            )));
+        }
         Ok(Relay {
             config,
             pool,
@@ -96,16 +104,7 @@ impl<P: Publisher> Relay<P> {
             health,
         } = self;
         let me = config.instance_id.clone();
-        {
-            let mut conn = pool.acquire().await?;
-            let released = outbox::store::release_all_claimed_by(&mut conn, &me).await?;
-            if released > 0 {
-                tracing::info!(
-                    released,
-                    "released claims left by an earlier run of this instance"
-                );
-            }
-        }
+        drop(pool.acquire().await?);
         health.set_database(true);
         health.set_broker(publisher.is_connected());
         tracing::info!(instance = %me, "relay starting");
@@ -118,11 +117,6 @@ impl<P: Publisher> Relay<P> {
             config.clone(),
             pool.clone(),
             health.clone(),
-            stop_background.clone(),
-        ));
-        tasks.spawn(maintenance::rescuer(
-            config.clone(),
-            pool.clone(),
             stop_background.clone(),
         ));
         tasks.spawn(maintenance::vacuum(

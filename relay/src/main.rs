@@ -161,10 +161,13 @@ struct RunArgs {
     /// PubAcks in flight at most.
     #[arg(long, env = "RELAY_MAX_IN_FLIGHT", default_value_t = RelayConfig::default().max_in_flight)]
     max_in_flight: usize,
+    /// Claim transactions open at once, each holding a database connection.
+    #[arg(long, env = "RELAY_MAX_OPEN_CLAIMS", default_value_t = RelayConfig::default().max_open_claims)]
+    max_open_claims: usize,
     /// PubAck timeout.
     #[arg(long, env = "RELAY_PUBLISH_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     publish_timeout: Duration,
-    /// Claim lease.
+    /// Longest a claim transaction stays open (idle_in_transaction_session_timeout).
     #[arg(long, env = "RELAY_CLAIM_TTL", value_parser = parse_duration, default_value = "30s")]
     claim_ttl: Duration,
     /// Permanent failures before a row is dead-lettered.
@@ -413,7 +416,6 @@ async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
     if json {
         let value = serde_json::json!({
             "backlog": backlog.unpublished,
-            "claimed": backlog.claimed,
             "retrying": backlog.retrying,
             "oldest_pending_age_seconds": backlog.oldest_age_seconds,
             "dead_letters": dead,
@@ -426,8 +428,8 @@ async fn status(global: &Global, json: bool) -> anyhow::Result<()> {
         println!("{value}");
     } else {
         println!(
-            "backlog:           {} unpublished ({} claimed, {} retrying)",
-            backlog.unpublished, backlog.claimed, backlog.retrying
+            "backlog:           {} unpublished ({} retrying)",
+            backlog.unpublished, backlog.retrying
         );
         println!("oldest pending:    {:.1}s", backlog.oldest_age_seconds);
         println!("dead letters:      {dead} (relay)");
@@ -449,6 +451,7 @@ async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_else(relay::config::default_instance_id),
         batch_size: args.batch_size,
         max_in_flight: args.max_in_flight,
+        max_open_claims: args.max_open_claims,
         publish_timeout: args.publish_timeout,
         claim_ttl: args.claim_ttl,
         max_permanent_attempts: args.max_permanent_attempts,
@@ -464,7 +467,7 @@ async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
         ..RelayConfig::default()
     };
     config.validate()?;
-    let pool = pool(global, 10)?;
+    let pool = pool(global, config.min_connections() + 2)?;
     if args.migrate {
         migrations::migrate(&mut *pool.acquire().await?).await?;
     }

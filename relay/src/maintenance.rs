@@ -1,5 +1,5 @@
-//! Background upkeep: the rescuer returns expired claims, the cleaner deletes published rows
-//! past the retention, and the stats task refreshes the backlog gauges.
+//! Background upkeep: the cleaner deletes published rows past the retention, the vacuum task
+//! keeps the claim index lean, and the stats task refreshes the backlog gauges.
 
 use std::time::Duration;
 
@@ -10,32 +10,10 @@ use crate::config::RelayConfig;
 use crate::health::Health;
 use crate::metrics as m;
 
-const RESCUE_LIMIT: i64 = 10_000;
 const CLEAN_LIMIT: i64 = 10_000;
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// Every `rescuer_interval`: claims past `claimed_until`, or held by an instance that has not
-/// heartbeated for `lease_ttl`, go back to `pending`.
-pub(crate) async fn rescuer(config: RelayConfig, pool: PgPool, stop: CancellationToken) {
-    every(config.rescuer_interval, &stop, || async {
-        let mut conn = pool.acquire().await?;
-        let rescued = outbox::store::release_expired(
-            &mut conn,
-            &config.instance_id,
-            millis(config.lease_ttl),
-            RESCUE_LIMIT,
-        )
-        .await?;
-        if rescued > 0 {
-            metrics::counter!(m::RESCUED).increment(rescued);
-            tracing::info!(rescued, "returned expired claims to pending");
-        }
-        Ok(())
-    })
-    .await;
 }
 
 /// Every `cleaner_interval`: deletes published rows older than `retention`, in chunks.

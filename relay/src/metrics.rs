@@ -10,8 +10,6 @@ pub const FAILED: &str = "relay_publish_failures_total";
 pub const RETRIED: &str = "relay_retries_total";
 /// Counter: rows moved to `dead_letter`, labelled `reason`.
 pub const DEAD_LETTERED: &str = "relay_dead_lettered_total";
-/// Counter: expired claims returned to pending by the rescuer.
-pub const RESCUED: &str = "relay_rescued_total";
 /// Counter: published rows deleted by the cleaner.
 pub const CLEANED: &str = "relay_cleaned_total";
 /// Gauge: unpublished rows (pending or claimed).

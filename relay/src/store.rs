@@ -56,6 +56,11 @@ pub async fn renew_leases(
 }
 
 /// Takes up to `count` partitions that have no owner or an expired lease; returns them.
+///
+/// Lease rows locked by an open claim transaction (the claim share-locks the lease rows of
+/// the partitions it reads) are skipped: a partition whose previous owner still has a claim
+/// open is taken at a later round, once that claim has ended, so the new owner can never
+/// publish a row of a key ahead of an earlier row the previous owner still holds.
 pub async fn acquire_leases(
     conn: &mut PgConnection,
     instance: &str,

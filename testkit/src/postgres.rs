@@ -44,6 +44,9 @@ pub struct PostgresConfig {
     /// at commit. An external server (`DATABASE_URL`) keeps its own settings whatever this
     /// says. Defaults to false.
     pub durable: bool,
+    /// `shared_buffers` in megabytes; `None` keeps the kit's 32 MB (small, because tests
+    /// start many servers at once). Benchmarks give it a production-like size.
+    pub shared_buffers_mb: Option<u32>,
 }
 
 /// A PostgreSQL server for one test: a child process on a free port, or the external server
@@ -137,7 +140,7 @@ impl Postgres {
             let mut process = ServerProcess::spawn(Spec {
                 server: SERVER,
                 program: bin_dir.join("postgres"),
-                args: server_args(&data_dir, &socket_dir, port, config.durable),
+                args: server_args(&data_dir, &socket_dir, port, &config),
                 cwd: dir.path().to_owned(),
                 log: dir.path().join("postgres.log"),
                 run_as,
@@ -356,7 +359,12 @@ pub(crate) fn is_executable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn server_args(data_dir: &Path, socket_dir: &Path, port: u16, durable: bool) -> Vec<OsString> {
+fn server_args(
+    data_dir: &Path,
+    socket_dir: &Path,
+    port: u16,
+    config: &PostgresConfig,
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "-D".into(),
         data_dir.into(),
@@ -368,14 +376,16 @@ fn server_args(data_dir: &Path, socket_dir: &Path, port: u16, durable: bool) -> 
         socket_dir.into(),
     ];
     // Never synchronous_commit=off: a killed server would lose acknowledged commits.
-    let fast: &[&str] = if durable {
+    let fast: &[&str] = if config.durable {
         &[]
     } else {
         &["fsync=off", "full_page_writes=off"]
     };
-    for setting in fast.iter().chain(&["shared_buffers=32MB"]) {
+    for setting in fast {
         args.extend(["-c".into(), (*setting).into()]);
     }
+    let buffers = config.shared_buffers_mb.unwrap_or(32);
+    args.extend(["-c".into(), format!("shared_buffers={buffers}MB").into()]);
     args
 }
 

@@ -155,7 +155,10 @@ async fn stopped_servers_restart_with_their_data_and_drop_frees_the_port() {
 #[tokio::test]
 async fn a_durable_server_keeps_fsync_and_full_page_writes_on() {
     let (durable, fast) = tokio::join!(
-        Postgres::start_with(PostgresConfig { durable: true }),
+        Postgres::start_with(PostgresConfig {
+            durable: true,
+            ..PostgresConfig::default()
+        }),
         Postgres::start()
     );
     let (durable, fast) = (

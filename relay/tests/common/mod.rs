@@ -228,7 +228,6 @@ pub fn test_config(instance: &str) -> RelayConfig {
         retry_max_delay: Duration::from_millis(500),
         lease_ttl: Duration::from_secs(2),
         heartbeat_interval: Duration::from_millis(300),
-        rescuer_interval: Duration::from_millis(200),
         stats_interval: Duration::from_millis(200),
         poll_max_interval: Duration::from_millis(20),
         ..RelayConfig::default()
