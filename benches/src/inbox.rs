@@ -31,7 +31,7 @@ pub struct InboxConfig {
     pub batch: usize,
     /// Messages consumed. Defaults to 100 000.
     pub events: usize,
-    /// Consumer lanes. Defaults to 4.
+    /// Consumer lanes. Defaults to the consumer's default (8).
     pub concurrency: usize,
 }
 
@@ -41,7 +41,7 @@ impl Default for InboxConfig {
             batched: false,
             batch: 100,
             events: 100_000,
-            concurrency: 4,
+            concurrency: inbox::ConsumerConfig::new("bench-inbox", STREAM).concurrency,
         }
     }
 }

@@ -34,7 +34,11 @@ pub struct ConsumerConfig {
     /// Strict or batched. Defaults to strict.
     pub mode: Mode,
     /// Messages handled concurrently, in lanes by partition key: messages of one key are
-    /// handled in delivery order by one lane. Defaults to 4.
+    /// handled in delivery order by one lane. Each lane keeps one pool connection while the
+    /// consumer runs, so the pool needs `concurrency` + 2 connections (cleaner, `dlq retry`
+    /// requests). Defaults to 8: a strict-mode transaction waits for its commit flush most of
+    /// the time, and more lanes overlap those waits (measured: 0.70x the single-connection
+    /// commit rate with 4 lanes, 0.87x with 8, 1.06x with 16).
     pub concurrency: usize,
     /// Deliveries after which a still-failing message is dead-lettered. Defaults to 5.
     pub max_attempts: u32,
@@ -62,7 +66,7 @@ impl Default for ConsumerConfig {
             stream: String::new(),
             filter_subjects: Vec::new(),
             mode: Mode::Strict,
-            concurrency: 4,
+            concurrency: 8,
             max_attempts: 5,
             ack_wait: Duration::from_secs(30),
             retry_min_delay: Duration::from_secs(1),

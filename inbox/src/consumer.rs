@@ -20,7 +20,8 @@ type PullConsumer = async_nats::jetstream::consumer::Consumer<pull::Config>;
 use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
-use sqlx::{Acquire, PgConnection, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::{Acquire, PgConnection, PgPool, Postgres};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -68,7 +69,9 @@ struct Park {
 }
 
 impl Consumer {
-    /// A consumer of `config.stream` that runs `handler` (see [`crate::typed`]).
+    /// A consumer of `config.stream` that runs `handler` (see [`crate::typed`]). The pool
+    /// must allow `config.concurrency` + 2 connections: each lane keeps one while the
+    /// consumer runs, and a smaller pool would leave lanes (and their keys) waiting forever.
     pub fn new(
         config: ConsumerConfig,
         pool: PgPool,
@@ -76,6 +79,14 @@ impl Consumer {
         handler: Arc<dyn RawHandler>,
     ) -> Result<Self, Error> {
         config.validate()?;
+        let needed = config.concurrency as u32 + 2;
+        let max = pool.options().get_max_connections();
+        if max < needed {
+            return Err(Error::Config(format!(
+                "the database pool allows {max} connections; a consumer with concurrency {} needs at least {needed} (one per lane, two for the cleaner and dlq retries)",
+                config.concurrency
+            )));
+        }
         Ok(Consumer {
             config,
             pool,
@@ -164,14 +175,18 @@ impl Consumer {
         let lanes = TaskTracker::new();
         let mut senders = Vec::with_capacity(this.config.concurrency);
         for _ in 0..this.config.concurrency {
-            let (tx, rx) = mpsc::channel::<jetstream::Message>(this.batch_size() * 2);
+            // Room for a few batches per lane, so that one busy lane (a hot key) does not
+            // stall the others while the puller waits for it.
+            let (tx, rx) = mpsc::channel::<jetstream::Message>((this.batch_size() * 2).max(32));
             senders.push(tx);
             lanes.spawn(lane(this.clone(), rx, lanes_stop.clone()));
         }
         lanes.close();
 
         tokio::pin!(shutdown);
-        let pull_size = (this.config.concurrency * this.batch_size() * 2).max(16);
+        // Pull requests of at least 128 messages: a pull is a round trip to the server, and
+        // small ones (strict mode has batches of one) left lanes waiting for messages.
+        let pull_size = (this.config.concurrency * this.batch_size() * 2).max(128);
         'outer: loop {
             let mut messages = match consumer
                 .stream()
@@ -342,6 +357,7 @@ impl Consumer {
     /// contract allows this: the first transaction did not commit).
     async fn try_batch_without_savepoints(
         &self,
+        conn: &mut PgConnection,
         batch: &[jetstream::Message],
     ) -> Result<Option<Vec<Reply>>, sqlx::Error> {
         let mut deliveries = Vec::with_capacity(batch.len());
@@ -376,7 +392,7 @@ impl Consumer {
             .iter()
             .map(|d| d.stream_seq.and_then(|s| i64::try_from(s).ok()))
             .collect();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = conn.begin().await?;
         let mut new: std::collections::HashSet<String> =
             store::insert_many_if_new(&mut tx, &self.config.name, &ids, &subjects, &seqs)
                 .await?
@@ -560,13 +576,16 @@ fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
     (hasher.finish() % lanes as u64) as usize
 }
 
-/// One lane: handles its messages in order, one transaction per message or per batch.
+/// One lane: handles its messages in order, one transaction per message or per batch, on a
+/// connection it keeps between batches (saving the pool's checkout and liveness check per
+/// transaction) and gives back after a database error.
 async fn lane(
     consumer: Arc<Consumer>,
     mut rx: mpsc::Receiver<jetstream::Message>,
     stop: CancellationToken,
 ) {
     let max = consumer.batch_size();
+    let mut conn: Option<PoolConnection<Postgres>> = None;
     loop {
         let first = tokio::select! {
             biased;
@@ -583,8 +602,9 @@ async fn lane(
                 Err(_) => break,
             }
         }
-        handle_batch(&consumer, batch).await;
+        handle_batch(&consumer, &mut conn, batch).await;
     }
+    drop(conn);
     // Pulled but not started: hand back for immediate redelivery.
     rx.close();
     while let Some(message) = rx.recv().await {
@@ -596,13 +616,23 @@ async fn lane(
 /// tries the fast path ([`Consumer::try_batch_without_savepoints`]); when a handler fails
 /// there, the batch is rolled back and run again with a savepoint per message.
 /// If the database fails, nothing is acked: the messages are NAKed with a backoff.
-async fn handle_batch(consumer: &Consumer, batch: Vec<jetstream::Message>) {
+async fn handle_batch(
+    consumer: &Consumer,
+    held: &mut Option<PoolConnection<Postgres>>,
+    batch: Vec<jetstream::Message>,
+) {
     let strict = consumer.config.mode == Mode::Strict;
     let outcome = async {
-        if !strict && let Some(replies) = consumer.try_batch_without_savepoints(&batch).await? {
+        let conn = match held {
+            Some(conn) => conn,
+            None => held.insert(consumer.pool.acquire().await?),
+        };
+        if !strict
+            && let Some(replies) = consumer.try_batch_without_savepoints(conn, &batch).await?
+        {
             return Ok(replies);
         }
-        let mut tx = consumer.pool.begin().await?;
+        let mut tx = conn.begin().await?;
         let mut replies = Vec::with_capacity(batch.len());
         let mut failed = None;
         for message in &batch {
@@ -618,7 +648,7 @@ async fn handle_batch(consumer: &Consumer, batch: Vec<jetstream::Message>) {
             Some((message, error, attempt, id)) => {
                 // Strict mode: undo the handler's writes and the inbox row, then retry or park.
                 tx.rollback().await?;
-                let mut tx = consumer.pool.begin().await?;
+                let mut tx = conn.begin().await?;
                 replies.push(
                     consumer
                         .resolve_failure(&mut tx, message, error, attempt, &id)
@@ -646,6 +676,8 @@ async fn handle_batch(consumer: &Consumer, batch: Vec<jetstream::Message>) {
             }
         }
         Err(e) => {
+            // The connection may be broken: take a fresh one for the next batch.
+            *held = None;
             let delay = consumer.config.retry_min_delay;
             tracing::warn!(consumer = %consumer.config.name, error = %e, retry_in = ?delay, "database failed; messages will be redelivered");
             for message in &batch {

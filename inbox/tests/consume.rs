@@ -785,3 +785,40 @@ async fn the_inbox_cleaner_deletes_only_rows_past_the_retention() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_pool_smaller_than_the_lanes_need_is_refused() {
+    let env = env(Duration::from_secs(120)).await;
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(5)
+        .connect_lazy_with(env.pool.connect_options().as_ref().clone());
+    struct Noop;
+    impl Handler<OrderPlaced> for Noop {
+        async fn handle(
+            &self,
+            _: &mut PgConnection,
+            _: OrderPlaced,
+            _: &Delivery,
+        ) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+    let refused = Consumer::new(config("small"), small, env.js.clone(), typed(Noop));
+    let Err(inbox::Error::Config(reason)) = refused else {
+        panic!("a 5-connection pool for 8 lanes must be refused");
+    };
+    assert!(reason.contains("needs at least 10"), "{reason}");
+    let fits = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect_lazy_with(env.pool.connect_options().as_ref().clone());
+    Consumer::new(
+        ConsumerConfig {
+            concurrency: 1,
+            ..config("small")
+        },
+        fits,
+        env.js.clone(),
+        typed(Noop),
+    )
+    .expect("one lane fits in three connections");
+}
