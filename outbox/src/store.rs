@@ -350,7 +350,8 @@ pub struct Failure {
     pub error: String,
 }
 
-/// Records failed attempts: counts them, sets the backoff and the last error. Rows already
+/// Records failed attempts: counts them, sets the backoff (from the current time, not the
+/// start of the claim transaction, which may be long past) and the last error. Rows already
 /// published meanwhile are left alone. Returns how many rows changed.
 pub async fn record_failures(
     conn: &mut PgConnection,
@@ -365,7 +366,8 @@ pub async fn record_failures(
     let done = sqlx::query(
         "UPDATE outbox_message o
          SET attempts = o.attempts + 1,
-             available_at = now() + make_interval(secs => r.delay_ms::double precision / 1000),
+             available_at = clock_timestamp()
+                 + make_interval(secs => r.delay_ms::double precision / 1000),
              last_error = r.error
          FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS r(id, delay_ms, error)
          WHERE o.id = r.id AND o.status = 'pending'",
