@@ -28,8 +28,6 @@ pub const RAW_SUBJECT: &str = "raw.event";
 /// The duplicate window of both streams (the server default).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// Connections of the relay's pool, as the `relay` binary opens.
-pub const RELAY_POOL_CONNECTIONS: u32 = 24;
-
 /// `shared_buffers` of the PostgreSQL the benchmarks start: 2 GB, a production-like size on
 /// this 24 GB machine (PostgreSQL's own default is 128 MB, the test kit's 32 MB), so that the
 /// 1.3 GB outbox of `relay-backlog` is not read back from the OS on every pass.
@@ -294,14 +292,14 @@ pub struct RunningRelay {
 }
 
 impl RunningRelay {
-    /// Builds the relay with `config` (its own pool of [`RELAY_POOL_CONNECTIONS`] and NATS
-    /// connection, as the binary opens) and starts it.
+    /// Builds the relay with `config` (its own pool and NATS connection, sized as the binary
+    /// opens them) and starts it.
     pub async fn start(
         servers: &Servers,
         db: &Database,
         config: RelayConfig,
     ) -> anyhow::Result<RunningRelay> {
-        let pool = db.pool(RELAY_POOL_CONNECTIONS).await?;
+        let pool = db.pool(config.min_connections() + 2).await?;
         let client = servers
             .nats_config(&config.instance_id)
             .connect()

@@ -604,7 +604,6 @@ async fn lane(
         }
         handle_batch(&consumer, &mut conn, batch).await;
     }
-    drop(conn);
     // Pulled but not started: hand back for immediate redelivery.
     rx.close();
     while let Some(message) = rx.recv().await {

@@ -127,10 +127,11 @@ pub(crate) struct Dispatcher<P> {
     finishing: Finishing,
     /// Keys with a failure not yet committed, and how many batches hold them back.
     held_back: HashMap<Arc<str>, usize>,
-    /// PubAcks and dead letters whose batch could not commit, to be written on their own.
-    late: Outcome,
-    /// The ids in `late.published`, for claims that return them before they are written.
-    late_ids: HashMap<Uuid, usize>,
+    /// PubAcks whose batch could not commit, to be written on their own; by id, so that a
+    /// claim returning one of those rows marks it instead of publishing it again.
+    late_published: HashMap<Uuid, Published>,
+    /// Dead letters whose batch could not commit.
+    late_dead: Vec<Dead>,
     stopping: bool,
     stopping_since: Option<Instant>,
     next_claim_at: Instant,
@@ -162,8 +163,8 @@ impl<P: Publisher> Dispatcher<P> {
             next_batch: 0,
             finishing: FuturesUnordered::new(),
             held_back: HashMap::new(),
-            late: Outcome::default(),
-            late_ids: HashMap::new(),
+            late_published: HashMap::new(),
+            late_dead: Vec::new(),
             stopping: false,
             stopping_since: None,
             next_claim_at: Instant::now(),
@@ -189,7 +190,8 @@ impl<P: Publisher> Dispatcher<P> {
             if can_claim && now >= self.next_claim_at {
                 claim = Some(self.spawn_claim());
             }
-            let can_write_late = late_write.is_none() && !self.late.is_empty();
+            let late = !self.late_published.is_empty() || !self.late_dead.is_empty();
+            let can_write_late = late_write.is_none() && late;
             if can_write_late && now >= late_retry_at {
                 late_write = Some(self.spawn_late_write());
             }
@@ -201,7 +203,7 @@ impl<P: Publisher> Dispatcher<P> {
                 && self.finishing.is_empty()
                 && late_write.is_none()
             {
-                if self.late.is_empty() {
+                if !late {
                     break;
                 }
                 if self
@@ -211,7 +213,7 @@ impl<P: Publisher> Dispatcher<P> {
                     // The database stayed unreachable: these rows are pending and will be
                     // published again (deduplicated by the broker within its window).
                     tracing::warn!(
-                        rows = self.late.published.len(),
+                        rows = self.late_published.len(),
                         "stopping without marking every published row: the database is unreachable"
                     );
                     break;
@@ -268,8 +270,13 @@ impl<P: Publisher> Dispatcher<P> {
     }
 
     fn spawn_late_write(&mut self) -> JoinHandle<Result<(), Unwritten>> {
-        let outcome = std::mem::take(&mut self.late);
-        self.late_ids.clear();
+        let outcome = Outcome {
+            published: std::mem::take(&mut self.late_published)
+                .into_values()
+                .collect(),
+            failures: Vec::new(),
+            dead: std::mem::take(&mut self.late_dead),
+        };
         let pool = self.pool.clone();
         let delete = self.config.retention.is_zero();
         tokio::spawn(async move {
@@ -331,12 +338,9 @@ impl<P: Publisher> Dispatcher<P> {
         let now = Instant::now();
         let mut fresh_keys = Vec::new();
         for claimed in rows {
-            if let Some(index) = self.late_ids.remove(&claimed.id) {
+            if let Some(published) = self.late_published.remove(&claimed.id) {
                 // Published already; its mark was lost with an earlier batch. Mark it here.
-                batch
-                    .outcome
-                    .published
-                    .push(self.late.published[index].clone());
+                batch.outcome.published.push(published);
                 continue;
             }
             let key: Arc<str> = Arc::from(claimed.partition_key.as_str());
@@ -369,11 +373,13 @@ impl<P: Publisher> Dispatcher<P> {
         }
     }
 
-    /// One row of `batch` is resolved; commits the batch when it was the last.
-    fn resolve(&mut self, batch: u64) {
+    /// One row of `batch` is resolved, with what to record for it (nothing for a row given
+    /// up); commits the batch when it was the last. Every queued row's batch is open.
+    fn resolve(&mut self, batch: u64, record: impl FnOnce(&mut Outcome)) {
         let Some(open) = self.batches.get_mut(&batch) else {
             return;
         };
+        record(&mut open.outcome);
         open.open -= 1;
         if open.open == 0 {
             self.finish(batch);
@@ -429,16 +435,18 @@ impl<P: Publisher> Dispatcher<P> {
                     published = unwritten.outcome.published.len(),
                     "committing a batch failed; its published rows will be marked later"
                 );
-                // Failed attempts are only backoff hints: the rows are pending again and
-                // will be retried. PubAcks and dead letters must not be lost.
-                for published in unwritten.outcome.published {
-                    self.late_ids
-                        .insert(published.id, self.late.published.len());
-                    self.late.published.push(published);
-                }
-                self.late.dead.extend(unwritten.outcome.dead);
+                self.keep_late(unwritten.outcome);
             }
         }
+    }
+
+    /// Keeps the PubAcks and dead letters of an outcome that could not be written. Failed
+    /// attempts are only backoff hints: those rows are pending again and will be retried.
+    fn keep_late(&mut self, outcome: Outcome) {
+        for published in outcome.published {
+            self.late_published.insert(published.id, published);
+        }
+        self.late_dead.extend(outcome.dead);
     }
 
     fn on_late_written(
@@ -454,17 +462,7 @@ impl<P: Publisher> Dispatcher<P> {
                 self.health.set_database(false);
                 let delay = next_delay(&mut self.db_backoff, &self.config);
                 tracing::warn!(error = %unwritten.error, retry_in = ?delay, "marking published rows failed; will retry");
-                // Keep what was not written, ahead of anything newer.
-                let newer = std::mem::replace(&mut self.late, unwritten.outcome);
-                self.late.published.extend(newer.published);
-                self.late.dead.extend(newer.dead);
-                self.late_ids = self
-                    .late
-                    .published
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| (p.id, i))
-                    .collect();
+                self.keep_late(unwritten.outcome);
                 Some(delay)
             }
             Err(e) => {
@@ -500,8 +498,7 @@ impl<P: Publisher> Dispatcher<P> {
                     };
                     tracing::warn!(id = %dead.id, error = %dead.error, "outbox row can never be published: moving it to dead_letter");
                     if let Some(row) = self.pop_head(&key) {
-                        self.outcome_of(row.batch, |o| o.dead.push(dead));
-                        self.resolve(row.batch);
+                        self.resolve(row.batch, |o| o.dead.push(dead));
                     }
                     continue;
                 }
@@ -547,8 +544,7 @@ impl<P: Publisher> Dispatcher<P> {
                         stream: ack.stream,
                         stream_seq: i64::try_from(ack.sequence).unwrap_or(i64::MAX),
                     };
-                    self.outcome_of(row.batch, |o| o.published.push(published));
-                    self.resolve(row.batch);
+                    self.resolve(row.batch, |o| o.published.push(published));
                 }
                 self.send_head(done.key).await;
             }
@@ -579,8 +575,7 @@ impl<P: Publisher> Dispatcher<P> {
                 attempts,
             };
             self.pop_head(key);
-            self.outcome_of(batch, |o| o.dead.push(dead));
-            self.resolve(batch);
+            self.resolve(batch, |o| o.dead.push(dead));
             return true;
         }
         let delay = retry_delay(&self.config, attempts);
@@ -609,13 +604,6 @@ impl<P: Publisher> Dispatcher<P> {
         false
     }
 
-    /// Adds to the outcome of an open batch (every queued row's batch is open).
-    fn outcome_of(&mut self, batch: u64, add: impl FnOnce(&mut Outcome)) {
-        if let Some(open) = self.batches.get_mut(&batch) {
-            add(&mut open.outcome);
-        }
-    }
-
     fn pop_head(&mut self, key: &Arc<str>) -> Option<Row> {
         let queue = self.queues.get_mut(key)?;
         let row = queue.pop_front();
@@ -635,7 +623,7 @@ impl<P: Publisher> Dispatcher<P> {
         };
         self.held -= queue.len();
         for row in queue {
-            self.resolve(row.batch);
+            self.resolve(row.batch, |_| {});
         }
     }
 
@@ -651,7 +639,7 @@ impl<P: Publisher> Dispatcher<P> {
                 let behind: Vec<Row> = queue.drain(1..).collect();
                 self.held -= behind.len();
                 for row in behind {
-                    self.resolve(row.batch);
+                    self.resolve(row.batch, |_| {});
                 }
             } else {
                 self.give_up_queue(&key);

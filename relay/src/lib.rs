@@ -104,6 +104,7 @@ impl<P: Publisher> Relay<P> {
             health,
         } = self;
         let me = config.instance_id.clone();
+        // Fail fast when the database cannot be reached at start.
         drop(pool.acquire().await?);
         health.set_database(true);
         health.set_broker(publisher.is_connected());
