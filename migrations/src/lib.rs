@@ -79,6 +79,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "claims_are_row_locks",
         sql: include_str!("../sql/0007_claims_are_row_locks.sql"),
     },
+    Migration {
+        version: 8,
+        name: "cheaper_enqueue",
+        sql: include_str!("../sql/0008_cheaper_enqueue.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -51,18 +51,17 @@ async fn applies_everything_once_and_is_idempotent() {
         refused.as_database_error().and_then(|e| e.constraint()),
         Some("outbox_message_status_check")
     );
-    // The partition is derived in SQL, the same for the same key.
-    let partitions: Vec<i16> = sqlx::query_scalar(
+    // A row written by plain SQL with only the required columns is pending, available now,
+    // with no attempts (the defaults the relay's claim relies on).
+    let (status, attempts, available): (String, i32, bool) = sqlx::query_as(
         "INSERT INTO outbox_message (id, subject, event_type, source, partition_key, occurred_at, payload)
-         VALUES (gen_random_uuid(), 's', 't.v1', 'src', 'same', now(), ''),
-                (gen_random_uuid(), 's', 't.v1', 'src', 'same', now(), '')
-         RETURNING partition_id",
+         VALUES (gen_random_uuid(), 's', 't.v1', 'src', 'k', now(), '')
+         RETURNING status, attempts, available_at <= clock_timestamp()",
     )
-    .fetch_all(&mut conn)
+    .fetch_one(&mut conn)
     .await
     .expect("insert");
-    assert_eq!(partitions[0], partitions[1]);
-    assert!((0..256).contains(&partitions[0]));
+    assert_eq!((status.as_str(), attempts, available), ("pending", 0, true));
 }
 
 #[tokio::test]

@@ -182,14 +182,19 @@ impl ClaimedRow {
     pub fn to_envelope(&self) -> Result<Envelope, envelope::Error> {
         use envelope::{EventType, HeaderText, Headers, PartitionKey, Subject, TraceContext};
         let mut headers = Headers::new();
-        if let Some(map) = self.headers.as_object() {
-            for (name, value) in map {
-                let value = value.as_str().ok_or_else(|| envelope::Error::InvalidText {
-                    field: format!("header {name:?}"),
-                    reason: "stored value is not a string",
-                })?;
-                headers.insert(name.clone(), value)?;
-            }
+        let map = self
+            .headers
+            .as_object()
+            .ok_or_else(|| envelope::Error::InvalidText {
+                field: "headers".to_owned(),
+                reason: "stored value is not a JSON object",
+            })?;
+        for (name, value) in map {
+            let value = value.as_str().ok_or_else(|| envelope::Error::InvalidText {
+                field: format!("header {name:?}"),
+                reason: "stored value is not a string",
+            })?;
+            headers.insert(name.clone(), value)?;
         }
         Ok(Envelope {
             id: MessageId::from_uuid(self.id),
@@ -256,6 +261,9 @@ pub async fn begin_claim(
 /// `relay_partition_lease`), so a partition changes owner only once no claim of its previous
 /// owner is still open.
 ///
+/// A row's partition is `hashtextextended(partition_key, 0) & 255`, computed here rather than
+/// stored, so that inserts stay cheap and rows written by any producer agree.
+///
 /// Cost: the owned partitions and the blocked keys are computed once per statement; the scan
 /// walks `outbox_message_claim_idx` in `seq` order and stops after `limit` rows, so a claim
 /// reads the head of the backlog only, whatever its size, and writes nothing to the rows
@@ -272,7 +280,7 @@ pub async fn claim_batch(
          FROM outbox_message m
          WHERE m.status = 'pending'
            AND m.available_at <= now()
-           AND m.partition_id = ANY (ARRAY(
+           AND (hashtextextended(m.partition_key, 0) & 255)::smallint = ANY (ARRAY(
                SELECT partition_id FROM relay_partition_lease
                WHERE owner = $1 AND lease_until > now()
                FOR KEY SHARE))

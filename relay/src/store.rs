@@ -3,7 +3,8 @@
 
 use sqlx::PgConnection;
 
-/// The number of outbox partitions (see `outbox_message.partition_id`).
+/// The number of outbox partitions: a row belongs to partition
+/// `hashtextextended(partition_key, 0) & 255` (see `outbox::store::claim_batch`).
 pub const PARTITIONS: i64 = 256;
 
 fn ms(d: std::time::Duration) -> f64 {

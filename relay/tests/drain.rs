@@ -134,8 +134,26 @@ async fn poison_rows_go_to_dead_letter_while_other_keys_flow() {
         )
         .await
         .expect("enqueue");
+    // Rows written around the outbox API that can never be published: an empty subject and
+    // headers that are not a JSON object. The database accepts them (it no longer re-checks
+    // what the API validates); the relay must park them, not lose or publish them.
+    let mut written_around = Vec::new();
+    for (subject, key, headers) in [("", "poison-3", "{}"), ("test.event", "poison-4", "[1]")] {
+        let id: uuid::Uuid = sqlx::query_scalar(
+            "INSERT INTO outbox_message (id, subject, event_type, source, partition_key, occurred_at, headers, payload)
+             VALUES (gen_random_uuid(), $1, 'test.event.v1', 'sql', $2, now(), $3::jsonb, '{}')
+             RETURNING id",
+        )
+        .bind(subject)
+        .bind(key)
+        .bind(headers)
+        .fetch_one(&mut *conn)
+        .await
+        .expect("insert around the API");
+        written_around.push(id.to_string());
+    }
     let mut expected = Vec::new();
-    for key in ["poison-1", "poison-2"] {
+    for key in ["poison-1", "poison-2", "poison-3", "poison-4"] {
         let id = outbox
             .enqueue_message(
                 &mut conn,
@@ -163,20 +181,37 @@ async fn poison_rows_go_to_dead_letter_while_other_keys_flow() {
             .fetch_all(&env.pool)
             .await
             .expect("dead letters");
-    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert_eq!(parked.len(), 4, "{parked:?}");
+    let mut invalid: Vec<(String, i32)> = parked[0..2]
+        .iter()
+        .map(|p| {
+            assert_eq!(p.1, "invalid_row", "{parked:?}");
+            (p.0.clone(), p.2)
+        })
+        .collect();
+    invalid.sort();
+    written_around.sort();
     assert_eq!(
-        (parked[0].0.as_str(), parked[0].1.as_str()),
+        invalid,
+        written_around
+            .into_iter()
+            .map(|id| (id, 1))
+            .collect::<Vec<_>>(),
+        "rows that can never be published are parked at their first attempt"
+    );
+    assert_eq!(
+        (parked[2].0.as_str(), parked[2].1.as_str()),
         (no_stream.to_string().as_str(), "no_stream")
     );
     assert_eq!(
-        (parked[1].0.as_str(), parked[1].1.as_str()),
+        (parked[3].0.as_str(), parked[3].1.as_str()),
         (too_large.to_string().as_str(), "payload_too_large")
     );
     assert!(
-        parked.iter().all(|p| p.2 == 3),
+        parked[2..].iter().all(|p| p.2 == 3),
         "dead-lettered after the attempt limit: {parked:?}"
     );
-    assert_eq!(parked[1].3.len(), 20_000, "the original bytes are kept");
+    assert_eq!(parked[3].3.len(), 20_000, "the original bytes are kept");
     assert_eq!(
         env.unpublished().await,
         0,
