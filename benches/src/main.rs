@@ -101,6 +101,10 @@ struct InboxArgs {
     /// Consumer lanes.
     #[arg(long, default_value_t = InboxConfig::default().concurrency)]
     concurrency: usize,
+    /// per-message (a `Handler`, one INSERT per message) or batch (a `BatchHandler`, one
+    /// multi-row INSERT per batch; the same rows).
+    #[arg(long, value_parser = ["per-message", "batch"], default_value = "per-message")]
+    handler: String,
 }
 
 #[derive(Args)]
@@ -217,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 batch: a.batch,
                 events: a.events,
                 concurrency: a.concurrency,
+                batch_handler: a.handler == "batch",
             };
             bench::inbox::run(&config, fast).await
         }

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ConsumerConfig, Mode};
 use crate::error::Error;
-use crate::handler::{Delivery, HandlerError, RawHandler};
+use crate::handler::{Delivery, HandlerError, OneAtATime, RawBatchHandler, RawHandler};
 use crate::layer::Layer;
 use crate::metrics as m;
 use crate::store;
@@ -39,7 +39,11 @@ pub struct Consumer {
     config: ConsumerConfig,
     pool: PgPool,
     jetstream: jetstream::Context,
+    /// Runs one delivery: the handler given to [`Consumer::new`], or the batch handler with a
+    /// batch of one.
     handler: Arc<dyn RawHandler>,
+    /// The batch handler given to [`Consumer::with_batch_handler`].
+    batch_handler: Option<Arc<dyn RawBatchHandler>>,
 }
 
 /// What to tell the broker about a message once its transaction is over.
@@ -92,12 +96,46 @@ impl Consumer {
             pool,
             jetstream,
             handler,
+            batch_handler: None,
         })
     }
 
-    /// Wraps the handler in a middleware layer (the last added runs outermost).
+    /// A consumer whose handler takes whole batches (see [`RawBatchHandler`] and
+    /// [`crate::handler::typed_batch`]). In batched mode each transaction inserts the
+    /// batch's inbox rows with one statement, calls the handler once with every message
+    /// that is new, and commits: a handler that writes with one multi-row statement costs a
+    /// few round trips per batch instead of one per message. If the handler fails, the batch
+    /// is rolled back and run again one message at a time, each in a savepoint, so that only
+    /// the failing message is retried or dead-lettered. In strict mode every batch has one
+    /// message. The same pool requirement as [`Consumer::new`].
+    pub fn with_batch_handler(
+        config: ConsumerConfig,
+        pool: PgPool,
+        jetstream: jetstream::Context,
+        handler: Arc<dyn RawBatchHandler>,
+    ) -> Result<Self, Error> {
+        let mut consumer = Consumer::new(
+            config,
+            pool,
+            jetstream,
+            Arc::new(OneAtATime(handler.clone())),
+        )?;
+        consumer.batch_handler = Some(handler);
+        Ok(consumer)
+    }
+
+    /// Wraps the handler in a middleware layer (the last added runs outermost). A batch
+    /// handler is wrapped with [`Layer::layer_batch`], and its one-message runs go through
+    /// the same wrapped handler, so a layer sees every call once.
     pub fn layer(mut self, layer: impl Layer) -> Self {
-        self.handler = layer.layer(self.handler);
+        match self.batch_handler.take() {
+            Some(batch) => {
+                let batch = layer.layer_batch(batch);
+                self.handler = Arc::new(OneAtATime(batch.clone()));
+                self.batch_handler = Some(batch);
+            }
+            None => self.handler = layer.layer(self.handler),
+        }
         self
     }
 
@@ -349,8 +387,9 @@ impl Consumer {
     }
 
     /// The batched fast path: one statement inserts every inbox row, then the handlers run
-    /// one after the other in the same transaction without savepoints, and it commits:
-    /// two round trips per message fewer than a savepoint each. Returns `None`, having
+    /// one after the other in the same transaction without savepoints (or the batch handler
+    /// runs once for all new messages), and it commits: two round trips per message fewer
+    /// than a savepoint each. Returns `None`, having
     /// rolled everything back, when a message does not decode or a handler fails; the caller
     /// then runs the batch again with savepoints, which isolates the failure. Handlers may
     /// thus run twice for one delivery, but only the second run can commit (the handler
@@ -398,19 +437,37 @@ impl Consumer {
                 .await?
                 .into_iter()
                 .collect();
-        let mut handled = 0;
+        let mut fresh = Vec::with_capacity(new.len());
         let mut duplicates = 0;
-        for (delivery, id) in deliveries.iter().zip(&ids) {
+        for (delivery, id) in deliveries.into_iter().zip(&ids) {
             // Taking the id out makes a second copy in the same batch a duplicate.
-            if !new.remove(id) {
+            if new.remove(id) {
+                fresh.push(delivery);
+            } else {
                 duplicates += 1;
-                continue;
             }
-            if self.run_handler(&mut tx, delivery).await.is_err() {
-                tx.rollback().await?;
-                return Ok(None);
+        }
+        let handled = fresh.len() as u64;
+        let result = match &self.batch_handler {
+            Some(batch_handler) if !fresh.is_empty() => {
+                self.run_batch_handler(&mut tx, batch_handler.as_ref(), &fresh)
+                    .await
             }
-            handled += 1;
+            Some(_) => Ok(()),
+            None => {
+                let mut result = Ok(());
+                for delivery in &fresh {
+                    result = self.run_handler(&mut tx, delivery).await;
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                result
+            }
+        };
+        if result.is_err() {
+            tx.rollback().await?;
+            return Ok(None);
         }
         tx.commit().await?;
         let name = self.config.name.clone();
@@ -430,6 +487,27 @@ impl Consumer {
         let started = Instant::now();
         let result =
             tracing::Instrument::instrument(self.handler.handle(conn, delivery), span).await;
+        metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Runs the batch handler once for `deliveries` in a span of its own, recording its
+    /// latency as one sample.
+    async fn run_batch_handler(
+        &self,
+        conn: &mut PgConnection,
+        handler: &dyn RawBatchHandler,
+        deliveries: &[Delivery],
+    ) -> Result<(), HandlerError> {
+        let span = tracing::info_span!(
+            "inbox.handle_batch",
+            consumer = %self.config.name,
+            messages = deliveries.len(),
+        );
+        let started = Instant::now();
+        let result =
+            tracing::Instrument::instrument(handler.handle_batch(conn, deliveries), span).await;
         metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone())
             .record(started.elapsed().as_secs_f64());
         result

@@ -168,3 +168,112 @@ where
         })
     }
 }
+
+/// Handles a whole batch of deliveries in one call (see [`crate::Consumer::with_batch_handler`]
+/// and [`typed_batch`]): one multi-row statement for a batch instead of one round trip per
+/// message.
+///
+/// # Contract
+/// The [`RawHandler`] contract, for every delivery of the batch: `conn` is the consumer's
+/// open transaction, and the batch's effects commit together with its inbox rows, or not at
+/// all. `deliveries` are in delivery order (messages of one partition key in stream order),
+/// hold each message once, and never a message whose inbox row is already committed.
+///
+/// Returning an error means "some delivery failed": the consumer rolls the whole batch back
+/// and runs it again one delivery at a time (a batch of one, each in its own savepoint), so
+/// that the failing message gets its disposition (retry or dead letter) alone and the others
+/// commit. A handler may therefore see a delivery again after a batch that did not commit.
+pub trait RawBatchHandler: Send + Sync + 'static {
+    /// Handles the batch.
+    fn handle_batch<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        deliveries: &'a [Delivery],
+    ) -> HandlerFuture<'a>;
+}
+
+/// Handles a batch of typed events (see [`typed_batch`]); the same contract as
+/// [`RawBatchHandler`].
+pub trait BatchHandler<E: Event>: Send + Sync + 'static {
+    /// Handles the batch, each event with its delivery.
+    fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: Vec<(E, &Delivery)>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Adapts a typed batch handler to a raw one. Every payload is decoded as `E` first; if one
+/// does not decode, the batch fails, and in the one-at-a-time rerun that message is
+/// dead-lettered with reason `decode` while the others are handled.
+pub fn typed_batch<E, H>(handler: H) -> Arc<dyn RawBatchHandler>
+where
+    E: Event + Send + 'static,
+    H: BatchHandler<E>,
+{
+    Arc::new(TypedBatch {
+        handler,
+        _event: PhantomData::<fn() -> E>,
+    })
+}
+
+struct TypedBatch<E, H> {
+    handler: H,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E, H> RawBatchHandler for TypedBatch<E, H>
+where
+    E: Event + Send + 'static,
+    H: BatchHandler<E>,
+{
+    fn handle_batch<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        deliveries: &'a [Delivery],
+    ) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            let mut events = Vec::with_capacity(deliveries.len());
+            for delivery in deliveries {
+                let event = delivery
+                    .envelope
+                    .decode_event::<E>()
+                    .map_err(|e| HandlerError::permanent_because("decode", e))?;
+                events.push((event, delivery));
+            }
+            self.handler.handle_batch(conn, events).await
+        })
+    }
+}
+
+/// A batch handler seen as a per-message handler: each delivery is a batch of one.
+pub(crate) struct OneAtATime(pub(crate) Arc<dyn RawBatchHandler>);
+
+impl RawHandler for OneAtATime {
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        delivery: &'a Delivery,
+    ) -> HandlerFuture<'a> {
+        self.0.handle_batch(conn, std::slice::from_ref(delivery))
+    }
+}
+
+/// A per-message handler seen as a batch handler: the deliveries one after the other,
+/// stopping at the first error.
+pub(crate) struct EachInTurn(pub(crate) Arc<dyn RawHandler>);
+
+impl RawBatchHandler for EachInTurn {
+    fn handle_batch<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        deliveries: &'a [Delivery],
+    ) -> HandlerFuture<'a> {
+        Box::pin(async move {
+            for delivery in deliveries {
+                self.0.handle(conn, delivery).await?;
+            }
+            Ok(())
+        })
+    }
+}

@@ -17,7 +17,8 @@
 //! # Layout
 //! - [`config`]: [`ConsumerConfig`], with `validate()` (retention vs. redelivery horizon).
 //! - [`handler`]: [`Handler`] (typed), [`RawHandler`], [`Delivery`], [`HandlerError`],
-//!   and [`typed`] to adapt one to the other.
+//!   and [`typed`] to adapt one to the other; [`BatchHandler`], [`RawBatchHandler`] and
+//!   [`typed_batch`] for handlers that take a whole batch at once.
 //! - [`router`]: [`Router`], one consumer dispatching several event types to typed handlers.
 //! - [`layer`]: composable handler middleware ([`Layer`]): logging, timing, rate limiting.
 //! - [`consumer`]: [`Consumer`], the runtime (strict and batched modes, lanes, shutdown).
@@ -39,7 +40,9 @@ pub use config::{ConsumerConfig, Mode};
 pub use connect::NatsConfig;
 pub use consumer::Consumer;
 pub use error::Error;
-pub use handler::{Delivery, Handler, HandlerError, RawHandler, typed};
+pub use handler::{
+    BatchHandler, Delivery, Handler, HandlerError, RawBatchHandler, RawHandler, typed, typed_batch,
+};
 pub use layer::Layer;
 pub use router::Router;
 

@@ -523,6 +523,106 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
     );
 }
 
+/// Applies a whole batch with one multi-row insert, recording each call's size; a batch
+/// holding the order "bad" fails permanently after writing.
+#[derive(Clone, Default)]
+struct BulkApply {
+    batch_sizes: Arc<Mutex<Vec<usize>>>,
+}
+
+impl inbox::BatchHandler<OrderPlaced> for BulkApply {
+    async fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: Vec<(OrderPlaced, &Delivery)>,
+    ) -> Result<(), HandlerError> {
+        self.batch_sizes.lock().expect("lock").push(events.len());
+        let ids: Vec<String> = events.iter().map(|(e, _)| e.order_id.clone()).collect();
+        sqlx::query("INSERT INTO applied (consumer, order_id) SELECT 'bulk', unnest($1::text[])")
+            .bind(&ids)
+            .execute(&mut *conn)
+            .await
+            .map_err(HandlerError::retry)?;
+        if ids.iter().any(|id| id == "bad") {
+            return Err(HandlerError::permanent_because(
+                "rejected",
+                std::io::Error::other("bad order"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handler_takes_whole_batches_and_a_failure_is_isolated() {
+    let env = env(Duration::from_secs(120)).await;
+    let mut orders: Vec<String> = (0..20).map(|i| format!("bulk-{i}")).collect();
+    orders.insert(7, "bad".to_owned());
+    let envelopes: Vec<Envelope> = orders.iter().map(|id| order_envelope(id)).collect();
+    for envelope in &envelopes {
+        publish(&env.js, envelope).await;
+    }
+    // A message delivered twice: its second copy must not reach the handler.
+    publish_copy(&env.js, &envelopes[3], "bulk-3-again").await;
+    let handler = BulkApply::default();
+    let consumer = Consumer::with_batch_handler(
+        ConsumerConfig {
+            mode: Mode::Batched { max_messages: 50 },
+            concurrency: 1,
+            ..config("bulk")
+        },
+        env.pool.clone(),
+        env.js.clone(),
+        inbox::typed_batch(handler.clone()),
+    )
+    .expect("valid config")
+    .layer(inbox::layer::Timing)
+    .layer(inbox::layer::Logging);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = stopped.await;
+    }));
+    let pool = env.pool.clone();
+    wait_until(
+        Duration::from_secs(15),
+        "twenty applied, one parked, every delivery acknowledged",
+        || async {
+            applied(&pool, "bulk").await == 20
+                && count(&pool, "SELECT count(*) FROM dead_letter").await == 1
+                && ack_state(&env.js, "bulk").await == Some((22, 0))
+        },
+    )
+    .await
+    .expect("processed");
+    drop(stop);
+    task.await.expect("task").expect("run");
+
+    let applied_ids: Vec<String> = sqlx::query_scalar(
+        "SELECT order_id FROM applied WHERE consumer = 'bulk' ORDER BY order_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("applied");
+    let mut expected: Vec<String> = orders.into_iter().filter(|id| id != "bad").collect();
+    expected.sort();
+    assert_eq!(
+        applied_ids, expected,
+        "each good order once, the bad one rolled back"
+    );
+    let (reason, message_id): (String, String) =
+        sqlx::query_as("SELECT reason, message_id FROM dead_letter")
+            .fetch_one(&env.pool)
+            .await
+            .expect("dead letter");
+    assert_eq!(reason, "rejected");
+    assert_eq!(message_id, envelopes[7].id.to_string());
+    let sizes = handler.batch_sizes.lock().expect("lock").clone();
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "the handler was given whole batches: {sizes:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_mode_runs_a_message_present_twice_in_one_batch_once() {
     let env = env(Duration::from_secs(120)).await;

@@ -81,8 +81,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 8,
-        name: "cheaper_enqueue",
-        sql: include_str!("../sql/0008_cheaper_enqueue.sql"),
+        name: "cheaper_inserts",
+        sql: include_str!("../sql/0008_cheaper_inserts.sql"),
     },
 ];
 
