@@ -13,8 +13,9 @@
 //! A phase's window is capped at `max_seconds`: a relay that cannot reach the target count in
 //! time is measured over what it published, and the run says so on stderr.
 //! Backlogs are written by `INSERT ... SELECT generate_series` in chunks (timed as the fill),
-//! then `VACUUM ANALYZE` (as autovacuum would after a bulk load), with random (v4) ids:
-//! the relay does not order by id.
+//! then `VACUUM ANALYZE` (as autovacuum would after a bulk load) and a `CHECKPOINT` (so that
+//! the checkpoint the fill's WAL triggers does not land in the measurement), with random (v4)
+//! ids: the relay does not order by id.
 
 use std::time::{Duration, Instant};
 
@@ -113,9 +114,17 @@ async fn phase(
     }
     let fill = fill(&db, config, rows).await?;
     let vacuum = db.vacuum_analyze().await?;
+    // The fill wrote up to a few GB of WAL; without a checkpoint here, the one it triggers
+    // would run during the measurement and charge the fill's writes to the relay.
+    let checkpoint = Instant::now();
+    let checkpointed = sqlx::query("CHECKPOINT").execute(&db.pool).await;
     eprintln!(
-        "relay-backlog: {name}: filled {rows} rows in {fill:.2?} ({:.0} rows/s), VACUUM ANALYZE {vacuum:.2?}",
-        stats::per_second(rows as u64, fill)
+        "relay-backlog: {name}: filled {rows} rows in {fill:.2?} ({:.0} rows/s), VACUUM ANALYZE {vacuum:.2?}, CHECKPOINT {}",
+        stats::per_second(rows as u64, fill),
+        match checkpointed {
+            Ok(_) => format!("{:.2?}", checkpoint.elapsed()),
+            Err(e) => format!("not run ({e})"),
+        }
     );
     env::purge_stream(js, env::STREAM).await?;
     let target = measure.unwrap_or(rows) as u64;
