@@ -46,7 +46,8 @@ bench: tools ## Run the end-to-end scenarios (relay, producer, inbox), then the 
 	$(CARGO) run --release --locked -p bench -- producer-overhead
 	$(CARGO) run --release --locked -p bench -- relay-backlog
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode strict --events 20000
-	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched
+	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched --handler batch
+	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched --handler per-message
 	$(CARGO) bench --locked -p bench
 
 fmt: ## Format the code

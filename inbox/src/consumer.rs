@@ -492,24 +492,32 @@ impl Consumer {
         result
     }
 
-    /// Runs the batch handler once for `deliveries` in a span of its own, recording its
-    /// latency as one sample.
+    /// Runs the batch handler once for `deliveries`, recording its latency and size as one
+    /// sample each. A batch of one runs in the message's handler span (which continues the
+    /// producer's trace); a larger batch has many producers, so it runs in an
+    /// `inbox.handle_batch` span of its own that continues none of them.
     async fn run_batch_handler(
         &self,
         conn: &mut PgConnection,
         handler: &dyn RawBatchHandler,
         deliveries: &[Delivery],
     ) -> Result<(), HandlerError> {
-        let span = tracing::info_span!(
-            "inbox.handle_batch",
-            consumer = %self.config.name,
-            messages = deliveries.len(),
-        );
+        let span = match deliveries {
+            [one] => handler_span(&self.config.name, one),
+            _ => tracing::info_span!(
+                "inbox.handle_batch",
+                consumer = %self.config.name,
+                messages = deliveries.len(),
+            ),
+        };
         let started = Instant::now();
         let result =
             tracing::Instrument::instrument(handler.handle_batch(conn, deliveries), span).await;
-        metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone())
+        let consumer = self.config.name.clone();
+        metrics::histogram!(m::BATCH_HANDLER_LATENCY, "consumer" => consumer.clone())
             .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::BATCH_MESSAGES, "consumer" => consumer)
+            .record(deliveries.len() as f64);
         result
     }
 

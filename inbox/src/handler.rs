@@ -176,13 +176,19 @@ where
 /// # Contract
 /// The [`RawHandler`] contract, for every delivery of the batch: `conn` is the consumer's
 /// open transaction, and the batch's effects commit together with its inbox rows, or not at
-/// all. `deliveries` are in delivery order (messages of one partition key in stream order),
-/// hold each message once, and never a message whose inbox row is already committed.
+/// all. `deliveries` are in delivery order (messages of one partition key in stream order)
+/// and hold each message once; a message already processed is filtered out by its inbox
+/// row (a `dlq retry` runs a parked message again, as a batch of one).
 ///
 /// Returning an error means "some delivery failed": the consumer rolls the whole batch back
 /// and runs it again one delivery at a time (a batch of one, each in its own savepoint), so
 /// that the failing message gets its disposition (retry or dead letter) alone and the others
 /// commit. A handler may therefore see a delivery again after a batch that did not commit.
+///
+/// Tracing: a batch of one runs in its message's span, which continues the producer's trace;
+/// a larger batch runs in an `inbox.handle_batch` span of its own (a batch has many
+/// producers), so what it enqueues starts a new trace unless the handler passes each
+/// message's own context on (`outbox::Message::trace_context` with `delivery.envelope.trace`).
 pub trait RawBatchHandler: Send + Sync + 'static {
     /// Handles the batch.
     fn handle_batch<'a>(

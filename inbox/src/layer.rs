@@ -32,14 +32,19 @@ pub trait Layer: Send + Sync + 'static {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Logging;
 
-/// Records handler run time in the `inbox_handler_seconds` histogram, labelled `consumer`
-/// (a batch handler: one sample per batch).
+/// Records the run time of what it wraps (inner layers and the handler) in the
+/// `inbox_timed_seconds` histogram, labelled `consumer` and `kind` (`message`, or `batch` for
+/// one sample per batch). The consumer itself always records the whole handler call in
+/// `inbox_handler_seconds` / `inbox_batch_handler_seconds`; put `Timing` innermost to see the
+/// handler's own time without the other layers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timing;
 
 /// Lets at most `per_second` deliveries start per second, spaced evenly (no bursts),
 /// delaying the others; shared by every lane of the consumer. A batch of `n` deliveries
-/// starts at the first one's slot and takes `n` slots.
+/// starts at the first one's slot and takes `n` slots; a batch that fails is re-run one
+/// message at a time and takes its slots again. The wait happens inside the open
+/// transaction: keep `n` / `per_second` well below the consumer's `ack_wait`.
 #[derive(Debug, Clone)]
 pub struct RateLimit {
     /// Deliveries per second, at least 1.
@@ -126,7 +131,7 @@ impl RawBatchHandler for TimingBatch {
             let started = Instant::now();
             let result = self.0.handle_batch(conn, deliveries).await;
             if let Some(first) = deliveries.first() {
-                metrics::histogram!(m::HANDLER_LATENCY, "consumer" => first.consumer.to_string())
+                metrics::histogram!(m::TIMED, "consumer" => first.consumer.to_string(), "kind" => "batch")
                     .record(started.elapsed().as_secs_f64());
             }
             result
@@ -145,7 +150,7 @@ impl RawHandler for TimingHandler {
         Box::pin(async move {
             let started = Instant::now();
             let result = self.0.handle(conn, delivery).await;
-            metrics::histogram!(m::HANDLER_LATENCY, "consumer" => delivery.consumer.to_string())
+            metrics::histogram!(m::TIMED, "consumer" => delivery.consumer.to_string(), "kind" => "message")
                 .record(started.elapsed().as_secs_f64());
             result
         })

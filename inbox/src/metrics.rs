@@ -10,5 +10,12 @@ pub const RETRIED: &str = "inbox_retried_total";
 pub const DEAD_LETTERED: &str = "inbox_dead_lettered_total";
 /// Counter: `dlq retry` requests run, labelled `result` (`ok`, `failed`).
 pub const DLQ_RETRIES: &str = "inbox_dlq_retries_total";
-/// Histogram: handler run time, seconds.
+/// Histogram: run time of one handler call for one message (with its layers), seconds.
 pub const HANDLER_LATENCY: &str = "inbox_handler_seconds";
+/// Histogram: run time of one batch handler call for a whole batch (with its layers), seconds.
+pub const BATCH_HANDLER_LATENCY: &str = "inbox_batch_handler_seconds";
+/// Histogram: messages given to one batch handler call.
+pub const BATCH_MESSAGES: &str = "inbox_batch_handler_messages";
+/// Histogram: run time of what a `layer::Timing` wraps, per call (a message or a batch),
+/// labelled `kind` (`message`, `batch`), seconds.
+pub const TIMED: &str = "inbox_timed_seconds";

@@ -172,7 +172,7 @@ pub struct ClaimedRow {
     pub headers: serde_json::Value,
     /// The payload.
     pub payload: Vec<u8>,
-    /// Failed publish attempts so far.
+    /// Failed publish attempts so far (a claim reports a negative stored count as 0).
     pub attempts: i32,
 }
 
@@ -276,7 +276,7 @@ pub async fn claim_batch(
     let mut rows: Vec<ClaimedRow> = sqlx::query_as(
         "SELECT m.id, m.seq, m.subject, m.event_type, m.source, m.partition_key,
              m.occurred_at, m.correlation_id, m.causation_id, m.traceparent, m.tracestate,
-             m.content_type, m.headers, m.payload, m.attempts
+             m.content_type, m.headers, m.payload, greatest(m.attempts, 0) AS attempts
          FROM outbox_message m
          WHERE m.status = 'pending'
            AND m.available_at <= now()
@@ -358,7 +358,8 @@ pub struct Failure {
     pub error: String,
 }
 
-/// Records failed attempts: counts them, sets the backoff (from the current time, not the
+/// Records failed attempts: counts them (from 0 for a row written with a negative count:
+/// the claim blocks a key only while its row has `attempts > 0`), sets the backoff (from the current time, not the
 /// start of the claim transaction, which may be long past) and the last error. Rows already
 /// published meanwhile are left alone. Returns how many rows changed.
 pub async fn record_failures(
@@ -373,7 +374,7 @@ pub async fn record_failures(
     let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
     let done = sqlx::query(
         "UPDATE outbox_message o
-         SET attempts = o.attempts + 1,
+         SET attempts = greatest(o.attempts, 0) + 1,
              available_at = clock_timestamp()
                  + make_interval(secs => r.delay_ms::double precision / 1000),
              last_error = r.error

@@ -494,7 +494,7 @@ impl<P: Publisher> Dispatcher<P> {
                         id: row.claimed.id,
                         reason: "invalid_row",
                         error: e.to_string(),
-                        attempts: row.claimed.attempts + 1,
+                        attempts: row.claimed.attempts.saturating_add(1),
                     };
                     tracing::warn!(id = %dead.id, error = %dead.error, "outbox row can never be published: moving it to dead_letter");
                     if let Some(row) = self.pop_head(&key) {
@@ -563,7 +563,7 @@ impl<P: Publisher> Dispatcher<P> {
         let Some(row) = self.queues.get(key).and_then(|q| q.front()) else {
             return false;
         };
-        let attempts = row.claimed.attempts + 1;
+        let attempts = row.claimed.attempts.saturating_add(1);
         let id = row.claimed.id;
         let batch = row.batch;
         if error.kind.is_permanent() && attempts >= self.config.max_permanent_attempts as i32 {
@@ -662,6 +662,9 @@ async fn write_outcome(
     Ok(())
 }
 
+/// The longest subject a dead letter keeps (valid subjects are at most 255 bytes).
+const SUBJECT_LIMIT: usize = 255;
+
 /// Moves rows to `dead_letter` and out of the outbox, inside the caller's transaction.
 async fn dead_letter(conn: &mut sqlx::PgConnection, dead: &[Dead]) -> Result<(), sqlx::Error> {
     let ids: Vec<Uuid> = dead.iter().map(|d| d.id).collect();
@@ -691,16 +694,33 @@ async fn dead_letter(conn: &mut sqlx::PgConnection, dead: &[Dead]) -> Result<(),
                 headers
             }
         };
+        // A row written around the API may hold anything the table accepts; the dead letter
+        // must still be writable (its subject is indexed, and btree entries are limited to
+        // about 2.7 kB), so an over-long subject is cut and the original length recorded.
+        let mut error_chain = vec![why.error.clone()];
+        let subject = match row.subject.char_indices().nth(SUBJECT_LIMIT) {
+            Some((cut, _)) => {
+                error_chain.push(format!(
+                    "stored subject was {} bytes long; kept its first {SUBJECT_LIMIT} characters",
+                    row.subject.len()
+                ));
+                row.subject[..cut].to_owned()
+            }
+            None => row.subject.clone(),
+        };
+        if !row.headers.is_object() {
+            error_chain.push(format!("stored headers: {}", row.headers));
+        }
         let letter = dlq::DeadLetter {
             source: dlq::Source::Relay,
             consumer: "relay".to_owned(),
             message_id: row.id.to_string(),
-            subject: row.subject.clone(),
+            subject,
             partition_key: Some(row.partition_key.clone()),
             headers,
             payload: row.payload.clone(),
             reason: why.reason.to_owned(),
-            error_chain: vec![why.error.clone()],
+            error_chain,
             attempts: why.attempts,
             stream: None,
             stream_seq: None,
