@@ -219,14 +219,14 @@ pub async fn run(config: &InboxConfig, fast_unsafe_db: bool) -> anyhow::Result<S
     );
 
     Ok(format!(
-        "inbox-consume mode={} handler={} raw_eps={raw_eps:.0} inbox_eps={inbox_eps:.0} ratio={:.2} pg_commit_tps={pg_commit_tps:.0}",
+        "inbox-consume mode={} raw_eps={raw_eps:.0} inbox_eps={inbox_eps:.0} ratio={:.2} pg_commit_tps={pg_commit_tps:.0} handler={}",
         if config.batched { "batched" } else { "strict" },
+        stats::ratio(inbox_eps, raw_eps),
         if config.batch_handler {
             "batch"
         } else {
             "per-message"
         },
-        stats::ratio(inbox_eps, raw_eps),
     ))
 }
 
