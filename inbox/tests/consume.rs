@@ -623,6 +623,83 @@ async fn a_batch_handler_takes_whole_batches_and_a_failure_is_isolated() {
     );
 }
 
+/// A user's layer that only knows single messages: counts the messages it sees.
+struct CountingLayer(Arc<AtomicUsize>);
+
+struct Counting {
+    inner: Arc<dyn inbox::RawHandler>,
+    seen: Arc<AtomicUsize>,
+}
+
+impl inbox::Layer for CountingLayer {
+    fn layer(&self, inner: Arc<dyn inbox::RawHandler>) -> Arc<dyn inbox::RawHandler> {
+        Arc::new(Counting {
+            inner,
+            seen: self.0.clone(),
+        })
+    }
+}
+
+impl inbox::RawHandler for Counting {
+    fn handle<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        delivery: &'a Delivery,
+    ) -> inbox::handler::HandlerFuture<'a> {
+        self.seen.fetch_add(1, Ordering::SeqCst);
+        self.inner.handle(conn, delivery)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_without_batch_support_sees_every_message_of_a_batch() {
+    let env = env(Duration::from_secs(120)).await;
+    let envelopes: Vec<Envelope> = (0..12)
+        .map(|i| order_envelope(&format!("layered-{i}")))
+        .collect();
+    for envelope in &envelopes {
+        publish(&env.js, envelope).await;
+    }
+    let handler = BulkApply::default();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let consumer = Consumer::with_batch_handler(
+        ConsumerConfig {
+            mode: Mode::Batched { max_messages: 50 },
+            concurrency: 1,
+            ..config("layered")
+        },
+        env.pool.clone(),
+        env.js.clone(),
+        inbox::typed_batch(handler.clone()),
+    )
+    .expect("valid config")
+    .layer(CountingLayer(seen.clone()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = stopped.await;
+    }));
+    wait_until(
+        Duration::from_secs(15),
+        "every order applied and acknowledged",
+        || async { ack_state(&env.js, "layered").await == Some((12, 0)) },
+    )
+    .await
+    .expect("processed");
+    drop(stop);
+    task.await.expect("task").expect("run");
+    // The batch went through the layer one message at a time, each exactly once.
+    assert_eq!(seen.load(Ordering::SeqCst), 12);
+    let sizes = handler.batch_sizes.lock().expect("lock").clone();
+    assert_eq!(sizes, vec![1; 12], "one message per call through the layer");
+    let applied: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT order_id) FROM applied WHERE consumer = 'bulk' AND order_id LIKE 'layered-%'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("count");
+    assert_eq!(applied, 12);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_mode_runs_a_message_present_twice_in_one_batch_once() {
     let env = env(Duration::from_secs(120)).await;
