@@ -389,9 +389,9 @@ impl Consumer {
     /// The batched fast path: one statement inserts every inbox row, then the handlers run
     /// one after the other in the same transaction without savepoints (or the batch handler
     /// runs once for all new messages), and it commits: two round trips per message fewer
-    /// than a savepoint each. Returns `None`, having
-    /// rolled everything back, when a message does not decode or a handler fails; the caller
-    /// then runs the batch again with savepoints, which isolates the failure. Handlers may
+    /// than a savepoint each. Returns `None`, having rolled everything back, when a message
+    /// does not decode or a handler fails; the caller then runs the batch again with
+    /// savepoints, which isolates the failure. Handlers may
     /// thus run twice for one delivery, but only the second run can commit (the handler
     /// contract allows this: the first transaction did not commit).
     async fn try_batch_without_savepoints(

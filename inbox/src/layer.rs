@@ -192,7 +192,7 @@ impl Pacer {
     async fn take(&self, n: u32) -> Instant {
         let mut next = self.next.lock().await;
         let slot = (*next).max(Instant::now());
-        *next = slot + self.interval * n;
+        *next = slot + self.interval.saturating_mul(n);
         slot
     }
 }
