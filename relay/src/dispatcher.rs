@@ -278,11 +278,11 @@ impl<P: Publisher> Dispatcher<P> {
             dead: std::mem::take(&mut self.late_dead),
         };
         let pool = self.pool.clone();
-        let delete = self.config.retention.is_zero();
+        let how = WriteSettings::new(&self.config);
         tokio::spawn(async move {
             let written = async {
                 let mut tx = pool.begin().await?;
-                write_outcome(&mut tx, delete, &outcome).await?;
+                write_outcome(&mut tx, how, &outcome).await?;
                 tx.commit().await
             }
             .await;
@@ -391,7 +391,7 @@ impl<P: Publisher> Dispatcher<P> {
         let Some(batch) = self.batches.remove(&id) else {
             return;
         };
-        let delete = self.config.retention.is_zero();
+        let how = WriteSettings::new(&self.config);
         let Batch {
             mut tx,
             outcome,
@@ -404,7 +404,7 @@ impl<P: Publisher> Dispatcher<P> {
                 let _ = tx.rollback().await;
                 Ok(())
             } else {
-                match write_outcome(&mut tx, delete, &outcome).await {
+                match write_outcome(&mut tx, how, &outcome).await {
                     Ok(()) => tx.commit().await,
                     Err(e) => Err(e),
                 }
@@ -651,28 +651,75 @@ impl<P: Publisher> Dispatcher<P> {
 /// Writes a batch's outcome: published marks (or deletions), failed attempts, dead letters.
 async fn write_outcome(
     conn: &mut sqlx::PgConnection,
-    delete: bool,
+    how: WriteSettings,
     outcome: &Outcome,
 ) -> Result<(), sqlx::Error> {
-    outbox_store::mark_published(conn, &outcome.published, delete).await?;
+    outbox_store::mark_published(conn, &outcome.published, how.delete).await?;
     outbox_store::record_failures(conn, &outcome.failures).await?;
     if !outcome.dead.is_empty() {
-        dead_letter(conn, &outcome.dead).await?;
+        dead_letter(conn, &outcome.dead, how.unwritable_delay_ms).await?;
     }
     Ok(())
+}
+
+/// How outcomes are written, from the relay's configuration.
+#[derive(Debug, Clone, Copy)]
+struct WriteSettings {
+    /// Delete published rows instead of marking them (retention 0).
+    delete: bool,
+    /// Backoff of a row whose dead letter the database refused.
+    unwritable_delay_ms: i64,
+}
+
+impl WriteSettings {
+    fn new(config: &RelayConfig) -> Self {
+        WriteSettings {
+            delete: config.retention.is_zero(),
+            unwritable_delay_ms: i64::try_from(config.retry_max_delay.as_millis())
+                .unwrap_or(i64::MAX),
+        }
+    }
 }
 
 /// The longest subject a dead letter keeps (valid subjects are at most 255 bytes).
 const SUBJECT_LIMIT: usize = 255;
 
-/// Moves rows to `dead_letter` and out of the outbox, inside the caller's transaction.
-async fn dead_letter(conn: &mut sqlx::PgConnection, dead: &[Dead]) -> Result<(), sqlx::Error> {
-    let ids: Vec<Uuid> = dead.iter().map(|d| d.id).collect();
-    let rows = outbox_store::take_for_dead_letter(&mut *conn, &ids).await?;
+/// Moves rows to `dead_letter` and out of the outbox, inside the caller's transaction, each
+/// in a savepoint of its own: a dead letter the database refuses (a row written around the
+/// API can hold almost anything) must not fail the whole batch, whose published marks would
+/// then never be written. Such a row stays pending with a failed attempt recorded and a
+/// backoff of `unwritable_delay_ms`, and is tried again; the others commit. An error that
+/// leaves the transaction unusable (the connection is gone) is returned.
+async fn dead_letter(
+    conn: &mut sqlx::PgConnection,
+    dead: &[Dead],
+    unwritable_delay_ms: i64,
+) -> Result<(), sqlx::Error> {
+    for why in dead {
+        let mut savepoint = sqlx::Connection::begin(&mut *conn).await?;
+        match dead_letter_one(&mut savepoint, why).await {
+            Ok(()) => savepoint.commit().await?,
+            Err(e) => {
+                savepoint.rollback().await?;
+                tracing::error!(id = %why.id, reason = why.reason, error = %e, "cannot write the row's dead letter; it stays pending and will be tried again");
+                metrics::counter!(m::DEAD_LETTER_WRITE_FAILURES).increment(1);
+                let failure = Failure {
+                    id: why.id,
+                    delay_ms: unwritable_delay_ms,
+                    error: format!("{}; writing its dead letter failed: {e}", why.error),
+                };
+                outbox_store::record_failures(&mut *conn, std::slice::from_ref(&failure)).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves one row to `dead_letter` (nothing if it is no longer pending).
+async fn dead_letter_one(conn: &mut sqlx::PgConnection, why: &Dead) -> Result<(), sqlx::Error> {
+    let rows =
+        outbox_store::take_for_dead_letter(&mut *conn, std::slice::from_ref(&why.id)).await?;
     for row in rows {
-        let Some(why) = dead.iter().find(|d| d.id == row.id) else {
-            continue;
-        };
         // The full wire headers when the row is valid, so that `dlq retry` can rebuild the
         // message; otherwise what the row holds.
         let headers = match row

@@ -10,9 +10,12 @@ pub const FAILED: &str = "relay_publish_failures_total";
 pub const RETRIED: &str = "relay_retries_total";
 /// Counter: rows moved to `dead_letter`, labelled `reason`.
 pub const DEAD_LETTERED: &str = "relay_dead_lettered_total";
+/// Counter: dead letters the database refused to store; their rows stay pending with a
+/// backoff and are tried again (alert on any).
+pub const DEAD_LETTER_WRITE_FAILURES: &str = "relay_dead_letter_write_failures_total";
 /// Counter: published rows deleted by the cleaner.
 pub const CLEANED: &str = "relay_cleaned_total";
-/// Gauge: unpublished rows (pending or claimed).
+/// Gauge: unpublished rows.
 pub const BACKLOG: &str = "relay_backlog";
 /// Gauge: age of the oldest unpublished row, seconds.
 pub const OLDEST_PENDING_AGE: &str = "relay_oldest_pending_age_seconds";

@@ -273,6 +273,99 @@ async fn poison_rows_go_to_dead_letter_while_other_keys_flow() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_database_refuses_does_not_stall_the_relay() {
+    let env = env().await;
+    // The database refuses this one row's dead letter (standing in for anything a row
+    // written around the API could hold that dead_letter does not accept).
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_dead_letter() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.subject = 'refused.event' THEN RAISE EXCEPTION 'refused for the test'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_dead_letter BEFORE INSERT ON dead_letter
+             FOR EACH ROW EXECUTE FUNCTION refuse_dead_letter();",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("trigger");
+    let outbox = outbox::Outbox::new("relay-test").expect("outbox");
+    let mut conn = env.pool.acquire().await.expect("acquire");
+    // No stream captures `refused.event`: a permanent failure, so the relay decides to park
+    // it after the attempt limit; from then on the rows after it on its key may flow (as
+    // after any dead letter), whether or not the dead letter could be written.
+    let poison = outbox
+        .enqueue_message(
+            &mut conn,
+            outbox::Message::raw("refused.event", "test.event.v1", "stuck-key", "{}"),
+        )
+        .await
+        .expect("enqueue");
+    let behind = outbox
+        .enqueue_message(
+            &mut conn,
+            outbox::Message::raw("test.event", "test.event.v1", "stuck-key", "{}"),
+        )
+        .await
+        .expect("enqueue");
+    drop(conn);
+    let others = enqueue(&env.pool, 300, 10).await;
+
+    let config = relay::RelayConfig {
+        max_permanent_attempts: 2,
+        ..test_config("relay-a")
+    };
+    let relay = start_in_process(&env, config).await;
+    let client = env.nats_client().await;
+    // Every other row is published and marked although the refused dead letter was to be
+    // written in the same batches; the poison row stays pending with the refusal recorded.
+    let pool = env.pool.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "the other rows marked and the refusal recorded",
+        || async {
+            let pending: Vec<(uuid::Uuid, Option<String>)> = sqlx::query_as(
+                "SELECT id, last_error FROM outbox_message WHERE status = 'pending' ORDER BY seq",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("pending");
+            pending.len() == 1
+                && pending[0].0 == poison.as_uuid()
+                && pending[0]
+                    .1
+                    .as_deref()
+                    .is_some_and(|e| e.contains("refused for the test"))
+                && env.published().await == 301
+        },
+    )
+    .await
+    .expect("no stall");
+    assert_eq!(
+        env.count("SELECT count(*) FROM dead_letter").await,
+        0,
+        "nothing parked yet"
+    );
+    // Once the database accepts it, the row is parked and the key flows again.
+    sqlx::raw_sql("DROP TRIGGER refuse_dead_letter ON dead_letter")
+        .execute(&env.pool)
+        .await
+        .expect("drop trigger");
+    let mut expected = others;
+    expected.push((behind, "stuck-key".to_owned()));
+    wait_drained(&env, &client, expected.len(), Duration::from_secs(30)).await;
+    relay.stop().await;
+    let messages = stream_messages(&client).await;
+    assert_exactly_once_in_key_order(&expected, &messages);
+    let parked: Vec<(String, String)> =
+        sqlx::query_as("SELECT message_id, reason FROM dead_letter WHERE source = 'relay'")
+            .fetch_all(&env.pool)
+            .await
+            .expect("dead letters");
+    assert_eq!(parked, vec![(poison.to_string(), "no_stream".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_notify_wakes_an_idle_relay_at_once() {
     let env = env().await;
     relay::store::enable_notify(&mut env.pool.acquire().await.expect("acquire"))
