@@ -10,7 +10,22 @@ use crate::DeadLetter;
 /// retried and failed again) updates that row's reason, error, attempts and
 /// `last_failed_at`, sets it back to `dead`, and appends to its history. Runs in the caller's
 /// connection or transaction.
+///
+/// A subject longer than [`SUBJECT_LIMIT`] characters (only a message that can never be
+/// published or decoded has one) is stored cut to that length, with the original length added
+/// to the error chain: the subject is indexed, and an index entry is limited to about 2.7 kB.
 pub async fn record(conn: &mut PgConnection, letter: &DeadLetter) -> Result<i64, sqlx::Error> {
+    let mut error_chain = letter.error_chain.clone();
+    let subject = match letter.subject.char_indices().nth(SUBJECT_LIMIT) {
+        Some((cut, _)) => {
+            error_chain.push(format!(
+                "the subject was {} bytes long; its first {SUBJECT_LIMIT} characters are kept",
+                letter.subject.len()
+            ));
+            &letter.subject[..cut]
+        }
+        None => letter.subject.as_str(),
+    };
     let event = serde_json::json!({
         "action": "failed",
         "reason": letter.reason,
@@ -34,12 +49,12 @@ pub async fn record(conn: &mut PgConnection, letter: &DeadLetter) -> Result<i64,
     .bind(letter.source.as_str())
     .bind(&letter.consumer)
     .bind(&letter.message_id)
-    .bind(&letter.subject)
+    .bind(subject)
     .bind(&letter.partition_key)
     .bind(serde_json::Value::Object(letter.headers.clone()))
     .bind(&letter.payload)
     .bind(&letter.reason)
-    .bind(serde_json::to_value(&letter.error_chain).unwrap_or_default())
+    .bind(serde_json::to_value(&error_chain).unwrap_or_default())
     .bind(letter.attempts)
     .bind(&letter.stream)
     .bind(letter.stream_seq)
@@ -47,6 +62,10 @@ pub async fn record(conn: &mut PgConnection, letter: &DeadLetter) -> Result<i64,
     .fetch_one(conn)
     .await
 }
+
+/// The longest subject a dead letter keeps, in characters (valid subjects are at most 255
+/// bytes).
+pub const SUBJECT_LIMIT: usize = 255;
 
 /// How many dead letters `source` has parked that are not yet retried.
 pub async fn count_dead(

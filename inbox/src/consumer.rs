@@ -334,9 +334,10 @@ impl Consumer {
                     reason: "decode".into(),
                     error_chain: vec![e.to_string()],
                 };
-                self.park(conn, message, None, attempt, stream_seq, park)
+                let reply = self
+                    .park(conn, message, None, attempt, stream_seq, park)
                     .await?;
-                return Ok(Handled::Reply(Reply::Term));
+                return Ok(Handled::Reply(reply));
             }
         };
         let id = envelope.id.to_string();
@@ -545,15 +546,48 @@ impl Consumer {
                 tracing::warn!(consumer = %self.config.name, %id, attempt, error = %error, reason = %park.reason, "dead-lettering message");
                 let stream_seq = message.info().ok().map(|i| i.stream_sequence);
                 self.park(conn, message, Some(id), attempt, stream_seq, park)
-                    .await?;
+                    .await
+            }
+        }
+    }
+
+    /// Parks the message (see [`Consumer::park_in`]) in a savepoint of `conn`'s transaction
+    /// and returns `Term`. If the database refuses the dead letter, the savepoint is rolled
+    /// back, the error logged and counted, and the message NAKed with the longest retry
+    /// delay instead, so that one unstorable dead letter cannot fail the other messages of
+    /// its transaction; an error that leaves the transaction unusable is returned.
+    async fn park(
+        &self,
+        conn: &mut PgConnection,
+        message: &jetstream::Message,
+        id: Option<&str>,
+        attempt: u32,
+        stream_seq: Option<u64>,
+        park: Park,
+    ) -> Result<Reply, sqlx::Error> {
+        let mut savepoint = conn.begin().await?;
+        let reason = park.reason.clone();
+        match self
+            .park_in(&mut savepoint, message, id, attempt, stream_seq, park)
+            .await
+        {
+            Ok(()) => {
+                savepoint.commit().await?;
                 Ok(Reply::Term)
+            }
+            Err(e) => {
+                savepoint.rollback().await?;
+                tracing::error!(consumer = %self.config.name, subject = %message.subject, %reason, error = %e, "cannot write the dead letter; the message will be redelivered");
+                metrics::counter!(m::DEAD_LETTER_WRITE_FAILURES, "consumer" => self.config.name.clone())
+                    .increment(1);
+                Ok(Reply::Nak(self.config.retry_max_delay))
             }
         }
     }
 
     /// Writes the dead letter and an inbox row marking the message resolved, so that
     /// redeliveries are acknowledged without running the handler.
-    async fn park(
+    async fn park_in(
         &self,
         conn: &mut PgConnection,
         message: &jetstream::Message,
@@ -570,9 +604,12 @@ impl Consumer {
         let message_id = id
             .map(str::to_owned)
             .or_else(|| {
+                // A broker id longer than any id the toolkit writes is not used as the key
+                // of the inbox and dead-letter rows (it could exceed an index entry).
                 headers
                     .get("Nats-Msg-Id")
                     .and_then(|v| v.as_str())
+                    .filter(|v| v.len() <= MAX_BROKER_ID_BYTES)
                     .map(str::to_owned)
             })
             .unwrap_or_else(|| format!("{}:{}", self.config.stream, stream_seq.unwrap_or(0)));
@@ -609,6 +646,10 @@ impl Consumer {
         Ok(())
     }
 }
+
+/// The longest `Nats-Msg-Id` used as a parked message's id; a longer one is replaced by
+/// `stream:sequence`.
+const MAX_BROKER_ID_BYTES: usize = 256;
 
 /// The span a handler runs in. With the `opentelemetry` feature its parent is the
 /// producer's span from the message's `traceparent`, so the trace continues across services

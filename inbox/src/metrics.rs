@@ -8,6 +8,9 @@ pub const DUPLICATES: &str = "inbox_duplicates_skipped_total";
 pub const RETRIED: &str = "inbox_retried_total";
 /// Counter: messages parked in `dead_letter`, labelled `reason`.
 pub const DEAD_LETTERED: &str = "inbox_dead_lettered_total";
+/// Counter: dead letters the database refused to store; the message is NAKed and
+/// redelivered after the longest retry delay (alert on any).
+pub const DEAD_LETTER_WRITE_FAILURES: &str = "inbox_dead_letter_write_failures_total";
 /// Counter: `dlq retry` requests run, labelled `result` (`ok`, `failed`).
 pub const DLQ_RETRIES: &str = "inbox_dlq_retries_total";
 /// Histogram: run time of one handler call for one message (with its layers), seconds.

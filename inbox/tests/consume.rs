@@ -438,12 +438,46 @@ async fn an_undecodable_message_is_dead_lettered_at_once_with_its_bytes() {
     let mut wrong = order_envelope("o-4");
     wrong.payload = bytes::Bytes::from_static(b"{\"unexpected\":true}");
     publish(&env.js, &wrong).await;
+    // And garbage with a subject and a broker id longer than an index entry can hold.
+    let long_subject = format!("orders.long.{}", random_hex(3000));
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        HeaderName::from_str("Nats-Msg-Id").expect("name"),
+        HeaderValue::from_str(&random_hex(4000)).expect("v"),
+    );
+    let long_ack = env
+        .js
+        .publish_with_headers(
+            long_subject.clone(),
+            headers,
+            bytes::Bytes::from_static(b"?"),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
     let pool = env.pool.clone();
-    wait_until(Duration::from_secs(10), "both parked", || async {
-        count(&pool, "SELECT count(*) FROM dead_letter").await == 2
+    wait_until(Duration::from_secs(10), "all three parked", || async {
+        count(&pool, "SELECT count(*) FROM dead_letter").await == 3
     })
     .await
     .expect("parked");
+    let (long_id, long_subject_kept): (String, String) = sqlx::query_as(
+        "SELECT message_id, subject FROM dead_letter WHERE subject LIKE 'orders.long.%'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("the long one");
+    assert_eq!(
+        long_id,
+        format!("ORDERS:{}", long_ack.sequence),
+        "keyed by stream position"
+    );
+    assert_eq!(
+        long_subject_kept,
+        long_subject[..255],
+        "subject cut to 255 characters"
+    );
     running.stop().await;
     let row = |id: String| {
         let pool = env.pool.clone();
@@ -521,6 +555,95 @@ async fn batched_mode_keeps_good_messages_when_one_fails() {
         bad, 0,
         "the failing handler's write was rolled back to its savepoint"
     );
+}
+
+/// `chars` hexadecimal characters that do not compress (xorshift64).
+fn random_hex(chars: usize) -> String {
+    let mut state = 0x2545_F491_4F6C_DD1Du64 ^ chars as u64;
+    let mut out = String::with_capacity(chars + 16);
+    while out.len() < chars {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.push_str(&format!("{state:016x}"));
+    }
+    out.truncate(chars);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_database_refuses_is_redelivered_and_does_not_undo_its_batch() {
+    let env = env(Duration::from_secs(120)).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_dead_letter() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.reason = 'rejected' THEN RAISE EXCEPTION 'refused for the test'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_dead_letter BEFORE INSERT ON dead_letter
+             FOR EACH ROW EXECUTE FUNCTION refuse_dead_letter();",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("trigger");
+    let mut orders: Vec<String> = (0..6).map(|i| format!("kept-{i}")).collect();
+    orders.insert(3, "bad".to_owned());
+    let envelopes: Vec<Envelope> = orders.iter().map(|id| order_envelope(id)).collect();
+    for envelope in &envelopes {
+        publish(&env.js, envelope).await;
+    }
+    let handler = BulkApply::default();
+    let consumer = Consumer::with_batch_handler(
+        ConsumerConfig {
+            mode: Mode::Batched { max_messages: 50 },
+            concurrency: 1,
+            retry_max_delay: Duration::from_millis(300),
+            ..config("refused")
+        },
+        env.pool.clone(),
+        env.js.clone(),
+        inbox::typed_batch(handler.clone()),
+    )
+    .expect("valid config");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(consumer.run(async move {
+        let _ = stopped.await;
+    }));
+    let pool = env.pool.clone();
+    // The good messages commit although the bad one's dead letter is refused in their
+    // transaction; the bad one is redelivered (it keeps failing: more handler calls).
+    wait_until(
+        Duration::from_secs(15),
+        "six applied while the bad one is redelivered",
+        || async {
+            applied(&pool, "bulk").await == 6
+                && handler.batch_sizes.lock().expect("lock").len() >= 10
+        },
+    )
+    .await
+    .expect("not undone");
+    assert_eq!(
+        count(&env.pool, "SELECT count(*) FROM dead_letter").await,
+        0
+    );
+    sqlx::raw_sql("DROP TRIGGER refuse_dead_letter ON dead_letter")
+        .execute(&env.pool)
+        .await
+        .expect("drop trigger");
+    wait_until(Duration::from_secs(15), "the bad one parked", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM dead_letter WHERE reason = 'rejected'",
+        )
+        .await
+            == 1
+            && ack_state(&env.js, "refused").await == Some((7, 0))
+    })
+    .await
+    .expect("parked");
+    drop(stop);
+    task.await.expect("task").expect("run");
+    assert_eq!(applied(&env.pool, "bulk").await, 6, "each good order once");
 }
 
 /// Applies a whole batch with one multi-row insert, recording each call's size; a batch

@@ -681,9 +681,6 @@ impl WriteSettings {
     }
 }
 
-/// The longest subject a dead letter keeps (valid subjects are at most 255 bytes).
-const SUBJECT_LIMIT: usize = 255;
-
 /// Moves rows to `dead_letter` and out of the outbox, inside the caller's transaction, each
 /// in a savepoint of its own: a dead letter the database refuses (a row written around the
 /// API can hold almost anything) must not fail the whole batch, whose published marks would
@@ -741,20 +738,9 @@ async fn dead_letter_one(conn: &mut sqlx::PgConnection, why: &Dead) -> Result<()
                 headers
             }
         };
-        // A row written around the API may hold anything the table accepts; the dead letter
-        // must still be writable (its subject is indexed, and btree entries are limited to
-        // about 2.7 kB), so an over-long subject is cut and the original length recorded.
+        // A row written around the API may hold anything the table accepts: keep what its
+        // headers were. (`dlq::store::record` cuts an over-long subject.)
         let mut error_chain = vec![why.error.clone()];
-        let subject = match row.subject.char_indices().nth(SUBJECT_LIMIT) {
-            Some((cut, _)) => {
-                error_chain.push(format!(
-                    "stored subject was {} bytes long; kept its first {SUBJECT_LIMIT} characters",
-                    row.subject.len()
-                ));
-                row.subject[..cut].to_owned()
-            }
-            None => row.subject.clone(),
-        };
         if !row.headers.is_object() {
             error_chain.push(format!("stored headers: {}", row.headers));
         }
@@ -762,7 +748,7 @@ async fn dead_letter_one(conn: &mut sqlx::PgConnection, why: &Dead) -> Result<()
             source: dlq::Source::Relay,
             consumer: "relay".to_owned(),
             message_id: row.id.to_string(),
-            subject,
+            subject: row.subject.clone(),
             partition_key: Some(row.partition_key.clone()),
             headers,
             payload: row.payload.clone(),
