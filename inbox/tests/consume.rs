@@ -162,14 +162,18 @@ async fn publish(js: &jetstream::Context, envelope: &Envelope) {
     .expect("ack");
 }
 
-/// Runs a consumer until [`Running::stop`] (or the value is dropped).
+/// Runs a consumer of `handler` until [`Running::stop`] (or the value is dropped).
 fn start(
     env: &Env,
     js: jetstream::Context,
     config: ConsumerConfig,
     handler: Arc<dyn inbox::RawHandler>,
 ) -> Running {
-    let consumer = Consumer::new(config, env.pool.clone(), js, handler).expect("valid config");
+    run(Consumer::new(config, env.pool.clone(), js, handler).expect("valid config"))
+}
+
+/// Runs `consumer` until [`Running::stop`] (or the value is dropped).
+fn run(consumer: Consumer) -> Running {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(consumer.run(async move {
         let _ = rx.await;
@@ -605,10 +609,7 @@ async fn a_dead_letter_the_database_refuses_is_redelivered_and_does_not_undo_its
         inbox::typed_batch(handler.clone()),
     )
     .expect("valid config");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = run(consumer);
     let pool = env.pool.clone();
     // The good messages commit although the bad one's dead letter is refused in their
     // transaction; the bad one is redelivered (it keeps failing: more handler calls).
@@ -641,8 +642,7 @@ async fn a_dead_letter_the_database_refuses_is_redelivered_and_does_not_undo_its
     })
     .await
     .expect("parked");
-    drop(stop);
-    task.await.expect("task").expect("run");
+    running.stop().await;
     assert_eq!(applied(&env.pool, "bulk").await, 6, "each good order once");
 }
 
@@ -701,10 +701,7 @@ async fn a_batch_handler_takes_whole_batches_and_a_failure_is_isolated() {
     .expect("valid config")
     .layer(inbox::layer::Timing)
     .layer(inbox::layer::Logging);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = run(consumer);
     let pool = env.pool.clone();
     wait_until(
         Duration::from_secs(15),
@@ -717,8 +714,7 @@ async fn a_batch_handler_takes_whole_batches_and_a_failure_is_isolated() {
     )
     .await
     .expect("processed");
-    drop(stop);
-    task.await.expect("task").expect("run");
+    running.stop().await;
 
     let applied_ids: Vec<String> = sqlx::query_scalar(
         "SELECT order_id FROM applied WHERE consumer = 'bulk' ORDER BY order_id",
@@ -797,10 +793,7 @@ async fn a_layer_without_batch_support_sees_every_message_of_a_batch() {
     )
     .expect("valid config")
     .layer(CountingLayer(seen.clone()));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = run(consumer);
     wait_until(
         Duration::from_secs(15),
         "every order applied and acknowledged",
@@ -808,8 +801,7 @@ async fn a_layer_without_batch_support_sees_every_message_of_a_batch() {
     )
     .await
     .expect("processed");
-    drop(stop);
-    task.await.expect("task").expect("run");
+    running.stop().await;
     // The batch went through the layer one message at a time, each exactly once.
     assert_eq!(seen.load(Ordering::SeqCst), 12);
     let sizes = handler.batch_sizes.lock().expect("lock").clone();
