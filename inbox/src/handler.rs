@@ -144,6 +144,15 @@ where
     })
 }
 
+/// Decodes the payload as `E` (after checking the envelope's type is `E`'s); a message that
+/// does not decode is a permanent failure with reason `decode`.
+fn decode<E: Event>(delivery: &Delivery) -> Result<E, HandlerError> {
+    delivery
+        .envelope
+        .decode_event::<E>()
+        .map_err(|e| HandlerError::permanent_because("decode", e))
+}
+
 struct Typed<E, H> {
     handler: H,
     _event: PhantomData<fn() -> E>,
@@ -160,10 +169,7 @@ where
         delivery: &'a Delivery,
     ) -> HandlerFuture<'a> {
         Box::pin(async move {
-            let event = delivery
-                .envelope
-                .decode_event::<E>()
-                .map_err(|e| HandlerError::permanent_because("decode", e))?;
+            let event = decode::<E>(delivery)?;
             self.handler.handle(conn, event, delivery).await
         })
     }
@@ -241,10 +247,7 @@ where
         Box::pin(async move {
             let mut events = Vec::with_capacity(deliveries.len());
             for delivery in deliveries {
-                let event = delivery
-                    .envelope
-                    .decode_event::<E>()
-                    .map_err(|e| HandlerError::permanent_because("decode", e))?;
+                let event = decode::<E>(delivery)?;
                 events.push((event, delivery));
             }
             self.handler.handle_batch(conn, events).await
