@@ -2,8 +2,12 @@
 //!
 //! [`NatsConfig`] holds the server URL and one auth method (user/password, token, creds file
 //! or nkey seed) plus TLS options; [`NatsConfig::connect`] validates them and connects with
-//! reconnects forever, so a service starts even while the broker is down. `Debug` never
-//! prints a secret.
+//! reconnects forever, so a service starts even while the broker is down.
+//!
+//! Secrets are never printed: `Debug` and [`ConnectError`] show URLs through [`redact_url`]
+//! (a password or token in the URL becomes `***`) and other secrets as `<redacted>`. TLS
+//! settings (a CA or a client certificate) make TLS mandatory, so a `nats://` URL cannot be
+//! downgraded to plaintext.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,14 +24,15 @@ pub enum ConnectError {
     /// The client could not be set up (e.g. an unreadable creds file or TLS certificate).
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect {
-        /// The server URL (no credentials).
+        /// The server URL(s), with any password or token replaced by `***` ([`redact_url`]).
         url: String,
         /// What failed.
         reason: String,
     },
 }
 
-/// How to reach NATS. Secrets are never printed: `Debug` redacts them.
+/// How to reach NATS. Secrets are never printed: `Debug` shows the URL through
+/// [`redact_url`] and the password, token and nkey seed as `<redacted>`.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`. Defaults to
@@ -43,13 +48,16 @@ pub struct NatsConfig {
     pub creds_file: Option<PathBuf>,
     /// An nkey seed (`SU...`).
     pub nkey_seed: Option<String>,
-    /// CA certificate(s) to trust (PEM).
+    /// CA certificate(s) to trust (PEM). Setting it makes TLS mandatory, as `tls_required`
+    /// does: the client upgrades every connection to TLS, even on a `nats://` URL, and never
+    /// connects in plaintext.
     pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM), with `tls_key`.
+    /// Client certificate (PEM), with `tls_key`. Setting it makes TLS mandatory, like
+    /// `tls_ca`.
     pub tls_cert: Option<PathBuf>,
     /// Client key (PEM), with `tls_cert`.
     pub tls_key: Option<PathBuf>,
-    /// Refuse a connection that is not TLS.
+    /// Refuse a connection that is not TLS (implied by `tls_ca` and `tls_cert`).
     pub tls_required: bool,
     /// The connection name shown by the server (e.g. the relay instance id).
     pub name: Option<String>,
@@ -59,7 +67,7 @@ impl std::fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
         f.debug_struct("NatsConfig")
-            .field("url", &self.url)
+            .field("url", &redact_url(&self.url))
             .field("user", &self.user)
             .field("password", &redact(&self.password))
             .field("token", &redact(&self.token))
@@ -82,6 +90,11 @@ impl NatsConfig {
         } else {
             &self.url
         }
+    }
+
+    /// [`url`](Self::url) with any password or token replaced by `***`: safe to log.
+    pub fn redacted_url(&self) -> String {
+        redact_url(self.url())
     }
 
     /// Refuses contradictory auth settings.
@@ -114,7 +127,7 @@ impl NatsConfig {
     /// reconnects by itself after any later disconnect too).
     pub async fn connect(&self) -> Result<Client, ConnectError> {
         self.validate()?;
-        let url = self.url().to_owned();
+        let url = self.redacted_url();
         let fail = |reason: String| ConnectError::Connect {
             url: url.clone(),
             reason,
@@ -152,7 +165,10 @@ impl NatsConfig {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
-        if self.tls_required {
+        // A CA or client certificate means TLS is wanted: without `require_tls` async-nats
+        // would upgrade only if the server's INFO asks for it, which a man in the middle can
+        // strip.
+        if self.requires_tls() {
             options = options.require_tls(true);
         }
         let servers = self.server_addrs().map_err(|e| fail(e.to_string()))?;
@@ -162,7 +178,14 @@ impl NatsConfig {
             .map_err(|e| fail(e.to_string()))
     }
 
+    /// Whether [`connect`](Self::connect) refuses a connection that is not TLS: when
+    /// `tls_required` is set, or a CA or client certificate is given.
+    pub fn requires_tls(&self) -> bool {
+        self.tls_required || self.tls_ca.is_some() || self.tls_cert.is_some()
+    }
+
     /// The server URLs, split at commas: async-nats parses a single `&str` as one URL.
+    /// An invalid one is a [`ConnectError::Config`] naming it through [`redact_url`].
     pub fn server_addrs(&self) -> Result<Vec<async_nats::ServerAddr>, ConnectError> {
         self.url()
             .split(',')
@@ -170,10 +193,37 @@ impl NatsConfig {
             .filter(|u| !u.is_empty())
             .map(|u| {
                 u.parse::<async_nats::ServerAddr>()
-                    .map_err(|e| ConnectError::Config(format!("NATS URL {u:?}: {e}")))
+                    .map_err(|e| ConnectError::Config(format!("NATS URL {:?}: {e}", redact_url(u))))
             })
             .collect()
     }
+}
+
+/// `url` — one NATS URL or several, comma-separated — with the secret part of each one's
+/// userinfo replaced by `***`: `nats://user:pass@host` becomes `nats://user:***@host`, and a
+/// token-only `nats://token@host` becomes `nats://***@host`. A URL without a scheme
+/// (`user:pass@host`, as async-nats accepts) is handled the same way.
+///
+/// Guarantees: nothing between the scheme's `://` (or the start) and the last `@` before the
+/// first `/`, `?` or `#` — where a URL keeps its credentials — survives except a user name
+/// followed by `:`; everything else is returned unchanged, separators and spaces included.
+pub fn redact_url(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_len].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let kept = match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{}{kept}{}", &url[..start], &rest[at..])
 }
 
 #[cfg(test)]
@@ -194,6 +244,40 @@ mod tests {
             ..NatsConfig::default()
         };
         assert!(bad.server_addrs().is_err());
+    }
+
+    #[test]
+    fn debug_redacts_passwords_and_tokens_in_the_url() {
+        let config = NatsConfig {
+            url: "nats://relay:hunter2@10.0.0.1:4222, tls://t0ken-secret@10.0.0.2:4222,\
+                  ops:pa:ss@10.0.0.3,nats://10.0.0.4:4222/path@x"
+                .into(),
+            ..NatsConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("t0ken-secret") && !shown.contains("ss@"),
+            "{shown}"
+        );
+        for expected in [
+            "nats://relay:***@10.0.0.1:4222",
+            "tls://***@10.0.0.2:4222",
+            "ops:***@10.0.0.3",
+            "nats://10.0.0.4:4222/path@x",
+        ] {
+            assert!(shown.contains(expected), "{shown} lacks {expected}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_url_error_does_not_show_its_password() {
+        let bad = NatsConfig {
+            url: "nats://relay:hunter2@host:notaport".into(),
+            ..NatsConfig::default()
+        };
+        let err = bad.server_addrs().expect_err("invalid port").to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(err.contains("nats://relay:***@host:notaport"), "{err}");
     }
 
     #[test]

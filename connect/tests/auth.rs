@@ -95,3 +95,31 @@ async fn an_unreadable_creds_file_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn connect_errors_show_the_url_without_its_secrets() {
+    let port = testkit::free_port().expect("port");
+    for (url, shown) in [
+        (
+            format!("nats://relay:hunter2@127.0.0.1:{port}"),
+            format!("nats://relay:***@127.0.0.1:{port}"),
+        ),
+        (
+            format!("nats://hunter2@127.0.0.1:{port}"),
+            format!("nats://***@127.0.0.1:{port}"),
+        ),
+    ] {
+        // A closed port alone is no error (the client keeps retrying in the background); an
+        // unreadable creds file is, and its message names the URL.
+        let config = NatsConfig {
+            url,
+            creds_file: Some("/nonexistent/relay.creds".into()),
+            ..NatsConfig::default()
+        };
+        let err = config.connect().await.expect_err("refused");
+        for text in [err.to_string(), format!("{err:?}")] {
+            assert!(!text.contains("hunter2"), "the password leaks: {text}");
+            assert!(text.contains(&shown), "{text} lacks {shown}");
+        }
+    }
+}

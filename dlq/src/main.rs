@@ -2,6 +2,11 @@
 //!
 //! Exit codes: 0 done; 1 failed (e.g. the database is unreachable); 2 bad usage or a refused
 //! confirmation; 3 an id that does not exist, or nothing matched.
+//!
+//! Text output (tables, `show`, messages) escapes control characters, so a dead letter cannot
+//! drive the operator's terminal (see `display`); `--json` output is exact.
+
+mod display;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -11,6 +16,7 @@ use dlq::store::{self, Filter, Stored};
 use sqlx::{Connection, PgConnection};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use time::macros::datetime;
 
 /// Inspect, retry and purge dead letters.
 #[derive(Parser, Debug)]
@@ -136,7 +142,10 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("dlq: {}", failure.message.replace('\n', " "));
+            eprintln!(
+                "dlq: {}",
+                display::line(&failure.message.replace('\n', " "))
+            );
             ExitCode::from(failure.code)
         }
     }
@@ -154,30 +163,82 @@ async fn connect(url: Option<&str>) -> Result<PgConnection, Failure> {
     }
 }
 
-fn parse_age(text: &str) -> Result<std::time::Duration, Failure> {
+/// The earliest time an age may reach back to. PostgreSQL's `timestamptz` starts in 4713 BC and
+/// `time` in year -9999: an age reaching before this is a mistake, refused before any
+/// arithmetic can overflow or the database refuses the value.
+const EARLIEST: OffsetDateTime = datetime!(0001-01-01 0:00 UTC);
+
+/// Why an age such as `2h` was refused.
+enum AgeError {
+    /// Not digits followed by s, m, h or d.
+    Malformed,
+    /// Well formed, but reaching back before [`EARLIEST`] (or overflowing on the way).
+    TooFar,
+}
+
+/// The time `text` (digits and a unit: s, m, h or d) before now. Never panics: the
+/// multiplication and the subtraction are checked.
+fn age_ago(text: &str) -> Result<OffsetDateTime, AgeError> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
-    let (n, unit) = text.split_at(split);
-    let n: u64 = match n.parse() {
-        Ok(n) => n,
-        Err(_) => return fail(2, format!("{text:?} is not an age like 30m, 2h or 7d")),
+    let (digits, unit) = text.split_at(split);
+    let unit_secs: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(AgeError::Malformed),
     };
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return fail(2, format!("{text:?} is not an age like 30m, 2h or 7d")),
-    };
-    Ok(std::time::Duration::from_secs(secs))
+    if digits.is_empty() {
+        return Err(AgeError::Malformed);
+    }
+    // All ASCII digits: parsing fails only when the number is too large for a u64.
+    let n: u64 = digits.parse().map_err(|_| AgeError::TooFar)?;
+    let secs = n
+        .checked_mul(unit_secs)
+        .and_then(|s| i64::try_from(s).ok())
+        .ok_or(AgeError::TooFar)?;
+    OffsetDateTime::now_utc()
+        .checked_sub(time::Duration::seconds(secs))
+        .filter(|t| *t >= EARLIEST)
+        .ok_or(AgeError::TooFar)
 }
 
-fn parse_time(text: &str) -> Result<OffsetDateTime, Failure> {
+fn too_far(flag: &str, text: &str) -> Failure {
+    Failure {
+        code: 2,
+        message: format!(
+            "{flag} {text:?} reaches back too far: an age can go back at most to the year 1"
+        ),
+    }
+}
+
+/// `--older-than`: an age only.
+fn parse_age(flag: &str, text: &str) -> Result<OffsetDateTime, Failure> {
+    age_ago(text).map_err(|e| match e {
+        AgeError::Malformed => Failure {
+            code: 2,
+            message: format!("{flag} {text:?} is not an age like 30m, 2h or 7d"),
+        },
+        AgeError::TooFar => too_far(flag, text),
+    })
+}
+
+/// `--since`: an RFC 3339 time or an age.
+fn parse_time(flag: &str, text: &str) -> Result<OffsetDateTime, Failure> {
     if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
         return Ok(t);
     }
-    Ok(OffsetDateTime::now_utc() - parse_age(text)?)
+    age_ago(text).map_err(|e| match e {
+        AgeError::Malformed => Failure {
+            code: 2,
+            message: format!(
+                "{flag} {text:?} is neither an RFC 3339 time nor an age like 30m, 2h or 7d"
+            ),
+        },
+        AgeError::TooFar => too_far(flag, text),
+    })
 }
 
 fn filter(f: &Filters) -> Result<Filter, Failure> {
@@ -194,7 +255,11 @@ fn filter(f: &Filters) -> Result<Filter, Failure> {
         subject: f.subject.clone(),
         reason: f.reason.clone(),
         status: f.status.clone(),
-        since: f.since.as_deref().map(parse_time).transpose()?,
+        since: f
+            .since
+            .as_deref()
+            .map(|t| parse_time("--since", t))
+            .transpose()?,
         ..Filter::default()
     })
 }
@@ -254,11 +319,11 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                     println!(
                         "{:>6}  {:<20} {:<28} {:<20} {:>8}  {:<15} {}",
                         l.id,
-                        l.consumer,
-                        l.subject,
-                        l.reason,
+                        display::line(&l.consumer),
+                        display::line(&l.subject),
+                        display::line(&l.reason),
                         l.attempts,
-                        l.status,
+                        display::line(&l.status),
                         time_text(l.last_failed_at)
                     );
                 }
@@ -277,19 +342,24 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 println!("{}", json_of(&letter));
                 return Ok(());
             }
+            let line = display::line;
             println!("id:           {}", letter.id);
-            println!("message id:   {}", letter.message_id);
-            println!("source:       {} ({})", letter.source, letter.consumer);
-            println!("subject:      {}", letter.subject);
-            println!("reason:       {}", letter.reason);
-            println!("status:       {}", letter.status);
+            println!("message id:   {}", line(&letter.message_id));
+            println!(
+                "source:       {} ({})",
+                line(&letter.source),
+                line(&letter.consumer)
+            );
+            println!("subject:      {}", line(&letter.subject));
+            println!("reason:       {}", line(&letter.reason));
+            println!("status:       {}", line(&letter.status));
             println!("attempts:     {}", letter.attempts);
             println!("first failed: {}", time_text(letter.first_failed_at));
             println!("last failed:  {}", time_text(letter.last_failed_at));
             println!("headers:");
             if let Some(headers) = letter.headers.as_object() {
                 for (k, v) in headers {
-                    println!("  {k}: {}", v.as_str().unwrap_or_default());
+                    println!("  {}: {}", line(k), line(v.as_str().unwrap_or_default()));
                 }
             }
             println!("error chain:");
@@ -300,24 +370,25 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 .flatten()
                 .enumerate()
             {
-                println!("  {i}: {}", e.as_str().unwrap_or_default());
+                println!("  {i}: {}", line(e.as_str().unwrap_or_default()));
             }
             println!("history:");
             for h in letter.history.as_array().into_iter().flatten() {
-                println!("  {h}");
+                println!("  {}", line(&h.to_string()));
             }
             println!("payload ({} bytes):", letter.payload.len());
             match payload_json(&letter.payload) {
-                serde_json::Value::String(text) => println!("{text}"),
+                serde_json::Value::String(text) => println!("{}", display::block(&text)),
                 value
                     if value.get("hex").is_some()
                         && value.as_object().is_some_and(|o| o.len() == 1) =>
                 {
-                    println!("{}", value["hex"].as_str().unwrap_or_default())
+                    println!("{}", line(value["hex"].as_str().unwrap_or_default()))
                 }
+                // serde_json escapes C0 controls in strings, not DEL, C1 or bidi characters.
                 value => println!(
                     "{}",
-                    serde_json::to_string_pretty(&value).unwrap_or_default()
+                    display::block(&serde_json::to_string_pretty(&value).unwrap_or_default())
                 ),
             }
             Ok(())
@@ -380,7 +451,10 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                     };
                     println!(
                         "would retry {} ({} {} on {}): {how}",
-                        l.id, l.consumer, l.message_id, l.subject
+                        l.id,
+                        display::line(&l.consumer),
+                        display::line(&l.message_id),
+                        display::line(&l.subject)
                     );
                 }
                 println!(
@@ -417,7 +491,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         } => {
             let mut filter = filter(&filters)?;
             if let Some(age) = older_than {
-                filter.until = Some(OffsetDateTime::now_utc() - parse_age(&age)?);
+                filter.until = Some(parse_age("--older-than", &age)?);
             }
             let mut conn = connect(url).await?;
             let n = store::count(&mut conn, &filter).await?;
@@ -457,9 +531,9 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 for s in &stats {
                     println!(
                         "{:<20} {:<20} {:<15} {:>7}  {}",
-                        s.consumer,
-                        s.reason,
-                        s.status,
+                        display::line(&s.consumer),
+                        display::line(&s.reason),
+                        display::line(&s.status),
                         s.count,
                         time_text(s.oldest)
                     );

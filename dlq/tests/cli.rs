@@ -327,3 +327,158 @@ fn database_errors_are_one_line_with_an_exit_code() {
     let (code, _, err) = dlq(Some(&unreachable), &["list", "--since", "yesterday"]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// Control characters a hostile message can carry: clear screen, set the window title (OSC
+/// ended by BEL), carriage return (overwrites the line), an 8-bit CSI (U+009B) and a
+/// right-to-left override.
+const CLEAR: &str = "\x1b[2J";
+const TITLE: &str = "\x1b]0;pwned\x07";
+
+#[tokio::test]
+async fn text_output_escapes_control_characters_and_json_keeps_them() {
+    let db = db().await;
+    let url = Some(db.url.as_str());
+    let subject = format!("evil{CLEAR}.v1");
+    let header = format!("x{TITLE}y");
+    let errors = vec![
+        format!("boom\r{CLEAR}fake prompt$ "),
+        "cause \u{202e}txt.exe\u{9b}31m".to_owned(),
+    ];
+    let payload = format!("line one{CLEAR}\r\nline two \u{9b}2J end");
+    let mut hostile = letter(
+        Source::Consumer,
+        &format!("mailer{TITLE}"),
+        &subject,
+        "handler",
+        payload.as_bytes(),
+    );
+    hostile
+        .headers
+        .insert("x-evil".into(), serde_json::Value::String(header.clone()));
+    hostile.error_chain = errors.clone();
+    let id = {
+        let mut conn = db.pool.acquire().await.expect("acquire");
+        dlq::store::record(&mut conn, &hostile)
+            .await
+            .expect("record")
+    };
+
+    let raw = |out: &str| -> Vec<String> {
+        let mut found = Vec::new();
+        for (name, bad) in [
+            ("ESC", "\x1b"),
+            ("BEL", "\x07"),
+            ("CR", "\r"),
+            ("CSI", "\u{9b}"),
+            ("RLO", "\u{202e}"),
+        ] {
+            if out.contains(bad) {
+                found.push(name.to_owned());
+            }
+        }
+        if let Some(c) = out.chars().find(|c| c.is_control() && *c != '\n') {
+            found.push(format!("{c:?}"));
+        }
+        found
+    };
+
+    // JSON stays exact: decoding gives back the original strings.
+    let (code, out, err) = dlq(url, &["show", &id.to_string(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let (code, out, err) = dlq(url, &["list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+    for value in [&shown, &listed] {
+        assert_eq!(value["subject"], subject.as_str());
+        assert_eq!(value["consumer"], format!("mailer{TITLE}").as_str());
+        assert_eq!(value["headers"]["x-evil"], header.as_str());
+        assert_eq!(value["error_chain"], serde_json::json!(errors));
+        assert_eq!(value["payload"], payload.as_str());
+    }
+    assert_eq!(shown, listed);
+
+    let (code, out, err) = dlq(url, &["list"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        raw(&out),
+        Vec::<String>::new(),
+        "raw control characters in list:\n{out:?}"
+    );
+    for escaped in [r"evil\x1b[2J.v1", r"mailer\x1b]0;pwned\x07"] {
+        assert!(out.contains(escaped), "list lacks {escaped:?}:\n{out}");
+    }
+
+    let (code, out, err) = dlq(url, &["show", &id.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        raw(&out),
+        Vec::<String>::new(),
+        "raw control characters in show:\n{out:?}"
+    );
+    for escaped in [
+        r"subject:      evil\x1b[2J.v1",
+        r"x-evil: x\x1b]0;pwned\x07y",
+        r"0: boom\r\x1b[2Jfake prompt$ ",
+        r"1: cause \u{202e}txt.exe\u{9b}31m",
+        r"line one\x1b[2J\r",
+        r"line two \u{9b}2J end",
+    ] {
+        assert!(out.contains(escaped), "show lacks {escaped:?}:\n{out}");
+    }
+}
+
+#[tokio::test]
+async fn absurd_ages_are_one_line_errors_and_change_nothing() {
+    let db = db().await;
+    seed(&db.pool).await;
+    let url = Some(db.url.as_str());
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letter")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count")
+    };
+    for (flag, args) in [
+        // Representable by `time` (year -6200) but not by PostgreSQL.
+        (
+            "--older-than",
+            &["purge", "--yes", "--older-than", "3000000d"][..],
+        ),
+        (
+            "--older-than",
+            &["purge", "--yes", "--older-than", "999999999999d"],
+        ),
+        (
+            "--older-than",
+            &["purge", "--yes", "--older-than", "300000000000000d"],
+        ),
+        (
+            "--older-than",
+            &["purge", "--yes", "--older-than", "99999999999999999999999d"],
+        ),
+        ("--older-than", &["purge", "--yes", "--older-than=-5d"]),
+        ("--since", &["purge", "--yes", "--since", "99999999999h"]),
+        ("--since", &["list", "--since", "99999999999h"]),
+        ("--since", &["list", "--since", "999999999999999999m"]),
+        ("--since", &["list", "--since=-1h"]),
+        ("--since", &["list", "--since", "yesterday"]),
+    ] {
+        let (code, out, err) = dlq(url, args);
+        assert_eq!(
+            code, 2,
+            "{args:?}: exit {code} (101 is a panic)\nstderr: {err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("dlq: ") && err.contains(flag),
+            "{args:?}: stderr does not name {flag}: {err}"
+        );
+        assert_eq!(out, "", "{args:?}");
+        assert_eq!(count().await, 3, "{args:?} changed nothing");
+    }
+    // A large but representable age is fine: nothing is that old.
+    let (code, out, err) = dlq(url, &["purge", "--yes", "--older-than", "700000d"]);
+    assert_eq!((code, out.trim()), (0, "no dead letters match"), "{err}");
+    assert_eq!(count().await, 3);
+}

@@ -33,6 +33,7 @@ struct Global {
     #[arg(
         long,
         env = "NATS_URL",
+        hide_env_values = true,
         default_value = "nats://127.0.0.1:4222",
         global = true
     )]
@@ -332,7 +333,10 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             )
             .await
             .map_err(|_| {
-                anyhow::anyhow!("NATS at {} did not answer within 30s", global.nats_url)
+                anyhow::anyhow!(
+                    "NATS at {} did not answer within 30s",
+                    connect::redact_url(&global.nats_url)
+                )
             })??;
             match outcome {
                 StreamOutcome::Created => {
