@@ -4,7 +4,7 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
-.PHONY: help tools test lint fmt bench demo up chaos chaos-cluster
+.PHONY: help tools test lint fmt bench demo up chaos chaos-cluster fuzz
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,6 +35,11 @@ tools: ## Install what is missing: PostgreSQL (apt-get when root) and nats-serve
 
 test: tools ## Install what is missing, then run every test against real PostgreSQL and nats-server
 	$(CARGO) test --workspace --locked --no-fail-fast
+
+SEEDS ?= 200
+
+fuzz: tools ## Run the generative suites on SEEDS random seeds (default 200); a failure prints its seed to replay (RELAY_FUZZ_SEED=N)
+	RELAY_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p relay --test generative -- --nocapture
 
 lint: ## cargo fmt --check and cargo clippy --all-targets -- -D warnings
 	$(CARGO) fmt --all -- --check

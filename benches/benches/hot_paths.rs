@@ -85,6 +85,7 @@ fn claimed_rows(template: &Envelope) -> Vec<ClaimedRow> {
             headers: serde_json::Value::Object(headers.clone()),
             payload: vec![b'x'; 1024],
             attempts: 0,
+            permanent_failures: 0,
         })
         .collect()
 }

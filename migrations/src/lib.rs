@@ -84,6 +84,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cheaper_inserts",
         sql: include_str!("../sql/0008_cheaper_inserts.sql"),
     },
+    Migration {
+        version: 9,
+        name: "permanent_failures",
+        sql: include_str!("../sql/0009_permanent_failures.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

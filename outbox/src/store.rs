@@ -172,8 +172,12 @@ pub struct ClaimedRow {
     pub headers: serde_json::Value,
     /// The payload.
     pub payload: Vec<u8>,
-    /// Failed publish attempts so far (a claim reports a negative stored count as 0).
+    /// Failed publish attempts so far, transient and permanent (a claim reports a negative
+    /// stored count as 0).
     pub attempts: i32,
+    /// How many of those failures were permanent (no stream, too large, refused): what the
+    /// relay's `max_permanent_attempts` counts.
+    pub permanent_failures: i32,
 }
 
 impl ClaimedRow {
@@ -251,10 +255,12 @@ pub async fn begin_claim(
 /// process dies, PostgreSQL ends its session and the claim with it; a session that stays idle
 /// in the transaction too long is ended by the server (see [`begin_claim`]).
 ///
-/// Per-key order: keys whose earliest row waits out a retry backoff are skipped. Rows locked
-/// by other transactions are skipped too, so the caller must publish a key's rows in `seq`
-/// order, one at a time, across its own open claims, and must not publish a row of a key whose
-/// earlier row failed until that failure is committed (the relay's dispatcher does both).
+/// Per-key order: keys whose earliest row waits out a retry backoff are skipped, and so are
+/// the keys in `skip_keys`. Rows locked by other transactions are skipped too, so the caller
+/// must publish a key's rows in `seq` order, one at a time, across its own open claims, and
+/// must pass in `skip_keys` every key of which one of its open transactions holds a locked
+/// row it will not publish (a given-up row, a failed head whose backoff is not committed):
+/// a claim would otherwise return that key's later rows. The relay's dispatcher does both.
 /// Other instances cannot overtake a locked row: the statement share-locks the lease rows of
 /// the owned partitions (`FOR KEY SHARE`) for the whole transaction, and the relay's partition
 /// hand-over skips lease rows that are locked (`FOR UPDATE SKIP LOCKED` on
@@ -272,14 +278,17 @@ pub async fn claim_batch(
     conn: &mut PgConnection,
     owner: &str,
     limit: i64,
+    skip_keys: &[String],
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     let mut rows: Vec<ClaimedRow> = sqlx::query_as(
         "SELECT m.id, m.seq, m.subject, m.event_type, m.source, m.partition_key,
              m.occurred_at, m.correlation_id, m.causation_id, m.traceparent, m.tracestate,
-             m.content_type, m.headers, m.payload, greatest(m.attempts, 0) AS attempts
+             m.content_type, m.headers, m.payload, greatest(m.attempts, 0) AS attempts,
+             greatest(m.permanent_failures, 0) AS permanent_failures
          FROM outbox_message m
          WHERE m.status = 'pending'
            AND m.available_at <= now()
+           AND m.partition_key NOT IN (SELECT unnest($3::text[]))
            AND (hashtextextended(m.partition_key, 0) & 255)::smallint = ANY (ARRAY(
                SELECT partition_id FROM relay_partition_lease
                WHERE owner = $1 AND lease_until > now()
@@ -293,6 +302,7 @@ pub async fn claim_batch(
     )
     .bind(owner)
     .bind(limit)
+    .bind(skip_keys)
     .fetch_all(conn)
     .await?;
     rows.sort_unstable_by_key(|r| r.seq);
@@ -356,12 +366,15 @@ pub struct Failure {
     pub delay_ms: i64,
     /// The error to record.
     pub error: String,
+    /// Whether the failure was permanent (counted in `permanent_failures` too).
+    pub permanent: bool,
 }
 
-/// Records failed attempts: counts them (from 0 for a row written with a negative count:
-/// the claim blocks a key only while its row has `attempts > 0`), sets the backoff (from the current time, not the
-/// start of the claim transaction, which may be long past) and the last error. Rows already
-/// published meanwhile are left alone. Returns how many rows changed.
+/// Records failed attempts: counts them, permanent ones also in `permanent_failures` (each
+/// from 0 for a row written with a negative count: the claim blocks a key only while its row
+/// has `attempts > 0`), sets the backoff (from the current time, not the start of the claim
+/// transaction, which may be long past) and the last error. Rows already published meanwhile
+/// are left alone. Returns how many rows changed.
 pub async fn record_failures(
     conn: &mut PgConnection,
     rows: &[Failure],
@@ -372,18 +385,23 @@ pub async fn record_failures(
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let delays: Vec<i64> = rows.iter().map(|r| r.delay_ms).collect();
     let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+    let permanent: Vec<bool> = rows.iter().map(|r| r.permanent).collect();
     let done = sqlx::query(
         "UPDATE outbox_message o
-         SET attempts = greatest(o.attempts, 0) + 1,
+         SET attempts = least(greatest(o.attempts, 0), 2147483646) + 1,
+             permanent_failures = least(greatest(o.permanent_failures, 0), 2147483646)
+                 + r.permanent::int,
              available_at = clock_timestamp()
                  + make_interval(secs => r.delay_ms::double precision / 1000),
              last_error = r.error
-         FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS r(id, delay_ms, error)
+         FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::bool[])
+             AS r(id, delay_ms, error, permanent)
          WHERE o.id = r.id AND o.status = 'pending'",
     )
     .bind(ids)
     .bind(delays)
     .bind(errors)
+    .bind(permanent)
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
@@ -401,7 +419,7 @@ pub async fn take_for_dead_letter(
          WHERE id = ANY($1) AND status = 'pending'
          RETURNING id, seq, subject, event_type, source, partition_key, occurred_at,
              correlation_id, causation_id, traceparent, tracestate, content_type, headers,
-             payload, attempts",
+             payload, attempts, permanent_failures",
     )
     .bind(ids)
     .fetch_all(conn)

@@ -28,9 +28,10 @@ pub struct RelayConfig {
     /// this long (`idle_in_transaction_session_timeout`), so a hung relay cannot hold rows.
     /// Must be at least twice `publish_timeout`. Defaults to 30 s.
     pub claim_ttl: Duration,
-    /// Attempts after which a row failing with a permanent error (no stream for its
-    /// subject, larger than the broker accepts) moves to `dead_letter`. Transient errors
-    /// (broker down, timeouts) never dead-letter: the row waits. Defaults to 5.
+    /// Permanent failures (no stream for its subject, larger than the broker accepts,
+    /// refused) after which a row moves to `dead_letter`; they are counted apart from
+    /// transient ones (`outbox_message.permanent_failures`). Transient errors (broker down,
+    /// timeouts) never dead-letter and do not count here: the row waits. Defaults to 5.
     pub max_permanent_attempts: u32,
     /// First retry delay of a failed row; doubles per attempt, with jitter. Defaults to 100 ms.
     pub retry_min_delay: Duration,
@@ -62,6 +63,12 @@ pub struct RelayConfig {
     pub vacuum_interval: Duration,
     /// How often backlog gauges are refreshed. Defaults to 5 s.
     pub stats_interval: Duration,
+    /// The longest the relay waits for the database in one step (taking a connection plus a
+    /// claim, a batch's commit, a late write, a lease renewal) before it counts the database
+    /// as unreachable: readiness turns false and the step is retried with backoff. A silently
+    /// dead connection (no TCP reset, no answer) would otherwise be waited on forever.
+    /// Defaults to 10 s.
+    pub db_timeout: Duration,
 }
 
 impl Default for RelayConfig {
@@ -85,6 +92,7 @@ impl Default for RelayConfig {
             cleaner_interval: Duration::from_secs(30),
             vacuum_interval: Duration::from_secs(10),
             stats_interval: Duration::from_secs(5),
+            db_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -164,6 +172,7 @@ impl RelayConfig {
         for (name, value) in [
             ("cleaner_interval", self.cleaner_interval),
             ("stats_interval", self.stats_interval),
+            ("db_timeout", self.db_timeout),
         ] {
             if value.is_zero() {
                 return refuse(format!("{name} must be positive"));

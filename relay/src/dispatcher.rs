@@ -12,10 +12,25 @@
 //!
 //! Per-key order: rows are queued per partition key in `seq` order and only the head of a
 //! key's queue is ever in flight; rows of a key claimed later (in another batch) are appended
-//! behind it. A failed head gives up the rest of its queue, and the key is *held back* until
-//! the failure is committed with its backoff: rows of it that a claim returns meanwhile are
-//! given up at once. Once committed, the claim statement skips the key while its head waits
-//! out the backoff, so no later message of a key overtakes an earlier one.
+//! behind it. A key's queue is *given up* when its head fails, when its head waited so long
+//! that its claim could end before the ack, and on stop: its rows stay pending but stay
+//! locked until their batches end, and a claim meanwhile would skip them (`SKIP LOCKED`) and
+//! return the key's later rows. So a given-up key is *held back* by every open batch that
+//! holds one of its given-up rows: claims leave it out (`skip_keys`), rows of it that a claim
+//! returns anyway are left unqueued (their batch then holds the key too), and a claim that
+//! was already running when the last hold ended still treats the key as held (its snapshot
+//! may predate that commit). Once a failure is committed, the claim statement itself skips
+//! the key while its head waits out the backoff. So no later message of a key overtakes an
+//! earlier one.
+//!
+//! The publish window: at most `max_in_flight` PubAcks are awaited at once (the publisher
+//! may block beyond that, and only this task frees room by polling the acks). Keys whose
+//! head is ready while the window is full wait in a FIFO and are sent as acks come back.
+//!
+//! Every database step has a deadline (`db_timeout`), so a silent connection cannot hang the
+//! pipeline. A claim or a commit that timed out may leave its transaction open at the
+//! server, holding row locks this task no longer tracks; no claim starts until the server
+//! has ended it (`claim_ttl`, its idle-in-transaction timeout).
 //!
 //! If a batch cannot commit (the database went away), its rows' locks are gone with the
 //! session. The PubAcks it held are written later on a fresh connection, with backoff; until
@@ -46,8 +61,9 @@ use crate::publisher::{Ack, PublishError, PublishErrorKind, Publisher};
 
 type ClaimTx = Transaction<'static, Postgres>;
 
-/// A claim's open transaction and its rows.
-type Claimed = Result<(ClaimTx, Vec<ClaimedRow>), sqlx::Error>;
+/// A claim's open transaction, its rows and when the statement returned them (the server
+/// counts the transaction idle from then).
+type Claimed = Result<(ClaimTx, Vec<ClaimedRow>, Instant), sqlx::Error>;
 
 /// A claimed row waiting in its key's queue.
 struct Row {
@@ -85,7 +101,8 @@ struct Batch {
     /// Rows not resolved yet (queued or in flight).
     open: usize,
     outcome: Outcome,
-    /// Keys held back until this batch's failures are committed.
+    /// Keys held back until this batch ends (it locks rows of them it will not publish),
+    /// once per hold taken (see [`Dispatcher::hold`]).
     holds_back: Vec<Arc<str>>,
 }
 
@@ -106,6 +123,20 @@ type Finishing =
 struct Unwritten {
     outcome: Outcome,
     error: String,
+    /// The transaction may still be open at the server, holding its row locks, until the
+    /// server ends it (the database did not answer, or the connection broke while the
+    /// session may live on).
+    locks_may_linger: bool,
+}
+
+impl Unwritten {
+    fn new(outcome: Outcome, error: &sqlx::Error, locks_may_linger: bool) -> Self {
+        Unwritten {
+            outcome,
+            error: error.to_string(),
+            locks_may_linger,
+        }
+    }
 }
 
 /// The pipeline's state; see the module docs.
@@ -121,20 +152,31 @@ pub(crate) struct Dispatcher<P> {
     in_flight: InFlight,
     /// Keys whose head is in flight.
     sending: HashSet<Arc<str>>,
+    /// Keys whose head waits for room in the publish window, in arrival order (a key may be
+    /// listed twice; the second entry finds it sending or gone and is dropped).
+    ready: VecDeque<Arc<str>>,
     /// Open claims by number.
     batches: HashMap<u64, Batch>,
     next_batch: u64,
     finishing: Finishing,
-    /// Keys with a failure not yet committed, and how many batches hold them back.
+    /// Keys that open batches hold back, with how many holds (see the module docs).
     held_back: HashMap<Arc<str>, usize>,
+    /// Whether a claim statement is running.
+    claiming: bool,
+    /// Keys whose last hold ended while the running claim was under way: that claim's
+    /// snapshot may predate the commit that ended the hold, so it still treats them as held.
+    released_during_claim: HashSet<Arc<str>>,
     /// PubAcks whose batch could not commit, to be written on their own; by id, so that a
     /// claim returning one of those rows marks it instead of publishing it again.
     late_published: HashMap<Uuid, Published>,
     /// Dead letters whose batch could not commit.
-    late_dead: Vec<Dead>,
+    late_dead: HashMap<Uuid, Dead>,
     stopping: bool,
     stopping_since: Option<Instant>,
     next_claim_at: Instant,
+    /// No claim before this (a broker pause, transactions that may still hold locks); only
+    /// ever moved later.
+    claims_blocked_until: Instant,
     idle_delay: Duration,
     broker_backoff: Option<backon::ExponentialBackoff>,
     db_backoff: Option<backon::ExponentialBackoff>,
@@ -159,15 +201,19 @@ impl<P: Publisher> Dispatcher<P> {
             held: 0,
             in_flight: FuturesUnordered::new(),
             sending: HashSet::new(),
+            ready: VecDeque::new(),
             batches: HashMap::new(),
             next_batch: 0,
             finishing: FuturesUnordered::new(),
             held_back: HashMap::new(),
+            claiming: false,
+            released_during_claim: HashSet::new(),
             late_published: HashMap::new(),
-            late_dead: Vec::new(),
+            late_dead: HashMap::new(),
             stopping: false,
             stopping_since: None,
             next_claim_at: Instant::now(),
+            claims_blocked_until: Instant::now(),
             idle_delay,
             broker_backoff: None,
             db_backoff: None,
@@ -187,8 +233,10 @@ impl<P: Publisher> Dispatcher<P> {
             let open = self.batches.len() + self.finishing.len();
             let can_claim =
                 !self.stopping && claim.is_none() && room && open < self.config.max_open_claims;
-            if can_claim && now >= self.next_claim_at {
+            let claim_at = self.next_claim_at.max(self.claims_blocked_until);
+            if can_claim && now >= claim_at {
                 claim = Some(self.spawn_claim());
+                self.claiming = true;
             }
             let late = !self.late_published.is_empty() || !self.late_dead.is_empty();
             let can_write_late = late_write.is_none() && late;
@@ -238,6 +286,8 @@ impl<P: Publisher> Dispatcher<P> {
                 joined = async { claim.as_mut().expect("guarded").await }, if claim.is_some() => {
                     claim = None;
                     self.on_claim(joined).await;
+                    self.claiming = false;
+                    self.released_during_claim.clear();
                 }
                 joined = async { late_write.as_mut().expect("guarded").await }, if late_write.is_some() => {
                     late_write = None;
@@ -245,7 +295,7 @@ impl<P: Publisher> Dispatcher<P> {
                         late_retry_at = Instant::now() + delay;
                     }
                 }
-                _ = tokio::time::sleep_until(self.next_claim_at), if claim_timer => {}
+                _ = tokio::time::sleep_until(claim_at), if claim_timer => {}
                 _ = tokio::time::sleep_until(late_retry_at), if late_timer => {}
                 _ = self.wake.notified(), if can_claim => {
                     self.next_claim_at = Instant::now();
@@ -262,11 +312,13 @@ impl<P: Publisher> Dispatcher<P> {
         let room = self.config.max_held() - self.held;
         let limit = self.config.batch_size.min(room) as i64;
         let ttl = u64::try_from(self.config.claim_ttl.as_millis()).unwrap_or(u64::MAX);
-        tokio::spawn(async move {
+        let skip_keys: Vec<String> = self.held_back.keys().map(|k| k.to_string()).collect();
+        let db_timeout = self.config.db_timeout;
+        tokio::spawn(within(db_timeout, async move {
             let mut tx = outbox_store::begin_claim(&pool, ttl).await?;
-            let rows = outbox_store::claim_batch(&mut tx, &owner, limit).await?;
-            Ok((tx, rows))
-        })
+            let rows = outbox_store::claim_batch(&mut tx, &owner, limit, &skip_keys).await?;
+            Ok((tx, rows, Instant::now()))
+        }))
     }
 
     fn spawn_late_write(&mut self) -> JoinHandle<Result<(), Unwritten>> {
@@ -275,32 +327,36 @@ impl<P: Publisher> Dispatcher<P> {
                 .into_values()
                 .collect(),
             failures: Vec::new(),
-            dead: std::mem::take(&mut self.late_dead),
+            dead: std::mem::take(&mut self.late_dead).into_values().collect(),
         };
         let pool = self.pool.clone();
         let how = WriteSettings::new(&self.config);
+        let db_timeout = self.config.db_timeout;
         tokio::spawn(async move {
-            let written = async {
-                let mut tx = pool.begin().await?;
+            let ttl = u64::try_from(how.claim_ttl.as_millis()).unwrap_or(u64::MAX);
+            let written = within(db_timeout, async {
+                // Begun as a claim is: the server ends it if it is left idle in it.
+                let mut tx = outbox_store::begin_claim(&pool, ttl).await?;
                 write_outcome(&mut tx, how, &outcome).await?;
                 tx.commit().await
-            }
-            .await;
-            written.map_err(|e| Unwritten {
-                outcome,
-                error: e.to_string(),
             })
+            .await;
+            // Its locks do not matter: every row it writes was published already.
+            written.map_err(|e| Unwritten::new(outcome, &e, false))
         })
     }
 
     async fn on_claim(&mut self, joined: Result<Claimed, tokio::task::JoinError>) {
-        let (tx, rows) = match joined {
+        let (tx, rows, claimed_at) = match joined {
             Ok(Ok(claimed)) => claimed,
             Ok(Err(e)) => {
                 self.health.set_database(false);
                 let delay = next_delay(&mut self.db_backoff, &self.config);
                 tracing::warn!(error = %e, retry_in = ?delay, "claim failed");
                 self.next_claim_at = Instant::now() + delay;
+                if is_timeout(&e) {
+                    self.pause_for_lost_locks();
+                }
                 return;
             }
             Err(e) => {
@@ -335,18 +391,27 @@ impl<P: Publisher> Dispatcher<P> {
             outcome: Outcome::default(),
             holds_back: Vec::new(),
         };
-        let now = Instant::now();
         let mut fresh_keys = Vec::new();
+        let mut holds = Vec::new();
         for claimed in rows {
             if let Some(published) = self.late_published.remove(&claimed.id) {
                 // Published already; its mark was lost with an earlier batch. Mark it here.
                 batch.outcome.published.push(published);
                 continue;
             }
+            if let Some(dead) = self.late_dead.remove(&claimed.id) {
+                // Resolved as dead already; that write was lost with an earlier batch.
+                batch.outcome.dead.push(dead);
+                continue;
+            }
             let key: Arc<str> = Arc::from(claimed.partition_key.as_str());
-            if self.held_back.contains_key(&key) {
-                // An earlier row of this key failed and its backoff is not committed yet:
-                // this one must not overtake it. Left pending.
+            if self.held_back.contains_key(&key) || self.released_during_claim.contains(&key) {
+                // An earlier row of this key is given up and maybe still locked, or failed
+                // with a backoff not visible to this claim: this one must not overtake it.
+                // Left pending, but locked by this batch: it holds the key back too.
+                if holds.last() != Some(&key) {
+                    holds.push(key);
+                }
                 continue;
             }
             let envelope = claimed.to_envelope();
@@ -358,18 +423,28 @@ impl<P: Publisher> Dispatcher<P> {
                 claimed,
                 envelope,
                 batch: id,
-                claimed_at: now,
+                claimed_at,
             });
             batch.open += 1;
             self.held += 1;
         }
         let empty = batch.open == 0;
         self.batches.insert(id, batch);
+        for key in holds {
+            self.hold(id, key);
+        }
         if empty {
             self.finish(id);
         }
-        for key in fresh_keys {
-            self.send_head(key).await;
+        self.ready.extend(fresh_keys);
+        self.pump().await;
+    }
+
+    /// Holds `key` back until batch `batch` ends.
+    fn hold(&mut self, batch: u64, key: Arc<str>) {
+        if let Some(open) = self.batches.get_mut(&batch) {
+            *self.held_back.entry(key.clone()).or_default() += 1;
+            open.holds_back.push(key);
         }
     }
 
@@ -392,27 +467,15 @@ impl<P: Publisher> Dispatcher<P> {
             return;
         };
         let how = WriteSettings::new(&self.config);
+        let db_timeout = self.config.db_timeout;
         let Batch {
-            mut tx,
+            tx,
             outcome,
             holds_back,
             ..
         } = batch;
         self.finishing.push(Box::pin(async move {
-            let written = if outcome.is_empty() {
-                // Nothing to write: ending the transaction gives the rows back.
-                let _ = tx.rollback().await;
-                Ok(())
-            } else {
-                match write_outcome(&mut tx, how, &outcome).await {
-                    Ok(()) => tx.commit().await,
-                    Err(e) => Err(e),
-                }
-                .map_err(|e| Unwritten {
-                    outcome,
-                    error: e.to_string(),
-                })
-            };
+            let written = end_batch(tx, how, outcome, db_timeout).await;
             (holds_back, written)
         }));
     }
@@ -423,6 +486,9 @@ impl<P: Publisher> Dispatcher<P> {
                 *count -= 1;
                 if *count == 0 {
                     self.held_back.remove(&key);
+                    if self.claiming {
+                        self.released_during_claim.insert(key);
+                    }
                 }
             }
         }
@@ -435,9 +501,22 @@ impl<P: Publisher> Dispatcher<P> {
                     published = unwritten.outcome.published.len(),
                     "committing a batch failed; its published rows will be marked later"
                 );
+                if unwritten.locks_may_linger {
+                    self.pause_for_lost_locks();
+                }
                 self.keep_late(unwritten.outcome);
             }
         }
+    }
+
+    /// A claim or a batch's commit timed out: its transaction may still hold row locks at
+    /// the server that this relay no longer tracks, and a claim would skip those rows and
+    /// return later rows of their keys. No claim starts before the server has ended such a
+    /// transaction (it ends a session idle in a claim after `claim_ttl`).
+    fn pause_for_lost_locks(&mut self) {
+        let until = Instant::now() + self.config.claim_ttl;
+        tracing::warn!(pause = ?self.config.claim_ttl, "a transaction may still hold row locks at the server: no claims until it has ended");
+        self.claims_blocked_until = self.claims_blocked_until.max(until);
     }
 
     /// Keeps the PubAcks and dead letters of an outcome that could not be written. Failed
@@ -446,7 +525,8 @@ impl<P: Publisher> Dispatcher<P> {
         for published in outcome.published {
             self.late_published.insert(published.id, published);
         }
-        self.late_dead.extend(outcome.dead);
+        self.late_dead
+            .extend(outcome.dead.into_iter().map(|dead| (dead.id, dead)));
     }
 
     fn on_late_written(
@@ -472,8 +552,22 @@ impl<P: Publisher> Dispatcher<P> {
         }
     }
 
-    /// Sends the head of `key`'s queue, resolving heads that cannot be sent on the way.
+    /// Sends the heads of ready keys while the publish window has room.
+    async fn pump(&mut self) {
+        while self.in_flight.len() < self.config.max_in_flight {
+            let Some(key) = self.ready.pop_front() else {
+                return;
+            };
+            self.send_head(key).await;
+        }
+    }
+
+    /// Sends the head of `key`'s queue, resolving heads that cannot be sent on the way. The
+    /// caller checked that the window has room.
     async fn send_head(&mut self, key: Arc<str>) {
+        if self.sending.contains(&key) {
+            return;
+        }
         loop {
             let Some(queue) = self.queues.get_mut(&key) else {
                 return;
@@ -546,14 +640,15 @@ impl<P: Publisher> Dispatcher<P> {
                     };
                     self.resolve(row.batch, |o| o.published.push(published));
                 }
-                self.send_head(done.key).await;
+                self.ready.push_back(done.key);
             }
             Err(error) => {
                 if self.on_failure(&done.key, error) {
-                    self.send_head(done.key).await;
+                    self.ready.push_back(done.key);
                 }
             }
         }
+        self.pump().await;
     }
 
     /// Handles a failed head of `key`. Returns true when the head was dead-lettered and the
@@ -564,9 +659,12 @@ impl<P: Publisher> Dispatcher<P> {
             return false;
         };
         let attempts = row.claimed.attempts.saturating_add(1);
+        let permanent_failures = row.claimed.permanent_failures.saturating_add(1);
         let id = row.claimed.id;
         let batch = row.batch;
-        if error.kind.is_permanent() && attempts >= self.config.max_permanent_attempts as i32 {
+        let permanent = error.kind.is_permanent();
+        let limit = i32::try_from(self.config.max_permanent_attempts).unwrap_or(i32::MAX);
+        if permanent && permanent_failures >= limit {
             tracing::warn!(%id, attempts, error = %error, "permanent publish failure: moving the row to dead_letter");
             let dead = Dead {
                 id,
@@ -585,12 +683,12 @@ impl<P: Publisher> Dispatcher<P> {
             id,
             delay_ms: i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
             error: error.to_string(),
+            permanent,
         };
         if let Some(open) = self.batches.get_mut(&batch) {
             open.outcome.failures.push(failure);
-            open.holds_back.push(key.clone());
-            *self.held_back.entry(key.clone()).or_default() += 1;
         }
+        // The head's batch holds the key until the failure and its backoff are committed.
         self.give_up_queue(key);
         if matches!(
             error.kind,
@@ -599,7 +697,7 @@ impl<P: Publisher> Dispatcher<P> {
             // The broker is in trouble: stop claiming for a while instead of churning rows.
             self.health.set_broker(self.publisher.is_connected());
             let pause = next_delay(&mut self.broker_backoff, &self.config);
-            self.next_claim_at = self.next_claim_at.max(Instant::now() + pause);
+            self.claims_blocked_until = self.claims_blocked_until.max(Instant::now() + pause);
         }
         false
     }
@@ -616,13 +714,24 @@ impl<P: Publisher> Dispatcher<P> {
         row
     }
 
-    /// Gives up `key`'s whole queue: its rows stay pending, unlocked when their batches end.
+    /// Gives up `key`'s whole queue: its rows stay pending, unlocked when their batches end;
+    /// each of those batches holds the key back until then.
     fn give_up_queue(&mut self, key: &Arc<str>) {
         let Some(queue) = self.queues.remove(key) else {
             return;
         };
-        self.held -= queue.len();
-        for row in queue {
+        self.give_up_rows(key, queue);
+    }
+
+    fn give_up_rows(&mut self, key: &Arc<str>, rows: impl IntoIterator<Item = Row>) {
+        let mut last_batch = None;
+        for row in rows {
+            self.held -= 1;
+            if last_batch != Some(row.batch) {
+                // Taken before the row resolves: its batch may end right here.
+                self.hold(row.batch, key.clone());
+                last_batch = Some(row.batch);
+            }
             self.resolve(row.batch, |_| {});
         }
     }
@@ -637,15 +746,42 @@ impl<P: Publisher> Dispatcher<P> {
                     continue;
                 };
                 let behind: Vec<Row> = queue.drain(1..).collect();
-                self.held -= behind.len();
-                for row in behind {
-                    self.resolve(row.batch, |_| {});
-                }
+                self.give_up_rows(&key, behind);
             } else {
                 self.give_up_queue(&key);
             }
         }
     }
+}
+
+/// Ends a batch's claim transaction: writes its outcome and commits, or rolls back when there
+/// is nothing to write (ending the transaction gives the rows back). On failure the
+/// transaction is rolled back before this returns, so that its locks are gone before the
+/// keys it holds back are released, or the error says they may linger.
+async fn end_batch(
+    mut tx: ClaimTx,
+    how: WriteSettings,
+    outcome: Outcome,
+    limit: Duration,
+) -> Result<(), Unwritten> {
+    if outcome.is_empty() {
+        return within(limit, tx.rollback())
+            .await
+            .map_err(|e| Unwritten::new(outcome, &e, true));
+    }
+    let error = match within(limit, write_outcome(&mut tx, how, &outcome)).await {
+        Ok(()) => {
+            return within(limit, tx.commit()).await.map_err(|e| {
+                // A refused COMMIT ends the transaction at the server; anything else (no
+                // answer, a broken connection) may leave it open there.
+                let linger = !matches!(e, sqlx::Error::Database(_));
+                Unwritten::new(outcome, &e, linger)
+            });
+        }
+        Err(e) => e,
+    };
+    let linger = is_timeout(&error) || within(limit, tx.rollback()).await.is_err();
+    Err(Unwritten::new(outcome, &error, linger))
 }
 
 /// Writes a batch's outcome: published marks (or deletions), failed attempts, dead letters.
@@ -669,6 +805,8 @@ struct WriteSettings {
     delete: bool,
     /// Backoff of a row whose dead letter the database refused.
     unwritable_delay_ms: i64,
+    /// How long the server keeps a transaction left idle.
+    claim_ttl: Duration,
 }
 
 impl WriteSettings {
@@ -677,6 +815,7 @@ impl WriteSettings {
             delete: config.retention.is_zero(),
             unwritable_delay_ms: i64::try_from(config.retry_max_delay.as_millis())
                 .unwrap_or(i64::MAX),
+            claim_ttl: config.claim_ttl,
         }
     }
 }
@@ -704,6 +843,7 @@ async fn dead_letter(
                     id: why.id,
                     delay_ms: unwritable_delay_ms,
                     error: format!("{}; writing its dead letter failed: {e}", why.error),
+                    permanent: false,
                 };
                 outbox_store::record_failures(&mut *conn, std::slice::from_ref(&failure)).await?;
             }
@@ -762,6 +902,27 @@ async fn dead_letter_one(conn: &mut sqlx::PgConnection, why: &Dead) -> Result<()
         metrics::counter!(m::DEAD_LETTERED, "reason" => why.reason).increment(1);
     }
     Ok(())
+}
+
+/// Runs a database step with a deadline: past `limit` it fails as a timed-out I/O error and
+/// is dropped (a transaction in it ends with its connection, which the pool drops or
+/// recovers).
+pub(crate) async fn within<T>(
+    limit: Duration,
+    step: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the database within {limit:?}"),
+        ))),
+    }
+}
+
+/// Whether `e` is [`within`]'s timeout.
+fn is_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 fn backoff(config: &RelayConfig) -> backon::ExponentialBackoff {

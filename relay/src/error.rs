@@ -24,6 +24,16 @@ pub enum Error {
         /// What is wrong, and what to do.
         reason: String,
     },
+    /// A task of the running relay (the dispatcher, partition leases, a maintenance task)
+    /// panicked or ended on its own: the relay stopped every other task and is not ready.
+    /// Restart it (its rows stay pending; nothing is lost).
+    #[error("relay task {task} failed: {reason}")]
+    TaskFailed {
+        /// Which task.
+        task: &'static str,
+        /// The panic message, or why it ended.
+        reason: String,
+    },
     /// The HTTP listener could not start.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {

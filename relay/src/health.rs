@@ -18,6 +18,7 @@ struct Inner {
     partitions: AtomicUsize,
     backlog: AtomicU64,
     in_flight: AtomicUsize,
+    failed: AtomicBool,
 }
 
 /// A snapshot of [`Health`], as served on `/health/ready`.
@@ -38,10 +39,11 @@ pub struct HealthReport {
 }
 
 impl Health {
-    /// Ready to publish: database and broker reachable.
+    /// Ready to publish: database and broker reachable, and no task of the relay failed.
     pub fn is_ready(&self) -> bool {
         self.inner.database_ok.load(Ordering::Relaxed)
             && self.inner.broker_ok.load(Ordering::Relaxed)
+            && !self.inner.failed.load(Ordering::Relaxed)
     }
 
     /// The current state.
@@ -55,6 +57,11 @@ impl Health {
             backlog: i.backlog.load(Ordering::Relaxed),
             in_flight: i.in_flight.load(Ordering::Relaxed),
         }
+    }
+
+    /// A task failed: never ready again (the relay is stopping with an error).
+    pub(crate) fn set_failed(&self) {
+        self.inner.failed.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn set_database(&self, ok: bool) {

@@ -17,6 +17,9 @@
 //!   failures it moves to `dead_letter` with the reason. Broker outages never dead-letter.
 //! - On shutdown the relay finishes in-flight publishes, commits its claims (rows it did not
 //!   publish stay `pending`) and gives up its partitions.
+//! - Its tasks are supervised: if one panics or ends on its own, the relay turns not ready,
+//!   stops the others and [`Relay::run`] returns [`Error::TaskFailed`]; never a half-alive
+//!   process.
 //!
 //! # Layout
 //! - [`config`]: [`RelayConfig`] with defaults and `validate()`.
@@ -30,6 +33,7 @@
 //! - [`health`]: readiness state; [`http`]: `/health`, `/health/ready`, `/metrics`.
 //! - [`metrics`]: metric names.
 //! - [`error`]: the crate error, [`Error`].
+//! - `supervisor` (private): runs the relay's tasks and reports the first that fails.
 
 pub mod config;
 mod dispatcher;
@@ -42,11 +46,13 @@ mod partitions;
 pub mod publisher;
 pub mod reconcile;
 pub mod store;
+mod supervisor;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -94,8 +100,9 @@ impl<P: Publisher> Relay<P> {
     }
 
     /// Publishes until `shutdown` completes, then stops cleanly (see the crate guarantees).
-    /// Returns an error only if it cannot start; database and broker failures while running
-    /// are retried with backoff and reported through [`Health`].
+    /// Returns an error if it cannot start, or [`Error::TaskFailed`] (after stopping every
+    /// task) if one of its tasks panics or ends unasked; database and broker failures while
+    /// running are retried with backoff and reported through [`Health`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Relay {
             config,
@@ -112,51 +119,74 @@ impl<P: Publisher> Relay<P> {
 
         let stop_dispatch = CancellationToken::new();
         let stop_background = CancellationToken::new();
+        let supervisor = supervisor::Supervisor::default();
         let tasks = TaskTracker::new();
         let wake = Arc::new(Notify::new());
-        tasks.spawn(partitions::run(
-            config.clone(),
-            pool.clone(),
-            health.clone(),
-            stop_background.clone(),
-        ));
-        tasks.spawn(maintenance::vacuum(
-            config.clone(),
-            pool.clone(),
-            stop_background.clone(),
-        ));
-        tasks.spawn(maintenance::cleaner(
-            config.clone(),
-            pool.clone(),
-            stop_background.clone(),
-        ));
-        tasks.spawn(maintenance::stats(
-            config.clone(),
-            pool.clone(),
-            health.clone(),
-            stop_background.clone(),
-        ));
-        tasks.spawn(watch_broker(
-            publisher.clone(),
-            health.clone(),
-            stop_background.clone(),
-        ));
+        let background = |name, task| {
+            tasks.spawn(supervisor.watch(name, stop_background.clone(), task));
+        };
+        background(
+            "partitions",
+            partitions::run(
+                config.clone(),
+                pool.clone(),
+                health.clone(),
+                stop_background.clone(),
+            )
+            .boxed(),
+        );
+        background(
+            "vacuum",
+            maintenance::vacuum(config.clone(), pool.clone(), stop_background.clone()).boxed(),
+        );
+        background(
+            "cleaner",
+            maintenance::cleaner(config.clone(), pool.clone(), stop_background.clone()).boxed(),
+        );
+        background(
+            "stats",
+            maintenance::stats(
+                config.clone(),
+                pool.clone(),
+                health.clone(),
+                stop_background.clone(),
+            )
+            .boxed(),
+        );
+        background(
+            "broker-watch",
+            watch_broker(publisher.clone(), health.clone(), stop_background.clone()).boxed(),
+        );
         if config.listen_notify {
-            tasks.spawn(listen(pool.clone(), wake.clone(), stop_background.clone()));
+            background(
+                "listen",
+                listen(pool.clone(), wake.clone(), stop_background.clone()).boxed(),
+            );
         }
         tasks.close();
 
-        let dispatcher = dispatcher::Dispatcher::new(config, pool, publisher, health, wake);
-        let stopper = stop_dispatch.clone();
-        let dispatch = tokio::spawn(dispatcher.run(stop_dispatch));
-        shutdown.await;
-        stopper.cancel();
+        let dispatcher = dispatcher::Dispatcher::new(config, pool, publisher, health.clone(), wake);
+        let dispatch = tokio::spawn(supervisor.watch(
+            "dispatcher",
+            stop_dispatch.clone(),
+            dispatcher.run(stop_dispatch.clone()).boxed(),
+        ));
+        tokio::select! {
+            () = shutdown => {}
+            () = supervisor.failed() => health.set_failed(),
+        }
+        stop_dispatch.cancel();
         if let Err(e) = dispatch.await {
-            tracing::error!(error = %e, "dispatcher task failed");
+            supervisor.record("dispatcher", e.to_string());
         }
         // Only now give up partitions: nothing of ours is in flight any more.
         stop_background.cancel();
         tasks.wait().await;
+        if let Some((task, reason)) = supervisor.first_failure() {
+            health.set_failed();
+            tracing::error!(instance = %me, task, reason = %reason, "relay stopped: a task failed");
+            return Err(Error::TaskFailed { task, reason });
+        }
         tracing::info!(instance = %me, "relay stopped");
         Ok(())
     }

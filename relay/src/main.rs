@@ -171,6 +171,10 @@ struct RunArgs {
     /// Longest a claim transaction stays open (idle_in_transaction_session_timeout).
     #[arg(long, env = "RELAY_CLAIM_TTL", value_parser = parse_duration, default_value = "30s")]
     claim_ttl: Duration,
+    /// Longest wait for the database in one step (claim, commit, lease renewal) before it
+    /// counts as unreachable.
+    #[arg(long, env = "RELAY_DB_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    db_timeout: Duration,
     /// Permanent failures before a row is dead-lettered.
     #[arg(long, env = "RELAY_MAX_PERMANENT_ATTEMPTS", default_value_t = RelayConfig::default().max_permanent_attempts)]
     max_permanent_attempts: u32,
@@ -468,6 +472,7 @@ async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat_interval,
         retention: args.retention,
         vacuum_interval: args.vacuum_interval,
+        db_timeout: args.db_timeout,
         ..RelayConfig::default()
     };
     config.validate()?;

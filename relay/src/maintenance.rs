@@ -42,6 +42,8 @@ pub(crate) async fn cleaner(config: RelayConfig, pool: PgPool, stop: Cancellatio
 /// first permission error, which it logs.
 pub(crate) async fn vacuum(config: RelayConfig, pool: PgPool, stop: CancellationToken) {
     if config.vacuum_interval.is_zero() {
+        // Disabled: idle until stopped (a supervised task must not end on its own).
+        stop.cancelled().await;
         return;
     }
     let denied = std::sync::atomic::AtomicBool::new(false);
