@@ -12,8 +12,13 @@ pub enum Mode {
     /// Up to `max_messages` messages per transaction; all acks after the one commit. The
     /// inbox rows are inserted with one statement and the handlers run without savepoints;
     /// if a handler fails, the batch is rolled back and run again with a savepoint per
-    /// message, so that one failing handler does not undo the others. A handler may thus
-    /// run twice for one delivery, but only one run commits.
+    /// message, so that one failing handler does not undo the others. If the database
+    /// refuses the batch's COMMIT (a deferred constraint, a serialization failure), the
+    /// batch is run again one message at a time, each in its own transaction, so that only
+    /// the message whose commit fails is retried (and dead-lettered with reason
+    /// `commit_failed` after `max_attempts`). A handler may thus run more than once for one
+    /// delivery, but only one run commits, and only the last rerun's failure counts as an
+    /// attempt.
     Batched {
         /// Messages per transaction, at least 1.
         max_messages: usize,
@@ -40,9 +45,27 @@ pub struct ConsumerConfig {
     /// the time, and more lanes overlap those waits (measured: 0.70x the single-connection
     /// commit rate with 4 lanes, 0.87x with 8, 1.06x with 16).
     pub concurrency: usize,
-    /// Deliveries after which a still-failing message is dead-lettered. Defaults to 5.
+    /// Handler attempts after which a still-failing message is dead-lettered. Defaults to 5.
+    ///
+    /// An attempt is a run of the handler that failed: it returned [`HandlerError::Retry`],
+    /// panicked, or returned `Ok` but the database refused its transaction's COMMIT (a
+    /// deferred constraint, a serialization failure). Deliveries that did not run the
+    /// handler to such an end do not count, although they grow the broker's delivery count:
+    /// NAKs after a database error (the inbox insert, a lost connection), NAKs at shutdown,
+    /// an expired `ack_wait`, a redelivery of a message already handled. The count is kept
+    /// in the `inbox_attempt` table, so it carries over when another instance gets the
+    /// message. A [`HandlerError::Permanent`] failure parks the message at once, whatever
+    /// the count.
+    ///
+    /// [`HandlerError::Retry`]: crate::HandlerError::Retry
+    /// [`HandlerError::Permanent`]: crate::HandlerError::Permanent
     pub max_attempts: u32,
-    /// How long the broker waits for an ack before redelivering. Defaults to 30 s.
+    /// How long the broker waits for an ack before redelivering. Defaults to 30 s. The
+    /// durable consumer is created with it; an existing durable with another `ack_wait` is
+    /// refused by `Consumer::ensure` (edit it at the broker when changing this). While a
+    /// message waits in its lane or its handler runs, the lane sends a progress ack every
+    /// quarter of `ack_wait`, so a handler may take longer than `ack_wait` without its
+    /// message (or those queued behind it) being redelivered.
     pub ack_wait: Duration,
     /// First retry delay (NAK delay), doubling per attempt with jitter. Defaults to 1 s.
     pub retry_min_delay: Duration,

@@ -6,10 +6,34 @@
 //! messages one at a time (strict mode) or in groups of up to `max_messages` per transaction
 //! (batched mode). Acks are sent only after the transaction commits. Two background tasks
 //! clean old inbox rows and run `dlq retry` requests for this consumer.
+//!
+//! `max_attempts` limits *handler attempts*: runs of the handler that failed with
+//! [`HandlerError::Retry`], panicked, or whose transaction's COMMIT the database refused. The
+//! count is kept in `inbox_attempt` (written in a short transaction of its own after a failed
+//! attempt, read in the handler's transaction only for a redelivery, deleted when the message
+//! commits or is parked), so NAKs after database errors, NAKs at shutdown and expired
+//! `ack_wait`s (all of which grow the broker's delivery count) do not use attempts up. While a
+//! message waits in its lane or its handler runs, the lane sends progress acks
+//! (`AckKind::Progress`) every quarter of `ack_wait`, so a slow handler does not get itself
+//! and the messages queued behind it redelivered.
+//!
+//! A COMMIT the database refuses (a deferred constraint, a serialization failure) is pinned
+//! on one message: a batch whose COMMIT fails is run again one message at a time, each in a
+//! transaction of its own, so the others commit and only the culprit is retried, then parked
+//! with reason `commit_failed`. The `dlq retry` runner does the same with a group of letters.
+//!
+//! A handler that panics is caught inside its transaction: the transaction (or savepoint) is
+//! rolled back, [`crate::metrics::HANDLER_PANICS`] counts it, and the message is retried like
+//! [`HandlerError::retry`], then dead-lettered with reason `panic` after `max_attempts`. The
+//! runtime's own tasks are supervised: if one ends without shutdown being asked, `run`
+//! returns [`Error::TaskFailed`] instead of `Ok`.
 
+use std::any::Any;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,13 +43,13 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 type PullConsumer = async_nats::jetstream::consumer::Consumer<pull::Config>;
 use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use sqlx::pool::PoolConnection;
-use sqlx::{Acquire, PgConnection, PgPool, Postgres};
+use sqlx::{Acquire, PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{ConsumerConfig, Mode};
 use crate::error::Error;
@@ -54,16 +78,143 @@ enum Reply {
     Term,
 }
 
-/// The outcome of handling one message inside a transaction.
+impl Reply {
+    fn kind(self) -> AckKind {
+        match self {
+            Reply::Ack => AckKind::Ack,
+            Reply::Nak(delay) => AckKind::Nak(Some(delay)),
+            Reply::Term => AckKind::Term,
+        }
+    }
+}
+
+/// The outcome of handling one message inside a transaction, without a savepoint.
 enum Handled {
-    /// Commit, then send this.
+    /// No handler run to commit (a redelivery of a handled message, or a message parked at
+    /// once): commit, then send this.
     Reply(Reply),
-    /// The handler failed without a savepoint: roll back, then resolve in a new transaction.
-    Failed {
-        error: HandlerError,
-        attempt: u32,
-        id: String,
-    },
+    /// The handler succeeded: commit, then ack. If the COMMIT is refused, that is this
+    /// message's failure ([`Failure::Commit`]).
+    Ran(Ran),
+    /// The handler failed: roll back, then resolve in a new transaction.
+    Failed { error: Failure, ran: Ran },
+}
+
+/// A message whose handler ran: its id and which handler attempt the run was.
+struct Ran {
+    id: String,
+    attempt: u32,
+}
+
+/// A message read from the broker, ready for its handler.
+struct Read {
+    delivery: Delivery,
+    id: String,
+    seq: Option<i64>,
+}
+
+/// Why a lane's transaction did not go through.
+#[derive(Debug)]
+enum Fault {
+    /// The database or the connection failed: nothing is counted, the messages are NAKed
+    /// and redelivered.
+    Database(sqlx::Error),
+    /// The database refused the COMMIT (see [`refused`]): something the transaction did is
+    /// the cause, so it is pinned on one message by running them one at a time.
+    Commit(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Fault {
+    fn from(e: sqlx::Error) -> Self {
+        Fault::Database(e)
+    }
+}
+
+/// Commits `tx`, telling a COMMIT the database refused ([`Fault::Commit`]) from one lost
+/// with the connection or the server ([`Fault::Database`]).
+async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), Fault> {
+    tx.commit().await.map_err(|e| {
+        if refused(&e) {
+            Fault::Commit(e)
+        } else {
+            Fault::Database(e)
+        }
+    })
+}
+
+/// Whether a failed statement was refused by the server for what the transaction did (a
+/// deferred constraint or trigger, a serialization failure or deadlock, a check), rather than
+/// failed with the connection or the server: an error from the database other than a
+/// connection exception (SQLSTATE class 08), insufficient resources (53), an operator
+/// intervention such as a shutdown (57), a system error (58) or an internal error (XX).
+fn refused(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    match db.code() {
+        Some(code) => !["08", "53", "57", "58", "XX"]
+            .iter()
+            .any(|class| code.starts_with(class)),
+        None => true,
+    }
+}
+
+/// Why a handler call did not succeed, as the runtime sees it.
+#[derive(Debug)]
+enum Failure {
+    /// The handler returned an error, which is its disposition.
+    Returned(HandlerError),
+    /// The handler panicked, with this message: retried like [`HandlerError::retry`] (with
+    /// the consumer's backoff), dead-lettered with reason `panic` once the attempts are
+    /// exhausted.
+    Panicked(String),
+    /// The handler succeeded but the database refused its transaction's COMMIT: retried with
+    /// the consumer's backoff, dead-lettered with reason `commit_failed` once the attempts
+    /// are exhausted.
+    Commit(sqlx::Error),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Returned(error) => error.fmt(f),
+            Failure::Panicked(message) => write!(f, "handler panicked: {message}"),
+            Failure::Commit(error) => write!(f, "COMMIT failed: {error}"),
+        }
+    }
+}
+
+impl Failure {
+    /// The dead letter's reason and error chain for this failure when it parks a message or
+    /// a `dlq retry` fails: `retry` names a handler's retry (`attempts_exhausted` in a lane,
+    /// `retry_failed` in a `dlq retry`).
+    fn reason(&self, retry: &str) -> (String, Vec<String>) {
+        match self {
+            Failure::Returned(HandlerError::Permanent { reason, error }) => {
+                (reason.clone(), dlq::error_chain(error.as_ref()))
+            }
+            Failure::Returned(HandlerError::Retry { error, .. }) => {
+                (retry.to_owned(), dlq::error_chain(error.as_ref()))
+            }
+            Failure::Panicked(_) => ("panic".to_owned(), vec![self.to_string()]),
+            Failure::Commit(error) => {
+                let mut chain = vec!["COMMIT failed".to_owned()];
+                chain.extend(dlq::error_chain(error));
+                ("commit_failed".to_owned(), chain)
+            }
+        }
+    }
+}
+
+/// The message of a panic payload (`panic!` with a literal or a format string).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a payload that is not a string".to_owned()
+    }
 }
 
 /// Why a message goes to `dead_letter`.
@@ -106,8 +257,9 @@ impl Consumer {
     /// that is new, and commits: a handler that writes with one multi-row statement costs a
     /// few round trips per batch instead of one per message. If the handler fails, the batch
     /// is rolled back and run again one message at a time, each in a savepoint, so that only
-    /// the failing message is retried or dead-lettered. In strict mode every batch has one
-    /// message. The same pool requirement as [`Consumer::new`].
+    /// the failing message is retried or dead-lettered; if the batch's COMMIT is refused, it
+    /// is run again one message at a time, each in a transaction of its own. In strict mode
+    /// every batch has one message. The same pool requirement as [`Consumer::new`].
     pub fn with_batch_handler(
         config: ConsumerConfig,
         pool: PgPool,
@@ -139,8 +291,33 @@ impl Consumer {
         self
     }
 
-    /// Creates the durable JetStream consumer if missing, or checks that the existing one
-    /// has explicit acks and the configured subjects; refuses a mismatch.
+    /// Creates the durable JetStream consumer if missing, or checks an existing one.
+    ///
+    /// A consumer it creates has explicit acks, the configured subjects and `ack_wait`,
+    /// unlimited deliveries (`max_deliver` -1) and no broker-side `backoff`: the broker never
+    /// gives up on a message, the inbox decides when it is dead-lettered (after
+    /// `max_attempts`, with the consumer's own NAK delays).
+    ///
+    /// An existing durable (created by an operator, another tool or an older version) is
+    /// never changed: it is shared by every instance of the service and may be managed by
+    /// someone else, and rewriting it at start-up would let two instances with different
+    /// settings overwrite each other. It is refused with [`Error::JetStream`] if any of
+    /// these differ, the reason naming each setting, the value found and the value required,
+    /// and the `nats consumer edit` command that fixes it:
+    /// - the ack policy (must be explicit) or the filter subjects (must be the configured
+    ///   ones; fix by deleting or renaming the consumer);
+    /// - `max_deliver` (must be -1, unlimited): with a limit the broker stops redelivering a
+    ///   failing message, NAKs for shutdown and database failures included, possibly before
+    ///   the inbox dead-letters it, and the message is then gone without a dead letter;
+    /// - `backoff` (must be empty): it replaces `ack_wait` as the wait before redelivering an
+    ///   unacknowledged message (the inbox retries with its own NAK delays), so the
+    ///   redelivery horizon `inbox_retention` was validated against no longer holds;
+    /// - `ack_wait` (must equal the configured one): a shorter one redelivers messages whose
+    ///   handler is still running, a longer one delays redeliveries beyond the horizon
+    ///   `inbox_retention` was validated against. Changing `ack_wait` in the configuration of
+    ///   an existing consumer therefore needs the same edit at the broker.
+    ///
+    /// [`Consumer::run`] calls this first and returns its error.
     pub async fn ensure(&self) -> Result<PullConsumer, Error> {
         let name = &self.config.name;
         let fail = |reason: String| Error::JetStream {
@@ -164,7 +341,7 @@ impl Consumer {
             ack_wait: self.config.ack_wait,
             max_deliver: -1,
             deliver_policy: DeliverPolicy::All,
-            max_ack_pending: (self.config.concurrency * self.batch_size() * 4).max(256) as i64,
+            max_ack_pending: self.max_ack_pending() as i64,
             ..Default::default()
         };
         let mut consumer: PullConsumer = stream
@@ -186,6 +363,9 @@ impl Consumer {
                 have.ack_policy
             )));
         }
+        if let Some(reason) = redelivery_mismatch(&self.config, have) {
+            return Err(fail(reason));
+        }
         Ok(consumer)
     }
 
@@ -196,32 +376,63 @@ impl Consumer {
         }
     }
 
+    /// The broker's limit on unacknowledged messages of a durable this consumer creates;
+    /// also the most a lane queues (and keeps alive with progress acks) behind its current
+    /// batch.
+    fn max_ack_pending(&self) -> usize {
+        (self.config.concurrency * self.batch_size() * 4).max(256)
+    }
+
+    /// How often a lane sends progress acks for the messages it holds: a quarter of
+    /// `ack_wait`, so that one arrives well before `ack_wait` runs out.
+    fn progress_period(&self) -> Duration {
+        self.config.ack_wait / 4
+    }
+
     /// Consumes until `shutdown` completes: then stops pulling, lets every lane finish the
     /// message or batch it is handling (committing and acking it), and NAKs what was
     /// pulled but not started so that it is redelivered at once. Never acks a message
     /// whose effects did not commit.
+    ///
+    /// Returns `Ok` only after a shutdown that was asked for. A handler's panic does not end
+    /// it (the message is retried, then dead-lettered with reason `panic`); if one of its
+    /// tasks (a lane, the inbox cleaner, the `dlq retry` runner) nevertheless ends before
+    /// shutdown, for instance by panicking outside a handler, the consumer stops the others
+    /// as on shutdown and returns [`Error::TaskFailed`] naming it, so that the process can
+    /// exit or restart the consumer instead of running on without it. It first runs
+    /// [`Consumer::ensure`] and returns its error.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let consumer = self.ensure().await?;
         let this = Arc::new(self);
         let stop = CancellationToken::new();
-        let background = TaskTracker::new();
-        background.spawn(cleaner(this.clone(), stop.clone()));
-        background.spawn(dlq_retries(this.clone(), stop.clone()));
-        background.close();
+        let mut background = Supervised::default();
+        background.spawn(
+            "the inbox cleaner".into(),
+            cleaner(this.clone(), stop.clone()),
+        );
+        background.spawn(
+            "the dlq retry runner".into(),
+            dlq_retries(this.clone(), stop.clone()),
+        );
 
         let lanes_stop = CancellationToken::new();
-        let lanes = TaskTracker::new();
+        let mut lanes = Supervised::default();
         let mut senders = Vec::with_capacity(this.config.concurrency);
-        for _ in 0..this.config.concurrency {
+        for i in 0..this.config.concurrency {
             // Room for a few batches per lane, so that one busy lane (a hot key) does not
             // stall the others while the puller waits for it.
-            let (tx, rx) = mpsc::channel::<jetstream::Message>((this.batch_size() * 2).max(32));
+            let (tx, rx) = mpsc::channel::<Queued>((this.batch_size() * 2).max(32));
             senders.push(tx);
-            lanes.spawn(lane(this.clone(), rx, lanes_stop.clone()));
+            lanes.spawn(
+                format!("lane {i}"),
+                lane(this.clone(), rx, lanes_stop.clone()),
+            );
         }
-        lanes.close();
 
         tokio::pin!(shutdown);
+        // Why the consumer stops other than by shutdown: tasks that ended, and why.
+        let mut failures: Vec<String> = Vec::new();
+        let mut asked_to_stop = false;
         // Pull requests of at least 128 messages: a pull is a round trip to the server, and
         // small ones (strict mode has batches of one) left lanes waiting for messages.
         let pull_size = (this.config.concurrency * this.batch_size() * 2).max(128);
@@ -236,18 +447,44 @@ impl Consumer {
                 Err(e) => {
                     tracing::warn!(consumer = %this.config.name, error = %e, "cannot pull messages; retrying");
                     tokio::select! {
-                        _ = &mut shutdown => break 'outer,
+                        _ = &mut shutdown => {
+                            asked_to_stop = true;
+                            break 'outer;
+                        }
+                        Some(ended) = lanes.next() => {
+                            failures.push(ended.before_shutdown());
+                            break 'outer;
+                        }
+                        Some(ended) = background.next() => {
+                            failures.push(ended.before_shutdown());
+                            break 'outer;
+                        }
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'outer,
                     }
                 }
             };
             loop {
                 tokio::select! {
-                    _ = &mut shutdown => break 'outer,
+                    _ = &mut shutdown => {
+                        asked_to_stop = true;
+                        break 'outer;
+                    }
+                    Some(ended) = lanes.next() => {
+                        failures.push(ended.before_shutdown());
+                        break 'outer;
+                    }
+                    Some(ended) = background.next() => {
+                        failures.push(ended.before_shutdown());
+                        break 'outer;
+                    }
                     next = messages.next() => match next {
                         Some(Ok(message)) => {
                             let lane = lane_of(&message, senders.len());
-                            if senders[lane].send(message).await.is_err() {
+                            let queued = Queued { message, touched: Instant::now() };
+                            if senders[lane].send(queued).await.is_err() {
+                                // The lane is gone; joining it below says why. The message
+                                // is not acked and will be redelivered.
+                                failures.push(format!("lane {lane} stopped taking messages"));
                                 break 'outer;
                             }
                         }
@@ -259,16 +496,37 @@ impl Consumer {
                 }
             }
         }
-        tracing::info!(consumer = %this.config.name, "stopping: finishing handlers in progress");
+        if asked_to_stop {
+            tracing::info!(consumer = %this.config.name, "stopping: finishing handlers in progress");
+        } else {
+            tracing::error!(consumer = %this.config.name, failures = ?failures, "a consumer task ended; stopping the others");
+        }
         lanes_stop.cancel();
         drop(senders);
-        lanes.wait().await;
+        while let Some(ended) = lanes.next().await {
+            if let Some(failure) = ended.failure() {
+                failures.push(failure);
+            }
+        }
         stop.cancel();
-        background.wait().await;
+        while let Some(ended) = background.next().await {
+            if let Some(failure) = ended.failure() {
+                failures.push(failure);
+            }
+        }
         // Acks are fire-and-forget; give the last ones a moment to leave. If the broker is
         // unreachable they are lost, and the redeliveries are skipped by the inbox.
         let _ = tokio::time::timeout(Duration::from_secs(5), this.jetstream.client().flush()).await;
-        Ok(())
+        if asked_to_stop && failures.is_empty() {
+            return Ok(());
+        }
+        if failures.is_empty() {
+            failures.push("the reader stopped before shutdown".into());
+        }
+        Err(Error::TaskFailed {
+            consumer: this.config.name.clone(),
+            reason: failures.join("; "),
+        })
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -282,109 +540,241 @@ impl Consumer {
             .unwrap_or(self.config.retry_max_delay)
     }
 
-    /// What to do after the handler failed on delivery `attempt`: a reply to send, or
-    /// `Err` with why the message must be parked.
-    fn disposition(&self, error: &HandlerError, attempt: u32) -> Result<Reply, Park> {
-        match error {
-            HandlerError::Retry { after, error } => {
-                if attempt >= self.config.max_attempts {
-                    Err(Park {
-                        reason: "attempts_exhausted".into(),
-                        error_chain: dlq::error_chain(error.as_ref()),
-                    })
-                } else {
-                    Ok(Reply::Nak(after.unwrap_or_else(|| self.backoff(attempt))))
-                }
-            }
-            HandlerError::Permanent { reason, error } => Err(Park {
-                reason: reason.clone(),
-                error_chain: dlq::error_chain(error.as_ref()),
-            }),
+    /// What to do after handler attempt `attempt` failed: a reply to send, or `Err` with
+    /// why the message must be parked.
+    fn disposition(&self, failure: &Failure, attempt: u32) -> Result<Reply, Park> {
+        let park = || {
+            let (reason, error_chain) = failure.reason("attempts_exhausted");
+            Err(Park {
+                reason,
+                error_chain,
+            })
+        };
+        match failure {
+            Failure::Returned(HandlerError::Permanent { .. }) => park(),
+            _ if attempt >= self.config.max_attempts => park(),
+            Failure::Returned(HandlerError::Retry {
+                after: Some(after), ..
+            }) => Ok(Reply::Nak(*after)),
+            _ => Ok(Reply::Nak(self.backoff(attempt))),
         }
     }
 
-    /// Handles one message inside `conn` (the caller's transaction). With `savepoint` the
-    /// handler runs in a savepoint and a failure is resolved here (retry, or park through
-    /// `conn`); without it (strict mode, one message per transaction) a failure is returned
-    /// as [`Handled::Failed`] for the caller to roll back and resolve in a new transaction,
+    /// Reads a message for its handler: `Err` with why it must be parked at once if it does
+    /// not decode. The handler attempt is 1 until [`Consumer::attempt_of`] says otherwise.
+    fn read(&self, message: &jetstream::Message) -> Result<Read, Park> {
+        let (delivered, stream_seq) = match message.info() {
+            Ok(info) => (
+                Some(u32::try_from(info.delivered).unwrap_or(u32::MAX)),
+                Some(info.stream_sequence),
+            ),
+            Err(_) => (None, None),
+        };
+        let envelope = envelope::nats::from_message(
+            message.subject.as_str(),
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )
+        .map_err(|e| Park {
+            reason: "decode".into(),
+            error_chain: vec![e.to_string()],
+        })?;
+        Ok(Read {
+            id: envelope.id.to_string(),
+            seq: stream_seq.and_then(|s| i64::try_from(s).ok()),
+            delivery: Delivery {
+                envelope,
+                consumer: Arc::from(self.config.name.as_str()),
+                attempt: 1,
+                delivered,
+                stream_seq,
+            },
+        })
+    }
+
+    /// Which handler attempt a new message's run is: one more than its failed attempts in
+    /// `inbox_attempt`, taken out in `conn`'s transaction (see [`store::take_attempts`]).
+    /// Only a redelivery can have any: a message at its first delivery costs no statement.
+    async fn attempt_of(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+        delivered: Option<u32>,
+    ) -> Result<u32, sqlx::Error> {
+        if delivered.is_some_and(|d| d <= 1) {
+            return Ok(1);
+        }
+        let failed = store::take_attempts(conn, &self.config.name, id).await?;
+        Ok(failed.saturating_add(1))
+    }
+
+    /// Parks a message that does not decode, through `conn`.
+    async fn park_undecodable(
+        &self,
+        conn: &mut PgConnection,
+        message: &jetstream::Message,
+        park: Park,
+    ) -> Result<Reply, sqlx::Error> {
+        let stream_seq = message.info().ok().map(|i| i.stream_sequence);
+        self.park(conn, message, None, 1, stream_seq, park).await
+    }
+
+    /// Handles one message inside `conn` (the caller's transaction) without a savepoint:
+    /// inserts its inbox row and runs the handler. A failure is returned as
+    /// [`Handled::Failed`] for the caller to roll back and resolve in a new transaction,
     /// which saves two round trips per message on the common path.
     async fn handle_in(
         &self,
         conn: &mut PgConnection,
         message: &jetstream::Message,
-        savepoint: bool,
     ) -> Result<Handled, sqlx::Error> {
-        let (attempt, stream_seq) = match message.info() {
-            Ok(info) => (
-                u32::try_from(info.delivered).unwrap_or(u32::MAX),
-                Some(info.stream_sequence),
-            ),
-            Err(_) => (1, None),
-        };
-        let subject = message.subject.as_str();
-        let decoded = envelope::nats::from_message(
-            subject,
-            message.headers.as_ref(),
-            message.payload.clone(),
-        );
-        let envelope = match decoded {
-            Ok(envelope) => envelope,
-            Err(e) => {
-                let park = Park {
-                    reason: "decode".into(),
-                    error_chain: vec![e.to_string()],
-                };
-                let reply = self
-                    .park(conn, message, None, attempt, stream_seq, park)
-                    .await?;
+        let mut read = match self.read(message) {
+            Ok(read) => read,
+            Err(park) => {
+                let reply = self.park_undecodable(conn, message, park).await?;
                 return Ok(Handled::Reply(reply));
             }
         };
-        let id = envelope.id.to_string();
-        let seq = stream_seq.and_then(|s| i64::try_from(s).ok());
-        let delivery = Delivery {
-            envelope,
-            consumer: Arc::from(self.config.name.as_str()),
-            attempt,
-            stream_seq,
-        };
-        if !savepoint {
-            if !store::insert_if_new(conn, &self.config.name, &id, subject, seq, "processed")
-                .await?
-            {
-                metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone())
-                    .increment(1);
-                return Ok(Handled::Reply(Reply::Ack));
-            }
-            return Ok(match self.run_handler(conn, &delivery).await {
-                Ok(()) => {
-                    self.count_processed();
-                    Handled::Reply(Reply::Ack)
-                }
-                Err(error) => Handled::Failed { error, attempt, id },
-            });
-        }
-        let mut sp = conn.begin().await?;
-        if !store::insert_if_new(&mut sp, &self.config.name, &id, subject, seq, "processed").await?
+        let subject = message.subject.as_str();
+        if !store::insert_if_new(
+            conn,
+            &self.config.name,
+            &read.id,
+            subject,
+            read.seq,
+            "processed",
+        )
+        .await?
         {
-            sp.commit().await?;
             metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
             return Ok(Handled::Reply(Reply::Ack));
         }
-        match self.run_handler(&mut sp, &delivery).await {
+        let attempt = self
+            .attempt_of(conn, &read.id, read.delivery.delivered)
+            .await?;
+        read.delivery.attempt = attempt;
+        let ran = Ran {
+            id: read.id,
+            attempt,
+        };
+        Ok(match self.run_handler(conn, &read.delivery).await {
+            Ok(()) => Handled::Ran(ran),
+            Err(error) => Handled::Failed { error, ran },
+        })
+    }
+
+    /// Handles one message in a savepoint of `conn` (the batch's transaction): inserts its
+    /// inbox row, runs the handler, and resolves a failure here (the savepoint rolled back,
+    /// the attempt counted and the message NAKed, or parked, through `conn`). Returns the
+    /// reply and whether the handler's effects are in (to count once the batch commits).
+    async fn handle_in_savepoint(
+        &self,
+        conn: &mut PgConnection,
+        message: &jetstream::Message,
+    ) -> Result<(Reply, bool), sqlx::Error> {
+        let mut read = match self.read(message) {
+            Ok(read) => read,
+            Err(park) => {
+                let reply = self.park_undecodable(conn, message, park).await?;
+                return Ok((reply, false));
+            }
+        };
+        let subject = message.subject.as_str();
+        let mut sp = conn.begin().await?;
+        if !store::insert_if_new(
+            &mut sp,
+            &self.config.name,
+            &read.id,
+            subject,
+            read.seq,
+            "processed",
+        )
+        .await?
+        {
+            sp.commit().await?;
+            metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
+            return Ok((Reply::Ack, false));
+        }
+        let attempt = self
+            .attempt_of(&mut sp, &read.id, read.delivery.delivered)
+            .await?;
+        read.delivery.attempt = attempt;
+        match self.run_handler(&mut sp, &read.delivery).await {
             Ok(()) => {
                 sp.commit().await?;
-                self.count_processed();
-                Ok(Handled::Reply(Reply::Ack))
+                Ok((Reply::Ack, true))
             }
             Err(error) => {
                 sp.rollback().await?;
-                let reply = self
-                    .resolve_failure(conn, message, error, attempt, &id)
-                    .await?;
-                Ok(Handled::Reply(reply))
+                let ran = Ran {
+                    id: read.id,
+                    attempt,
+                };
+                let reply = self.resolve_failure(conn, message, error, &ran).await?;
+                Ok((reply, false))
             }
         }
+    }
+
+    /// Handles one message in a transaction of its own (strict mode; batched mode after a
+    /// batch's COMMIT was refused): inserts its inbox row, runs the handler, commits. A
+    /// handler failure is resolved in a new short transaction (the attempt counted and the
+    /// message NAKed, or parked); so is a COMMIT the database refuses ([`Failure::Commit`]),
+    /// which is a failed attempt like any other, parked with reason `commit_failed` once the
+    /// attempts are used up. Other database errors are returned.
+    async fn handle_alone(
+        &self,
+        conn: &mut PgConnection,
+        message: &jetstream::Message,
+    ) -> Result<Reply, sqlx::Error> {
+        let mut tx = conn.begin().await?;
+        let (error, ran) = match self.handle_in(&mut tx, message).await? {
+            Handled::Reply(reply) => {
+                tx.commit().await?;
+                return Ok(reply);
+            }
+            Handled::Ran(ran) => match commit(tx).await {
+                Ok(()) => {
+                    self.count_processed(1);
+                    return Ok(Reply::Ack);
+                }
+                Err(Fault::Database(e)) => return Err(e),
+                Err(Fault::Commit(e)) => {
+                    self.count_commit_failure();
+                    tracing::warn!(consumer = %self.config.name, id = %ran.id, attempt = ran.attempt, error = %e, "the database refused the message's COMMIT");
+                    (Failure::Commit(e), ran)
+                }
+            },
+            Handled::Failed { error, ran } => {
+                // Undo the handler's writes and the inbox row, then retry or park.
+                tx.rollback().await?;
+                (error, ran)
+            }
+        };
+        let mut tx = conn.begin().await?;
+        let reply = self.resolve_failure(&mut tx, message, error, &ran).await?;
+        tx.commit().await?;
+        Ok(reply)
+    }
+
+    /// Handles a batch in one transaction with a savepoint per message, so that a failing
+    /// handler is resolved alone and the others commit.
+    async fn with_savepoints(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[jetstream::Message],
+    ) -> Result<Vec<Reply>, Fault> {
+        let mut tx = conn.begin().await?;
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut processed = 0;
+        for message in batch {
+            let (reply, ran) = self.handle_in_savepoint(&mut tx, message).await?;
+            processed += u64::from(ran);
+            replies.push(reply);
+        }
+        commit(tx).await?;
+        self.count_processed(processed);
+        Ok(replies)
     }
 
     /// The batched fast path: one statement inserts every inbox row, then the handlers run
@@ -392,60 +782,57 @@ impl Consumer {
     /// runs once for all new messages), and it commits: two round trips per message fewer
     /// than a savepoint each. Returns `None`, having rolled everything back, when a message
     /// does not decode or a handler fails; the caller then runs the batch again with
-    /// savepoints, which isolates the failure. Handlers may
-    /// thus run twice for one delivery, but only the second run can commit (the handler
-    /// contract allows this: the first transaction did not commit).
+    /// savepoints, which isolates the failure (the failed run here does not count as an
+    /// attempt: the rerun's does). Handlers may thus run twice for one delivery, but only
+    /// the second run can commit (the handler contract allows this: the first transaction
+    /// did not commit). A refused COMMIT is returned as [`Fault::Commit`].
     async fn try_batch_without_savepoints(
         &self,
         conn: &mut PgConnection,
         batch: &[jetstream::Message],
-    ) -> Result<Option<Vec<Reply>>, sqlx::Error> {
-        let mut deliveries = Vec::with_capacity(batch.len());
+    ) -> Result<Option<Vec<Reply>>, Fault> {
+        let mut reads = Vec::with_capacity(batch.len());
         for message in batch {
-            let (attempt, stream_seq) = match message.info() {
-                Ok(info) => (
-                    u32::try_from(info.delivered).unwrap_or(u32::MAX),
-                    Some(info.stream_sequence),
-                ),
-                Err(_) => (1, None),
-            };
-            let Ok(envelope) = envelope::nats::from_message(
-                message.subject.as_str(),
-                message.headers.as_ref(),
-                message.payload.clone(),
-            ) else {
+            let Ok(read) = self.read(message) else {
                 return Ok(None);
             };
-            deliveries.push(Delivery {
-                envelope,
-                consumer: Arc::from(self.config.name.as_str()),
-                attempt,
-                stream_seq,
-            });
+            reads.push(read);
         }
-        let ids: Vec<String> = deliveries
-            .iter()
-            .map(|d| d.envelope.id.to_string())
-            .collect();
+        let ids: Vec<String> = reads.iter().map(|r| r.id.clone()).collect();
         let subjects: Vec<String> = batch.iter().map(|m| m.subject.to_string()).collect();
-        let seqs: Vec<Option<i64>> = deliveries
-            .iter()
-            .map(|d| d.stream_seq.and_then(|s| i64::try_from(s).ok()))
-            .collect();
+        let seqs: Vec<Option<i64>> = reads.iter().map(|r| r.seq).collect();
         let mut tx = conn.begin().await?;
-        let mut new: std::collections::HashSet<String> =
+        let mut new: HashSet<String> =
             store::insert_many_if_new(&mut tx, &self.config.name, &ids, &subjects, &seqs)
                 .await?
                 .into_iter()
                 .collect();
         let mut fresh = Vec::with_capacity(new.len());
         let mut duplicates = 0;
-        for (delivery, id) in deliveries.into_iter().zip(&ids) {
+        for read in reads {
             // Taking the id out makes a second copy in the same batch a duplicate.
-            if new.remove(id) {
-                fresh.push(delivery);
+            if new.remove(&read.id) {
+                fresh.push(read.delivery);
             } else {
                 duplicates += 1;
+            }
+        }
+        // Redeliveries may have failed attempts counted: take them out with one statement.
+        let redelivered: Vec<String> = fresh
+            .iter()
+            .filter(|d| d.delivered.is_none_or(|n| n > 1))
+            .map(|d| d.envelope.id.to_string())
+            .collect();
+        if !redelivered.is_empty() {
+            let failed: HashMap<String, u32> =
+                store::take_many_attempts(&mut tx, &self.config.name, &redelivered)
+                    .await?
+                    .into_iter()
+                    .collect();
+            for delivery in &mut fresh {
+                if let Some(n) = failed.get(&delivery.envelope.id.to_string()) {
+                    delivery.attempt = n.saturating_add(1);
+                }
             }
         }
         let handled = fresh.len() as u64;
@@ -470,39 +857,66 @@ impl Consumer {
             tx.rollback().await?;
             return Ok(None);
         }
-        tx.commit().await?;
-        let name = self.config.name.clone();
-        metrics::counter!(m::PROCESSED, "consumer" => name.clone()).increment(handled);
-        metrics::counter!(m::DUPLICATES, "consumer" => name).increment(duplicates);
+        commit(tx).await?;
+        self.count_processed(handled);
+        metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone())
+            .increment(duplicates);
         Ok(Some(vec![Reply::Ack; batch.len()]))
     }
 
-    /// Runs the handler in its span, recording its latency (and, for the caller's
-    /// transaction, nothing else: the caller counts what commits).
+    /// Runs a handler call, catching a panic so that the caller can roll its transaction
+    /// (or savepoint) back as for any failure; a transaction the handler opened itself and
+    /// left behind is rolled back by the connection before its next statement (sqlx queues
+    /// that rollback on drop). A panic is logged, counted in [`m::HANDLER_PANICS`] and
+    /// returned as [`Failure::Panicked`].
+    async fn catching<F>(&self, call: F) -> Result<(), Failure>
+    where
+        F: Future<Output = Result<(), HandlerError>>,
+    {
+        match AssertUnwindSafe(call).catch_unwind().await {
+            Ok(result) => result.map_err(Failure::Returned),
+            Err(payload) => {
+                let message = panic_message(payload.as_ref());
+                metrics::counter!(m::HANDLER_PANICS, "consumer" => self.config.name.clone())
+                    .increment(1);
+                tracing::error!(consumer = %self.config.name, panic = %message, "handler panicked; its transaction is rolled back and the message will be retried");
+                Err(Failure::Panicked(message))
+            }
+        }
+    }
+
+    /// Runs the handler in its span, catching a panic (see [`Consumer::catching`]) and
+    /// recording its latency (and, for the caller's transaction, nothing else: the caller
+    /// counts what commits).
     async fn run_handler(
         &self,
         conn: &mut PgConnection,
         delivery: &Delivery,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<(), Failure> {
         let span = handler_span(&self.config.name, delivery);
         let started = Instant::now();
-        let result =
-            tracing::Instrument::instrument(self.handler.handle(conn, delivery), span).await;
+        let result = self
+            .catching(tracing::Instrument::instrument(
+                self.handler.handle(conn, delivery),
+                span,
+            ))
+            .await;
         metrics::histogram!(m::HANDLER_LATENCY, "consumer" => self.config.name.clone())
             .record(started.elapsed().as_secs_f64());
         result
     }
 
-    /// Runs the batch handler once for `deliveries`, recording its latency and size as one
-    /// sample each. A batch of one runs in the message's handler span (which continues the
-    /// producer's trace); a larger batch has many producers, so it runs in an
-    /// `inbox.handle_batch` span of its own that continues none of them.
+    /// Runs the batch handler once for `deliveries`, catching a panic (see
+    /// [`Consumer::catching`]) and recording its latency and size as one sample each. A
+    /// batch of one runs in the message's handler span (which continues the producer's
+    /// trace); a larger batch has many producers, so it runs in an `inbox.handle_batch` span
+    /// of its own that continues none of them.
     async fn run_batch_handler(
         &self,
         conn: &mut PgConnection,
         handler: &dyn RawBatchHandler,
         deliveries: &[Delivery],
-    ) -> Result<(), HandlerError> {
+    ) -> Result<(), Failure> {
         let span = match deliveries {
             [one] => handler_span(&self.config.name, one),
             _ => tracing::info_span!(
@@ -512,8 +926,12 @@ impl Consumer {
             ),
         };
         let started = Instant::now();
-        let result =
-            tracing::Instrument::instrument(handler.handle_batch(conn, deliveries), span).await;
+        let result = self
+            .catching(tracing::Instrument::instrument(
+                handler.handle_batch(conn, deliveries),
+                span,
+            ))
+            .await;
         let consumer = self.config.name.clone();
         metrics::histogram!(m::BATCH_HANDLER_LATENCY, "consumer" => consumer.clone())
             .record(started.elapsed().as_secs_f64());
@@ -522,23 +940,29 @@ impl Consumer {
         result
     }
 
-    fn count_processed(&self) {
-        metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone()).increment(1);
+    fn count_processed(&self, n: u64) {
+        metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone()).increment(n);
     }
 
-    /// After a handler failure whose effects were rolled back: NAK for a retry, or park the
-    /// message through `conn` and terminate it.
+    fn count_commit_failure(&self) {
+        metrics::counter!(m::COMMIT_FAILURES, "consumer" => self.config.name.clone()).increment(1);
+    }
+
+    /// After a failed handler attempt whose effects were rolled back: count the attempt in
+    /// `inbox_attempt` and NAK for a retry, or park the message (forgetting its attempts)
+    /// and terminate it, through `conn`.
     async fn resolve_failure(
         &self,
         conn: &mut PgConnection,
         message: &jetstream::Message,
-        error: HandlerError,
-        attempt: u32,
-        id: &str,
+        error: Failure,
+        ran: &Ran,
     ) -> Result<Reply, sqlx::Error> {
+        let (id, attempt) = (ran.id.as_str(), ran.attempt);
         match self.disposition(&error, attempt) {
             Ok(reply) => {
-                tracing::debug!(consumer = %self.config.name, %id, attempt, error = %error, "handler asked for a retry");
+                tracing::debug!(consumer = %self.config.name, %id, attempt, error = %error, "handler attempt failed; retrying");
+                store::count_failed_attempt(conn, &self.config.name, id).await?;
                 metrics::counter!(m::RETRIED, "consumer" => self.config.name.clone()).increment(1);
                 Ok(reply)
             }
@@ -586,7 +1010,7 @@ impl Consumer {
     }
 
     /// Writes the dead letter and an inbox row marking the message resolved, so that
-    /// redeliveries are acknowledged without running the handler.
+    /// redeliveries are acknowledged without running the handler, and forgets its attempts.
     async fn park_in(
         &self,
         conn: &mut PgConnection,
@@ -642,9 +1066,61 @@ impl Consumer {
             "dead_lettered",
         )
         .await?;
+        if id.is_some() {
+            store::forget_attempts(conn, &self.config.name, &message_id).await?;
+        }
         metrics::counter!(m::DEAD_LETTERED, "consumer" => self.config.name.clone(), "reason" => park.reason).increment(1);
         Ok(())
     }
+}
+
+/// Why an existing durable's redelivery settings are refused (see [`Consumer::ensure`]), or
+/// `None` if they are the ones the inbox requires.
+fn redelivery_mismatch(
+    config: &ConsumerConfig,
+    have: &async_nats::jetstream::consumer::Config,
+) -> Option<String> {
+    let mut problems = Vec::new();
+    let mut flags = Vec::new();
+    // The server reports an unlimited max_deliver as -1 (0 when set by an old client).
+    if have.max_deliver > 0 {
+        problems.push(format!(
+            "max_deliver is {} but must be -1 (unlimited): the inbox dead-letters a failing message itself after max_attempts ({}), and a broker that stops redelivering first (NAKs for shutdown and database failures count too) drops the message without a dead letter",
+            have.max_deliver, config.max_attempts
+        ));
+        flags.push("--max-deliver=-1".to_owned());
+    }
+    if !have.backoff.is_empty() {
+        problems.push(format!(
+            "backoff is {:?} but must be empty: a broker-side backoff replaces ack_wait as the wait before redelivering an unacknowledged message (and delays the immediate redelivery asked for at shutdown), so the redelivery horizon inbox_retention was validated against no longer holds",
+            have.backoff
+        ));
+        flags.push("--backoff=none".to_owned());
+    }
+    if have.ack_wait != config.ack_wait {
+        problems.push(format!(
+            "ack_wait is {:?} but must be {:?}, the configured ack_wait: a shorter one redelivers messages whose handler is still running, a longer one delays redeliveries beyond the horizon inbox_retention was validated against",
+            have.ack_wait, config.ack_wait
+        ));
+        flags.push(format!("--wait={:?}", config.ack_wait));
+    }
+    if problems.is_empty() {
+        return None;
+    }
+    let mut reason = format!(
+        "exists with settings that let the broker give up on or redeliver messages behind the inbox's back: {}. An existing consumer is not changed; fix it with `nats consumer edit {} {} {}`",
+        problems.join("; "),
+        config.stream,
+        config.name,
+        flags.join(" ")
+    );
+    if have.ack_wait != config.ack_wait {
+        reason.push_str(&format!(
+            " (or configure ack_wait = {:?} if the consumer's value is the intended one)",
+            have.ack_wait
+        ));
+    }
+    Some(reason)
 }
 
 /// The longest `Nats-Msg-Id` used as a parked message's id; a longer one is replaced by
@@ -691,6 +1167,62 @@ fn handler_span(consumer: &str, delivery: &Delivery) -> tracing::Span {
     span
 }
 
+/// The tasks of a running consumer, by name, so that one that ends can be named.
+#[derive(Default)]
+struct Supervised {
+    tasks: JoinSet<()>,
+    names: HashMap<tokio::task::Id, String>,
+}
+
+/// A task that ended: its name, and `Err` with why if it did not return normally.
+struct Ended {
+    name: String,
+    result: Result<(), String>,
+}
+
+impl Supervised {
+    fn spawn(&mut self, name: String, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.tasks.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to end, or `None` when none is left. Cancel-safe.
+    async fn next(&mut self) -> Option<Ended> {
+        let (id, result) = match self.tasks.join_next_with_id().await? {
+            Ok((id, ())) => (id, Ok(())),
+            Err(e) if e.is_panic() => (
+                e.id(),
+                Err(format!(
+                    "panicked: {}",
+                    panic_message(e.into_panic().as_ref())
+                )),
+            ),
+            Err(e) => (e.id(), Err("was cancelled".to_owned())),
+        };
+        let name = self
+            .names
+            .remove(&id)
+            .unwrap_or_else(|| format!("task {id}"));
+        Some(Ended { name, result })
+    }
+}
+
+impl Ended {
+    /// Why it ended, for a task that ended before shutdown was asked (always a failure).
+    fn before_shutdown(self) -> String {
+        match self.result {
+            Ok(()) => format!("{} ended before shutdown", self.name),
+            Err(why) => format!("{} {why}", self.name),
+        }
+    }
+
+    /// Why it failed, for a task that ended after it was told to stop (`None` if it
+    /// returned normally).
+    fn failure(self) -> Option<String> {
+        self.result.err().map(|why| format!("{} {why}", self.name))
+    }
+}
+
 fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
     let key = message
         .headers
@@ -703,117 +1235,175 @@ fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
     (hasher.finish() % lanes as u64) as usize
 }
 
+/// A message on its way to its lane's handler, with when the broker last heard of it: its
+/// delivery to this process (when the reader took it) or its latest progress ack.
+struct Queued {
+    message: jetstream::Message,
+    touched: Instant,
+}
+
 /// One lane: handles its messages in order, one transaction per message or per batch, on a
 /// connection it keeps between batches (saving the pool's checkout and liveness check per
 /// transaction) and gives back after a database error.
-async fn lane(
-    consumer: Arc<Consumer>,
-    mut rx: mpsc::Receiver<jetstream::Message>,
-    stop: CancellationToken,
-) {
+///
+/// While a batch is handled the lane keeps taking messages from its channel into its own
+/// queue (up to [`Consumer::max_ack_pending`]), and every [`Consumer::progress_period`] it
+/// sends a progress ack for each message of the batch and of the queue not heard of for half
+/// that period, so that `ack_wait` does not run out behind a slow handler. Progress acks are
+/// only sent while the batch's transaction is in progress, and the replies (ack, NAK, term)
+/// after it, by this task alone: a progress ack never follows a message's NAK (which would
+/// replace the NAK's delay by `ack_wait`).
+async fn lane(consumer: Arc<Consumer>, mut rx: mpsc::Receiver<Queued>, stop: CancellationToken) {
     let max = consumer.batch_size();
+    let hold = consumer.max_ack_pending();
+    let period = consumer.progress_period();
+    let mut keepalive = tokio::time::interval(period);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conn: Option<PoolConnection<Postgres>> = None;
+    let mut queue: VecDeque<Queued> = VecDeque::new();
+    let mut open = true;
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            next = rx.recv() => match next {
-                Some(message) => message,
-                None => break,
-            },
-        };
-        let mut batch = vec![first];
-        while batch.len() < max {
+        if queue.is_empty() {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                next = rx.recv() => match next {
+                    Some(queued) => queue.push_back(queued),
+                    None => break,
+                },
+            }
+        } else if stop.is_cancelled() {
+            break;
+        }
+        while queue.len() < max {
             match rx.try_recv() {
-                Ok(message) => batch.push(message),
+                Ok(queued) => queue.push_back(queued),
                 Err(_) => break,
             }
         }
-        handle_batch(&consumer, &mut conn, batch).await;
+        let (batch, mut touched): (Vec<jetstream::Message>, Vec<Instant>) = queue
+            .drain(..queue.len().min(max))
+            .map(|q| (q.message, q.touched))
+            .unzip();
+        let replies = {
+            let work = handle_batch(&consumer, &mut conn, &batch);
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    replies = &mut work => break replies,
+                    next = rx.recv(), if open && queue.len() < hold => match next {
+                        Some(queued) => queue.push_back(queued),
+                        None => open = false,
+                    },
+                    _ = keepalive.tick() => {
+                        let Some(due) = Instant::now().checked_sub(period / 2) else {
+                            continue;
+                        };
+                        let held = batch
+                            .iter()
+                            .zip(touched.iter_mut())
+                            .chain(queue.iter_mut().map(|q| (&q.message, &mut q.touched)));
+                        keep_alive(&consumer, held, due).await;
+                    }
+                }
+            }
+        };
+        for (message, reply) in batch.iter().zip(replies) {
+            if let Err(e) = message.ack_with(reply.kind()).await {
+                // Committed effects with a lost ack mean a redelivery that the inbox row
+                // turns into a skip; a lost NAK means a redelivery after ack_wait.
+                tracing::warn!(consumer = %consumer.config.name, error = %e, "ack failed; the message will be redelivered");
+            }
+        }
     }
-    // Pulled but not started: hand back for immediate redelivery.
+    // Pulled but not started: hand back for immediate redelivery (not a handler attempt).
     rx.close();
-    while let Some(message) = rx.recv().await {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
+    for queued in queue {
+        let _ = queued.message.ack_with(AckKind::Nak(None)).await;
+    }
+    while let Some(queued) = rx.recv().await {
+        let _ = queued.message.ack_with(AckKind::Nak(None)).await;
     }
 }
 
-/// Handles messages in one transaction, commits, then replies. In batched mode it first
+/// Sends a progress ack (`AckKind::Progress`, which restarts the broker's `ack_wait`) for
+/// each held message last heard of at or before `due`.
+async fn keep_alive<'a>(
+    consumer: &Consumer,
+    held: impl Iterator<Item = (&'a jetstream::Message, &'a mut Instant)>,
+    due: Instant,
+) {
+    for (message, touched) in held {
+        if *touched > due {
+            continue;
+        }
+        if let Err(e) = message.ack_with(AckKind::Progress).await {
+            tracing::debug!(consumer = %consumer.config.name, error = %e, "progress ack failed");
+        }
+        *touched = Instant::now();
+    }
+}
+
+/// Handles messages in one transaction and returns the replies to send once it is over.
+/// Strict mode runs each message alone ([`Consumer::handle_alone`]). Batched mode first
 /// tries the fast path ([`Consumer::try_batch_without_savepoints`]); when a handler fails
-/// there, the batch is rolled back and run again with a savepoint per message.
-/// If the database fails, nothing is acked: the messages are NAKed with a backoff.
+/// there, the batch is rolled back and run again with a savepoint per message. When the
+/// database refuses the batch's COMMIT (a deferred constraint, a serialization failure),
+/// the batch is run again one message at a time, each in its own transaction, so that the
+/// others commit and only the message whose commit fails is retried (and parked with reason
+/// `commit_failed` after `max_attempts`). If the database fails otherwise, nothing is acked
+/// and no attempt is counted: the messages are NAKed with `retry_min_delay`.
 async fn handle_batch(
     consumer: &Consumer,
     held: &mut Option<PoolConnection<Postgres>>,
-    batch: Vec<jetstream::Message>,
-) {
-    let strict = consumer.config.mode == Mode::Strict;
+    batch: &[jetstream::Message],
+) -> Vec<Reply> {
     let outcome = async {
         let conn = match held {
             Some(conn) => conn,
             None => held.insert(consumer.pool.acquire().await?),
         };
-        if !strict
-            && let Some(replies) = consumer.try_batch_without_savepoints(conn, &batch).await?
-        {
-            return Ok(replies);
-        }
-        let mut tx = conn.begin().await?;
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut failed = None;
-        for message in &batch {
-            match consumer.handle_in(&mut tx, message, !strict).await? {
-                Handled::Reply(reply) => replies.push(reply),
-                Handled::Failed { error, attempt, id } => {
-                    failed = Some((message, error, attempt, id))
+        let together = if consumer.config.mode == Mode::Strict {
+            // Batches of one: nothing to pin a refused COMMIT on but the message itself.
+            Err(None)
+        } else {
+            match consumer.try_batch_without_savepoints(conn, batch).await {
+                Ok(Some(replies)) => Ok(replies),
+                Ok(None) => consumer.with_savepoints(conn, batch).await.map_err(Some),
+                Err(fault) => Err(Some(fault)),
+            }
+        };
+        match together {
+            Ok(replies) => Ok(replies),
+            Err(Some(Fault::Database(e))) => Err(e),
+            Err(refused) => {
+                if let Some(Fault::Commit(e)) = refused {
+                    consumer.count_commit_failure();
+                    tracing::warn!(consumer = %consumer.config.name, messages = batch.len(), error = %e, "the database refused the batch's COMMIT; running its messages one at a time");
                 }
+                let mut replies = Vec::with_capacity(batch.len());
+                for message in batch {
+                    replies.push(consumer.handle_alone(conn, message).await?);
+                }
+                Ok::<_, sqlx::Error>(replies)
             }
         }
-        match failed {
-            None => tx.commit().await?,
-            Some((message, error, attempt, id)) => {
-                // Strict mode: undo the handler's writes and the inbox row, then retry or park.
-                tx.rollback().await?;
-                let mut tx = conn.begin().await?;
-                replies.push(
-                    consumer
-                        .resolve_failure(&mut tx, message, error, attempt, &id)
-                        .await?,
-                );
-                tx.commit().await?;
-            }
-        }
-        Ok::<_, sqlx::Error>(replies)
     }
     .await;
     match outcome {
-        Ok(replies) => {
-            for (message, reply) in batch.iter().zip(replies) {
-                let kind = match reply {
-                    Reply::Ack => AckKind::Ack,
-                    Reply::Nak(delay) => AckKind::Nak(Some(delay)),
-                    Reply::Term => AckKind::Term,
-                };
-                if let Err(e) = message.ack_with(kind).await {
-                    // The effects are committed; a lost ack means a redelivery that the
-                    // inbox row turns into a skip.
-                    tracing::warn!(consumer = %consumer.config.name, error = %e, "ack failed; the message will be redelivered and skipped");
-                }
-            }
-        }
+        Ok(replies) => replies,
         Err(e) => {
             // The connection may be broken: take a fresh one for the next batch.
             *held = None;
             let delay = consumer.config.retry_min_delay;
             tracing::warn!(consumer = %consumer.config.name, error = %e, retry_in = ?delay, "database failed; messages will be redelivered");
-            for message in &batch {
-                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-            }
+            vec![Reply::Nak(delay); batch.len()]
         }
     }
 }
 
-/// Deletes inbox rows past the retention, every `cleaner_interval`.
+/// Deletes inbox rows past the retention, and attempt rows not updated for as long, every
+/// `cleaner_interval`.
 async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(consumer.config.cleaner_interval);
     loop {
@@ -832,9 +1422,16 @@ async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
                 )
                 .await?;
                 if n < 10_000 {
-                    return Ok::<_, sqlx::Error>(());
+                    break;
                 }
             }
+            store::delete_attempts_older_than(
+                &mut conn,
+                &consumer.config.name,
+                consumer.config.inbox_retention,
+            )
+            .await?;
+            Ok::<_, sqlx::Error>(())
         }
         .await;
         if let Err(e) = result {
@@ -845,7 +1442,9 @@ async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
 
 /// Runs `dlq retry` requests for this consumer: each re-runs the handler from the parked
 /// bytes in one transaction with the dead letter's new status, so it takes effect once; it
-/// does not go through the broker, so no other consumer sees the message again.
+/// does not go through the broker, so no other consumer sees the message again. A handler
+/// that panics here is caught like in a lane: the retry is recorded as failed with reason
+/// `panic`, and the other requests still run.
 async fn dlq_retries(consumer: Arc<Consumer>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(consumer.config.retry_poll_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -860,68 +1459,152 @@ async fn dlq_retries(consumer: Arc<Consumer>, stop: CancellationToken) {
     }
 }
 
+/// Runs up to 16 retry requests in one transaction, each letter's handler in a savepoint.
+/// If the database refuses that transaction's COMMIT, the letters are run again one at a
+/// time ([`retry_alone`]), so that the others go through and only the one whose commit fails
+/// is recorded as failed (reason `commit_failed`).
 async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
     let mut tx = consumer.pool.begin().await?;
     let letters = dlq::store::take_retry_requests(&mut tx, &consumer.config.name, 16).await?;
-    for letter in letters {
-        let attempt = u32::try_from(letter.attempts)
-            .unwrap_or(0)
-            .saturating_add(1);
-        let envelope = letter.envelope();
-        let result = match envelope {
-            Err(e) => Err(HandlerError::permanent_because("decode", e)),
-            Ok(envelope) => {
-                let delivery = Delivery {
-                    envelope,
-                    consumer: Arc::from(consumer.config.name.as_str()),
-                    attempt,
-                    stream_seq: None,
-                };
-                let mut sp = tx.begin().await?;
-                let result = consumer.handler.handle(&mut sp, &delivery).await;
-                if result.is_ok() {
-                    sp.commit().await?;
-                } else {
-                    sp.rollback().await?;
-                }
-                result
+    if letters.is_empty() {
+        return tx.commit().await;
+    }
+    let mut results = Vec::with_capacity(letters.len());
+    for letter in &letters {
+        results.push(retry_letter(consumer, &mut tx, letter).await?);
+    }
+    match commit(tx).await {
+        Ok(()) => {
+            for (letter, result) in letters.iter().zip(&results) {
+                report_retry(consumer, letter, result);
             }
-        };
-        match result {
-            Ok(()) => {
-                dlq::store::mark_retried(&mut tx, letter.id).await?;
-                store::mark_processed(&mut tx, &consumer.config.name, &letter.message_id).await?;
-                metrics::counter!(m::DLQ_RETRIES, "consumer" => consumer.config.name.clone(), "result" => "ok").increment(1);
-                tracing::info!(consumer = %consumer.config.name, dead_letter = letter.id, "dlq retry succeeded");
+            Ok(())
+        }
+        Err(Fault::Database(e)) => Err(e),
+        Err(Fault::Commit(e)) => {
+            consumer.count_commit_failure();
+            tracing::warn!(consumer = %consumer.config.name, letters = letters.len(), error = %e, "the database refused the COMMIT of a group of dlq retries; retrying them one at a time");
+            for letter in &letters {
+                retry_alone(consumer, letter).await?;
             }
-            Err(error) => {
-                let (reason, chain) = match &error {
-                    HandlerError::Permanent { reason, error } => {
-                        (reason.clone(), dlq::error_chain(error.as_ref()))
-                    }
-                    HandlerError::Retry { error, .. } => {
-                        ("retry_failed".to_owned(), dlq::error_chain(error.as_ref()))
-                    }
-                };
-                let again = dlq::DeadLetter {
-                    source: dlq::Source::Consumer,
-                    consumer: letter.consumer.clone(),
-                    message_id: letter.message_id.clone(),
-                    subject: letter.subject.clone(),
-                    partition_key: letter.partition_key.clone(),
-                    headers: letter.headers.as_object().cloned().unwrap_or_default(),
-                    payload: letter.payload.clone(),
-                    reason,
-                    error_chain: chain,
-                    attempts: 1,
-                    stream: None,
-                    stream_seq: None,
-                };
-                dlq::store::record(&mut tx, &again).await?;
-                metrics::counter!(m::DLQ_RETRIES, "consumer" => consumer.config.name.clone(), "result" => "failed").increment(1);
-                tracing::warn!(consumer = %consumer.config.name, dead_letter = letter.id, error = %error, "dlq retry failed again");
-            }
+            Ok(())
         }
     }
-    tx.commit().await
+}
+
+/// Runs one retry request in a transaction of its own, if it is still requested. A COMMIT
+/// the database refuses is recorded as the retry's failure (reason `commit_failed`), in a
+/// new transaction.
+async fn retry_alone(consumer: &Consumer, letter: &dlq::store::Stored) -> Result<(), sqlx::Error> {
+    let mut tx = consumer.pool.begin().await?;
+    if !store::lock_retry_request(&mut tx, letter.id).await? {
+        return Ok(());
+    }
+    let result = retry_letter(consumer, &mut tx, letter).await?;
+    let result = match commit(tx).await {
+        Ok(()) => result,
+        Err(Fault::Database(e)) => return Err(e),
+        Err(Fault::Commit(e)) => {
+            consumer.count_commit_failure();
+            let failure = Err(Failure::Commit(e));
+            let mut tx = consumer.pool.begin().await?;
+            if !store::lock_retry_request(&mut tx, letter.id).await? {
+                return Ok(());
+            }
+            record_retry_failure(&mut tx, letter, &failure).await?;
+            tx.commit().await?;
+            failure
+        }
+    };
+    report_retry(consumer, letter, &result);
+    Ok(())
+}
+
+/// Re-runs one parked message's handler from its bytes in a savepoint of `tx` and records
+/// the outcome in `tx`: the letter retried and the message processed, or the letter dead
+/// again with the new failure. Returns the outcome, to report once `tx` commits.
+async fn retry_letter(
+    consumer: &Consumer,
+    tx: &mut PgConnection,
+    letter: &dlq::store::Stored,
+) -> Result<Result<(), Failure>, sqlx::Error> {
+    let attempt = u32::try_from(letter.attempts)
+        .unwrap_or(0)
+        .saturating_add(1);
+    let result = match letter.envelope() {
+        Err(e) => Err(Failure::Returned(HandlerError::permanent_because(
+            "decode", e,
+        ))),
+        Ok(envelope) => {
+            let delivery = Delivery {
+                envelope,
+                consumer: Arc::from(consumer.config.name.as_str()),
+                attempt,
+                delivered: None,
+                stream_seq: None,
+            };
+            let mut sp = tx.begin().await?;
+            let result = consumer
+                .catching(consumer.handler.handle(&mut sp, &delivery))
+                .await;
+            if result.is_ok() {
+                sp.commit().await?;
+            } else {
+                sp.rollback().await?;
+            }
+            result
+        }
+    };
+    match &result {
+        Ok(()) => {
+            dlq::store::mark_retried(tx, letter.id).await?;
+            store::mark_processed(tx, &consumer.config.name, &letter.message_id).await?;
+        }
+        Err(_) => record_retry_failure(tx, letter, &result).await?,
+    }
+    Ok(result)
+}
+
+/// Parks a retried letter again with its new failure (one more attempt, status `dead`).
+async fn record_retry_failure(
+    conn: &mut PgConnection,
+    letter: &dlq::store::Stored,
+    result: &Result<(), Failure>,
+) -> Result<(), sqlx::Error> {
+    let Err(failure) = result else {
+        return Ok(());
+    };
+    let (reason, error_chain) = failure.reason("retry_failed");
+    let again = dlq::DeadLetter {
+        source: dlq::Source::Consumer,
+        consumer: letter.consumer.clone(),
+        message_id: letter.message_id.clone(),
+        subject: letter.subject.clone(),
+        partition_key: letter.partition_key.clone(),
+        headers: letter.headers.as_object().cloned().unwrap_or_default(),
+        payload: letter.payload.clone(),
+        reason,
+        error_chain,
+        attempts: 1,
+        stream: None,
+        stream_seq: None,
+    };
+    dlq::store::record(conn, &again).await?;
+    Ok(())
+}
+
+/// Counts and logs a retry whose transaction committed.
+fn report_retry(consumer: &Consumer, letter: &dlq::store::Stored, result: &Result<(), Failure>) {
+    let name = consumer.config.name.clone();
+    match result {
+        Ok(()) => {
+            metrics::counter!(m::DLQ_RETRIES, "consumer" => name, "result" => "ok").increment(1);
+            tracing::info!(consumer = %consumer.config.name, dead_letter = letter.id, "dlq retry succeeded");
+        }
+        Err(error) => {
+            metrics::counter!(m::DLQ_RETRIES, "consumer" => name, "result" => "failed")
+                .increment(1);
+            tracing::warn!(consumer = %consumer.config.name, dead_letter = letter.id, error = %error, "dlq retry failed again");
+        }
+    }
 }

@@ -7,12 +7,27 @@ pub enum Error {
     /// A setting is unusable; the message names it and why.
     #[error("invalid consumer configuration: {0}")]
     Config(String),
-    /// The JetStream consumer could not be created, or exists with other settings.
+    /// The JetStream consumer could not be created, or exists with settings the inbox cannot
+    /// work with (see [`crate::Consumer::ensure`]): the reason names each setting, the value
+    /// found, the value required, and how to fix it.
     #[error("JetStream consumer {consumer}: {reason}")]
     JetStream {
         /// The durable name.
         consumer: String,
         /// What failed.
+        reason: String,
+    },
+    /// A task of the running consumer (a lane, the inbox cleaner or the `dlq retry` runner)
+    /// ended without being asked to, for instance by panicking outside a handler (a handler's
+    /// own panics are caught and retried), or panicked while stopping.
+    /// [`crate::Consumer::run`] then stops the others as on shutdown and returns this instead
+    /// of `Ok`; the reason names each task and why it ended. Restarting the consumer is safe:
+    /// messages not acknowledged are redelivered, and the inbox skips those already handled.
+    #[error("consumer {consumer} stopped: {reason}")]
+    TaskFailed {
+        /// The durable name.
+        consumer: String,
+        /// Which task ended and why, e.g. `lane 3 panicked: ...`.
         reason: String,
     },
     /// PostgreSQL failed.

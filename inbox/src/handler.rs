@@ -22,9 +22,17 @@ pub struct Delivery {
     pub envelope: Envelope,
     /// The consumer's name.
     pub consumer: Arc<str>,
-    /// Which delivery this is, from 1 (the broker's count; a `dlq retry` counts on from the
-    /// dead letter's attempts).
+    /// Which handler attempt this is, from 1: one more than the earlier runs of the handler
+    /// for this message that failed (returned [`HandlerError::Retry`], panicked, or whose
+    /// transaction's COMMIT the database refused). Redeliveries that did not run the handler
+    /// (the database was unavailable, the consumer shut down, `ack_wait` expired) do not
+    /// count; the count is kept in the database, so it carries over to another instance. A
+    /// `dlq retry` counts on from the dead letter's attempts. `max_attempts` applies to it.
     pub attempt: u32,
+    /// How many times the broker has delivered the message, this delivery included
+    /// (JetStream's delivery count), when delivered by the broker (None for a `dlq retry`).
+    /// It can exceed `attempt`; it is not what `max_attempts` limits.
+    pub delivered: Option<u32>,
     /// The stream sequence, when delivered by the broker (None for a `dlq retry`).
     pub stream_seq: Option<u64>,
 }
@@ -33,8 +41,8 @@ pub struct Delivery {
 #[derive(Debug)]
 pub enum HandlerError {
     /// Try again later: after `after`, or after the consumer's backoff for this attempt.
-    /// Once the attempts are exhausted the message is dead-lettered with reason
-    /// `attempts_exhausted`.
+    /// Each counts as a handler attempt ([`Delivery::attempt`]); once `max_attempts` are
+    /// used up the message is dead-lettered with reason `attempts_exhausted`.
     Retry {
         /// The handler's own delay, if it knows better (e.g. a rate limit's reset time).
         after: Option<Duration>,
@@ -110,6 +118,16 @@ impl std::fmt::Display for HandlerError {
 /// handler must not commit or roll back itself and should not publish to the broker
 /// directly (enqueue to the outbox instead). It may be called again for the same message
 /// only if an earlier call returned an error or its transaction did not commit.
+///
+/// A handler that panics is caught by the consumer: its transaction is rolled back, the
+/// panic is counted (`inbox_handler_panics_total`) and the message is retried like
+/// [`HandlerError::retry`], then dead-lettered with reason `panic` after `max_attempts`. The
+/// same holds for [`RawBatchHandler`]s and for `dlq retry` runs.
+///
+/// A handler that returned `Ok` but whose transaction's COMMIT the database refuses (a
+/// deferred constraint, a serialization failure) failed too: its effects are gone, the run
+/// counts as an attempt, and the message is retried with the consumer's backoff, then
+/// dead-lettered with reason `commit_failed` after `max_attempts`.
 pub trait RawHandler: Send + Sync + 'static {
     /// Handles one delivery.
     fn handle<'a>(
@@ -189,7 +207,12 @@ where
 /// Returning an error means "some delivery failed": the consumer rolls the whole batch back
 /// and runs it again one delivery at a time (a batch of one, each in its own savepoint), so
 /// that the failing message gets its disposition (retry or dead letter) alone and the others
-/// commit. A handler may therefore see a delivery again after a batch that did not commit.
+/// commit. If instead the batch's COMMIT fails (a deferred constraint, a serialization
+/// failure), the consumer runs the batch again one delivery at a time, each in a transaction
+/// of its own, so that only the message whose commit fails is retried (and dead-lettered
+/// with reason `commit_failed` after `max_attempts`). A handler may therefore see a delivery
+/// again after a batch that did not commit; only the runs of the one-at-a-time rerun count
+/// as attempts.
 ///
 /// Tracing: a batch of one runs in its message's span, which continues the producer's trace;
 /// a larger batch runs in an `inbox.handle_batch` span of its own (a batch has many

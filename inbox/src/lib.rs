@@ -11,8 +11,19 @@
 //! (exponential with jitter, or the handler's own), a permanent failure or an exhausted
 //! attempt limit parks the message in `dead_letter` (with its raw bytes, reason, error chain
 //! and attempts) and terminates it at the broker. Messages that do not decode are parked at
-//! once. `dlq retry` later re-runs the failed consumer's handler from the parked bytes, in
-//! this consumer's own process, without going through the broker.
+//! once. A handler that panics is caught, rolled back and retried the same way, and parked
+//! with reason `panic` after the attempt limit; a handler whose transaction's COMMIT the
+//! database refuses (a deferred constraint, a serialization failure) likewise, with reason
+//! `commit_failed` (in batched mode the batch is first re-run one message at a time, so that
+//! only that message fails). The attempt limit counts *handler attempts*, kept in the
+//! `inbox_attempt` table, not the broker's deliveries: NAKs after database errors or at
+//! shutdown and expired `ack_wait`s use none up, and lanes send progress acks for the
+//! messages they hold so that a slow handler does not get them redelivered. The broker never
+//! gives up first:
+//! [`Consumer::ensure`] creates the durable with unlimited deliveries and refuses an existing
+//! one with a delivery limit, a broker backoff or another `ack_wait`. `dlq retry` later
+//! re-runs the failed consumer's handler from the parked bytes, in this consumer's own
+//! process, without going through the broker.
 //!
 //! # Layout
 //! - [`config`]: [`ConsumerConfig`], with `validate()` (retention vs. redelivery horizon).
@@ -22,7 +33,7 @@
 //! - [`router`]: [`Router`], one consumer dispatching several event types to typed handlers.
 //! - [`layer`]: composable handler middleware ([`Layer`]): logging, timing, rate limiting.
 //! - [`consumer`]: [`Consumer`], the runtime (strict and batched modes, lanes, shutdown).
-//! - [`store`]: all SQL on `inbox_message`.
+//! - [`store`]: all SQL on `inbox_message` and `inbox_attempt`.
 //! - [`metrics`]: metric names.
 //! - [`error`]: the crate error, [`Error`].
 

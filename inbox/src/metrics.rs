@@ -11,6 +11,16 @@ pub const DEAD_LETTERED: &str = "inbox_dead_lettered_total";
 /// Counter: dead letters the database refused to store; the message is NAKed and
 /// redelivered after the longest retry delay (alert on any).
 pub const DEAD_LETTER_WRITE_FAILURES: &str = "inbox_dead_letter_write_failures_total";
+/// Counter: handler calls that panicked (per message, per batch, or in a `dlq retry`). The
+/// panic is caught, the transaction rolled back and the message retried like
+/// `HandlerError::retry`; after `max_attempts` it is dead-lettered with reason `panic`.
+/// Alert on any: it is a bug in the handler.
+pub const HANDLER_PANICS: &str = "inbox_handler_panics_total";
+/// Counter: COMMITs the database refused (a deferred constraint or trigger, a serialization
+/// failure): of a batch (its messages are then run one at a time), of one message (a failed
+/// handler attempt: retried, then dead-lettered with reason `commit_failed`), or of `dlq
+/// retry` runs. Alert on any that persist: a handler writes what the database refuses.
+pub const COMMIT_FAILURES: &str = "inbox_commit_failures_total";
 /// Counter: `dlq retry` requests run, labelled `result` (`ok`, `failed`).
 pub const DLQ_RETRIES: &str = "inbox_dlq_retries_total";
 /// Histogram: run time of one handler call for one message (with its layers), seconds.

@@ -1,4 +1,5 @@
-//! All SQL on `inbox_message`.
+//! All SQL on `inbox_message` and `inbox_attempt`, and the one statement the consumer runs
+//! on `dead_letter` beyond the `dlq` crate's (re-locking a retry request).
 
 use sqlx::PgConnection;
 
@@ -89,4 +90,109 @@ pub async fn delete_older_than(
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// Takes the failed handler attempts counted for a message out of `inbox_attempt`: returns
+/// the count (0 without a row) and deletes the row. Call it in the handler's transaction
+/// (or savepoint): if the handler's effects commit, the count goes with them; if they roll
+/// back, the row is back.
+pub async fn take_attempts(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: &str,
+) -> Result<u32, sqlx::Error> {
+    let attempts: Option<i32> = sqlx::query_scalar(
+        "DELETE FROM inbox_attempt WHERE consumer = $1 AND message_id = $2 RETURNING attempts",
+    )
+    .bind(consumer)
+    .bind(message_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(attempts.map_or(0, |a| u32::try_from(a).unwrap_or(0)))
+}
+
+/// [`take_attempts`] for many messages in one statement: `(message id, count)` for those
+/// that have a row.
+pub async fn take_many_attempts(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_ids: &[String],
+) -> Result<Vec<(String, u32)>, sqlx::Error> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "DELETE FROM inbox_attempt WHERE consumer = $1 AND message_id = ANY($2)
+         RETURNING message_id, attempts",
+    )
+    .bind(consumer)
+    .bind(message_ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, a)| (id, u32::try_from(a).unwrap_or(0)))
+        .collect())
+}
+
+/// Counts one more failed handler attempt of a message (a retry, a panic, a refused
+/// COMMIT). Call it after the handler's transaction was rolled back.
+pub async fn count_failed_attempt(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO inbox_attempt (consumer, message_id, attempts) VALUES ($1, $2, 1)
+         ON CONFLICT (consumer, message_id)
+         DO UPDATE SET attempts = inbox_attempt.attempts + 1, updated_at = now()",
+    )
+    .bind(consumer)
+    .bind(message_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Forgets the attempts of a message (it is parked).
+pub async fn forget_attempts(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM inbox_attempt WHERE consumer = $1 AND message_id = $2")
+        .bind(consumer)
+        .bind(message_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes the attempt rows of `consumer` not updated for `retention` (a message that was
+/// handled by another path meanwhile). Returns how many.
+pub async fn delete_attempts_older_than(
+    conn: &mut PgConnection,
+    consumer: &str,
+    retention: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM inbox_attempt
+         WHERE consumer = $1 AND updated_at < now() - make_interval(secs => $2)",
+    )
+    .bind(consumer)
+    .bind(retention.as_secs_f64())
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Locks dead letter `id` if it still asks for a retry (`FOR UPDATE SKIP LOCKED`): for
+/// re-running, in a transaction of its own, one letter of a group of `dlq retry` requests
+/// whose COMMIT failed. False if it was taken or changed meanwhile.
+pub async fn lock_retry_request(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+    let found: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM dead_letter WHERE id = $1 AND status = 'retry_requested'
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(found.is_some())
 }

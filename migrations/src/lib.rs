@@ -1,7 +1,7 @@
 //! The toolkit's database schema and the embedded migrator that applies it.
 //!
 //! The numbered SQL files in `migrations/sql/` create the three tables, one owner each:
-//! `outbox_message` (outbox crate and relay), `inbox_message` (inbox crate) and
+//! `outbox_message` (outbox crate and relay), `inbox_message` and `inbox_attempt` (inbox crate) and
 //! `dead_letter` (dlq crate), and `relay_instance` / `relay_partition_lease` (relay crate). [`migrate`] applies the ones a database lacks, in order, in one
 //! transaction, under an advisory lock so that several processes (relays starting together)
 //! can call it at once. Applied versions are recorded in `outbox_toolkit_migration`, a table
@@ -88,6 +88,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 9,
         name: "permanent_failures",
         sql: include_str!("../sql/0009_permanent_failures.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "inbox_attempt",
+        sql: include_str!("../sql/0010_inbox_attempt.sql"),
     },
 ];
 

@@ -31,6 +31,7 @@ async fn applies_everything_once_and_is_idempotent() {
         tables,
         [
             "dead_letter",
+            "inbox_attempt",
             "inbox_message",
             "outbox_message",
             "outbox_toolkit_migration",
