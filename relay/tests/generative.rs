@@ -31,10 +31,11 @@ use envelope::Envelope;
 use futures::FutureExt;
 use outbox::{Message, Outbox, OutboxConfig};
 use relay::RelayConfig;
+use relay::publisher::jetstream::{JetStreamPublisher, NatsConfig, StreamSpec, ensure_stream};
 use relay::publisher::{Ack, AckFuture, PublishError, PublishErrorKind, Publisher};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use testkit::Postgres;
+use testkit::{NatsServer, Postgres};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -221,6 +222,10 @@ struct History {
     spurious: u64,
     /// Permanent failures returned, per id.
     permanent: HashMap<Uuid, u32>,
+    /// What the real broker said when it failed unasked.
+    spurious_examples: Vec<String>,
+    /// Ids stored more than once (the real stream past its duplicate window).
+    stored_twice: usize,
 }
 
 struct Broker {
@@ -239,7 +244,7 @@ enum Fate {
 impl Broker {
     fn fate(&self, envelope: &Envelope) -> Fate {
         let mut rng = self.rng.lock().expect("rng");
-        let poison = envelope.subject.as_str().starts_with("test.poison");
+        let poison = envelope.subject.as_str().starts_with("nowhere.");
         // Poison rows see transient failures more often, so that permanent and transient
         // counts mix (a transient failure must not count toward max_permanent_attempts).
         let rate = if poison && self.scenario.transient_rate > 0.0 {
@@ -267,6 +272,18 @@ impl Broker {
         Duration::from_micros(self.rng.lock().expect("rng").below(max + 1))
     }
 
+    /// Records a failure of the real broker: a permanent one it was expected to give, or one
+    /// nobody injected.
+    fn note_real_failure(&self, e: &PublishError, allowed: Option<PublishErrorKind>, id: Uuid) {
+        let mut history = self.history.lock().expect("history");
+        if Some(e.kind) == allowed {
+            *history.permanent.entry(id).or_default() += 1;
+        } else {
+            history.spurious += 1;
+            history.spurious_examples.push(e.to_string());
+        }
+    }
+
     /// Stores `envelope` unless its id is stored already; returns (sequence, duplicate).
     fn store(&self, envelope: &Envelope) -> (u64, bool) {
         let mut history = self.history.lock().expect("history");
@@ -287,15 +304,97 @@ impl Broker {
     }
 }
 
-/// One relay instance's connection to the scripted broker, with its own ack window.
+/// One relay instance's connection to the scripted broker, with its own ack window; or, on
+/// the real broker, its JetStream publisher with the same faults injected in front of it.
 struct ScriptedPublisher {
     broker: Arc<Broker>,
     window: Arc<Semaphore>,
     timeout: Duration,
+    real: Option<JetStreamPublisher>,
+}
+
+impl ScriptedPublisher {
+    /// The broker's answer counts as a failure nobody injected unless it is `allowed`.
+    fn watch(
+        &self,
+        ack: AckFuture,
+        delay: Duration,
+        allowed: Option<PublishErrorKind>,
+        id: Uuid,
+    ) -> AckFuture {
+        let broker = self.broker.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            let result = ack.await;
+            if let Err(e) = &result {
+                broker.note_real_failure(e, allowed, id);
+            }
+            result
+        }
+        .boxed()
+    }
+
+    async fn publish_real(
+        &self,
+        real: &JetStreamPublisher,
+        envelope: &Envelope,
+    ) -> Result<AckFuture, PublishError> {
+        let delay = self.broker.ack_delay(envelope.partition_key.as_str());
+        let id = envelope.id.as_uuid();
+        let (allowed, injected) = match self.broker.fate(envelope) {
+            Fate::Unreachable => {
+                self.broker.history.lock().expect("history").injected += 1;
+                return Err(PublishError::new(
+                    PublishErrorKind::Unavailable,
+                    "injected: unreachable",
+                ));
+            }
+            Fate::Timeout { stored: false } => {
+                self.broker.history.lock().expect("history").injected += 1;
+                return Ok(async move {
+                    tokio::time::sleep(delay).await;
+                    Err(PublishError::new(
+                        PublishErrorKind::Timeout,
+                        "injected: no PubAck",
+                    ))
+                }
+                .boxed());
+            }
+            Fate::Timeout { stored: true } => {
+                self.broker.history.lock().expect("history").injected += 1;
+                (None, true)
+            }
+            Fate::NoStream => (Some(PublishErrorKind::NoStream), false),
+            Fate::Store => (None, false),
+        };
+        let ack = match real.publish(envelope).await {
+            Ok(ack) => ack,
+            Err(e) => {
+                self.broker.note_real_failure(&e, allowed, id);
+                return Err(e);
+            }
+        };
+        let ack = self.watch(ack, delay, allowed, id);
+        if injected {
+            // Stored, but the relay is told the PubAck did not come.
+            return Ok(async move {
+                let _ = ack.await;
+                Err(PublishError::new(
+                    PublishErrorKind::Timeout,
+                    "injected: PubAck lost",
+                ))
+            }
+            .boxed());
+        }
+        Ok(ack)
+    }
 }
 
 impl Publisher for ScriptedPublisher {
     async fn publish(&self, envelope: &Envelope) -> Result<AckFuture, PublishError> {
+        if let Some(real) = &self.real {
+            return self.publish_real(real, envelope).await;
+        }
         let permit =
             match tokio::time::timeout(self.timeout, self.window.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => permit,
@@ -384,6 +483,7 @@ struct Instance {
 impl Instance {
     async fn start(
         db_url: &str,
+        nats_url: Option<&str>,
         broker: &Arc<Broker>,
         scenario: &Scenario,
         name: String,
@@ -395,11 +495,16 @@ impl Instance {
         let options: PgConnectOptions = db_url.parse().expect("database url");
         let options = options.application_name(&name);
         let max = config.min_connections() + 2;
-        let publisher = ScriptedPublisher {
+        let mut publisher = ScriptedPublisher {
             broker: broker.clone(),
             window: Arc::new(Semaphore::new(config.max_in_flight)),
             timeout: config.publish_timeout,
+            real: None,
         };
+        let nats = nats_url.map(|url| NatsConfig {
+            url: url.to_owned(),
+            ..NatsConfig::default()
+        });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -408,6 +513,15 @@ impl Instance {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (report, done) = tokio::sync::oneshot::channel();
         runtime.spawn(async move {
+            if let Some(nats) = nats {
+                // Connected from the instance's runtime, so that a kill closes it too.
+                let client = nats.connect().await.expect("connect to NATS");
+                publisher.real = Some(JetStreamPublisher::new(
+                    client,
+                    config.publish_timeout,
+                    config.max_in_flight,
+                ));
+            }
             let pool = PgPoolOptions::new()
                 .max_connections(max)
                 .connect_lazy_with(options);
@@ -471,7 +585,11 @@ fn messages(scenario: &Scenario, rng: &mut Rng, n: usize) -> Vec<Message> {
                 format!("k{}", rng.below(scenario.keys as u64))
             };
             let poison = rng.chance(scenario.poison_share);
-            let subject = if poison { "test.poison" } else { "test.event" };
+            let subject = if poison {
+                "nowhere.poison"
+            } else {
+                "test.event"
+            };
             let size = match rng.below(10) {
                 0 => scenario.payload_max,
                 1 => 0,
@@ -490,7 +608,7 @@ async fn enqueue(pool: &PgPool, outbox: &Outbox, batch: Vec<Message>, into: &mut
             .map(|m| {
                 let env = outbox.prepare(m.clone()).expect("valid message");
                 (
-                    env.subject.as_str().starts_with("test.poison"),
+                    env.subject.as_str().starts_with("nowhere."),
                     env.partition_key.as_str().to_owned(),
                 )
             })
@@ -514,8 +632,16 @@ async fn count(pool: &PgPool, sql: &'static str) -> i64 {
 }
 
 /// Runs one scenario; returns a one-line summary, or what the checker found.
-async fn run_scenario(pg: &Postgres, scenario: Scenario) -> Result<String, String> {
+async fn run_scenario(
+    pg: &Postgres,
+    nats: Option<&NatsServer>,
+    scenario: Scenario,
+) -> Result<String, String> {
     let seed = scenario.seed;
+    let nats_url = nats.map(NatsServer::url);
+    if let Some(url) = nats_url {
+        fresh_stream(url).await?;
+    }
     let started = Instant::now();
     let db_url = pg.fresh_database().await.map_err(|e| e.to_string())?;
     let pool = PgPoolOptions::new()
@@ -550,7 +676,8 @@ async fn run_scenario(pg: &Postgres, scenario: Scenario) -> Result<String, Strin
     let mut instances = Vec::new();
     let mut generation = 0;
     for i in 0..scenario.instances {
-        instances.push(Instance::start(&db_url, &broker, &scenario, format!("r{i}-g0")).await);
+        instances
+            .push(Instance::start(&db_url, nats_url, &broker, &scenario, format!("r{i}-g0")).await);
     }
     // Later waves and kills, spread over the drain.
     let mut kills_left = scenario.kills;
@@ -564,7 +691,7 @@ async fn run_scenario(pg: &Postgres, scenario: Scenario) -> Result<String, Strin
             let victim = instances.remove(rng.below(instances.len() as u64) as usize);
             victim.kill(&pool).await;
             let name = format!("r{}-g{generation}", instances.len());
-            instances.push(Instance::start(&db_url, &broker, &scenario, name).await);
+            instances.push(Instance::start(&db_url, nats_url, &broker, &scenario, name).await);
         }
     }
     while kills_left > 0 {
@@ -574,7 +701,7 @@ async fn run_scenario(pg: &Postgres, scenario: Scenario) -> Result<String, Strin
         let victim = instances.remove(rng.below(instances.len() as u64) as usize);
         victim.kill(&pool).await;
         let name = format!("r{}-g{generation}", instances.len());
-        instances.push(Instance::start(&db_url, &broker, &scenario, name).await);
+        instances.push(Instance::start(&db_url, nats_url, &broker, &scenario, name).await);
     }
 
     // Progress: everything drained within a bound.
@@ -594,7 +721,10 @@ async fn run_scenario(pg: &Postgres, scenario: Scenario) -> Result<String, Strin
             stop_errors.push(e);
         }
     }
-    let history = std::mem::take(&mut *broker.history.lock().expect("history"));
+    let mut history = std::mem::take(&mut *broker.history.lock().expect("history"));
+    if let Some(url) = nats_url {
+        read_stream(url, &mut history).await?;
+    }
     let mut problems = Vec::new();
     if drained.is_err() {
         let pending = count(
@@ -730,8 +860,15 @@ async fn check(
     // No failure nobody injected.
     if history.spurious > 0 {
         problems.push(format!(
-            "{} publishes waited longer than the publish timeout for room in the ack window",
-            history.spurious
+            "{} publishes failed though nobody injected a failure (e.g. {:?}; on the scripted broker: waits longer than the publish timeout for room in the ack window)",
+            history.spurious,
+            history.spurious_examples.first()
+        ));
+    }
+    if history.stored_twice > 0 {
+        problems.push(format!(
+            "{} ids are stored twice in the stream",
+            history.stored_twice
         ));
     }
     if scenario.transient_rate == 0.0 {
@@ -775,7 +912,7 @@ async fn generated_histories_are_exactly_once_in_key_order_and_make_progress() {
     let seeds = seeds();
     let mut failed = Vec::new();
     for (n, seed) in seeds.iter().enumerate() {
-        match run_scenario(&pg, Scenario::generate(*seed)).await {
+        match run_scenario(&pg, None, Scenario::generate(*seed)).await {
             Ok(summary) => println!("ok {}/{}: {summary}", n + 1, seeds.len()),
             Err(failure) => {
                 println!("FAILED {}/{}: {failure}", n + 1, seeds.len());
@@ -819,7 +956,7 @@ fn quiet(seed: u64, events: usize, keys: usize) -> Scenario {
 
 async fn expect_clean(scenario: Scenario) {
     let pg = Postgres::start().await.expect("start PostgreSQL");
-    if let Err(failure) = run_scenario(&pg, scenario).await {
+    if let Err(failure) = run_scenario(&pg, None, scenario).await {
         panic!("{failure}");
     }
 }
@@ -846,7 +983,7 @@ async fn a_hot_key_with_slow_acks_and_a_short_claim_ttl_keeps_its_order() {
         scenario.config.claim_ttl = Duration::from_secs(1);
         scenario.config.publish_timeout = Duration::from_millis(300);
         scenario.config.batch_size = batch;
-        if let Err(failure) = run_scenario(&pg, scenario).await {
+        if let Err(failure) = run_scenario(&pg, None, scenario).await {
             panic!("{failure}");
         }
     }
@@ -863,4 +1000,112 @@ async fn transient_failures_do_not_count_toward_max_permanent_attempts() {
     scenario.config.retry_min_delay = Duration::from_millis(2);
     scenario.config.retry_max_delay = Duration::from_millis(20);
     expect_clean(scenario).await;
+}
+
+const STREAM: &str = "FUZZ";
+
+async fn nats_client(url: &str) -> Result<async_nats::Client, String> {
+    NatsConfig {
+        url: url.to_owned(),
+        ..NatsConfig::default()
+    }
+    .connect()
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// Deletes and creates the stream `FUZZ` on `test.>` (poison rows go to `nowhere.`).
+async fn fresh_stream(url: &str) -> Result<(), String> {
+    let js = async_nats::jetstream::new(nats_client(url).await?);
+    let _ = js.delete_stream(STREAM).await;
+    ensure_stream(
+        &js,
+        &StreamSpec {
+            name: STREAM.into(),
+            subjects: vec!["test.>".into()],
+            duplicate_window: Duration::from_secs(120),
+            replicas: 1,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Fills `history.stored` and `history.ids` from the real stream, in stream order.
+async fn read_stream(url: &str, history: &mut History) -> Result<(), String> {
+    let js = async_nats::jetstream::new(nats_client(url).await?);
+    let mut stream = js.get_stream(STREAM).await.map_err(|e| e.to_string())?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .clone();
+    if state.messages == 0 {
+        return Ok(());
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let message = stream
+            .get_raw_message(seq)
+            .await
+            .map_err(|e| format!("reading stream message {seq}: {e}"))?;
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let id: Uuid = header("Nats-Msg-Id")
+            .parse()
+            .map_err(|e| format!("message {seq} has no id: {e}"))?;
+        if !history.ids.insert(id) {
+            history.stored_twice += 1;
+        }
+        history.stored.push((id, header("ce-partitionkey")));
+    }
+    Ok(())
+}
+
+/// Seeds run on the real broker in `make test` (each profile once).
+const BROKER_SEEDS: &[u64] = &[11, 12, 13, 14];
+
+/// The same scenarios, smaller, published to a real nats-server through the JetStream
+/// publisher with the same faults injected in front of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_histories_on_the_real_broker() {
+    let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start());
+    let (pg, nats) = (
+        pg.expect("start PostgreSQL"),
+        nats.expect("start nats-server"),
+    );
+    let seeds: Vec<u64> = if std::env::var("RELAY_FUZZ_SEEDS").is_ok() {
+        // One in ten of the fuzz seeds (the real broker is slower).
+        seeds().into_iter().step_by(10).collect()
+    } else if std::env::var("RELAY_FUZZ_SEED").is_ok() {
+        seeds()
+    } else {
+        BROKER_SEEDS.to_vec()
+    };
+    let mut failed = Vec::new();
+    for (n, seed) in seeds.iter().enumerate() {
+        let mut scenario = Scenario::generate(*seed);
+        scenario.events = scenario.events.min(3_000);
+        scenario.keys = scenario.keys.min(scenario.events);
+        match run_scenario(&pg, Some(&nats), scenario).await {
+            Ok(summary) => println!("ok broker {}/{}: {summary}", n + 1, seeds.len()),
+            Err(failure) => {
+                println!("FAILED broker {}/{}: {failure}", n + 1, seeds.len());
+                failed.push((*seed, failure));
+            }
+        }
+    }
+    if let Some((seed, failure)) = failed.first() {
+        panic!(
+            "relay fuzz on the real broker: {} of {} seeds failed; first: seed {seed} (replay: RELAY_FUZZ_SEED={seed} cargo test -p relay --test generative generated_histories_on_the_real_broker -- --nocapture)\n  {failure}",
+            failed.len(),
+            seeds.len()
+        );
+    }
 }
