@@ -22,7 +22,7 @@ up: $(DEMO_NEEDS) ## Start the demo stack on ports 3001-3003 in the foreground (
 
 CHAOS_ARGS ?=
 
-chaos: tools ## Kill the broker, relays, services and PostgreSQL mid-flow under load; check nothing is lost or doubled (CHAOS_ARGS="--seed 7 --orders 1000 --rate 20")
+chaos: tools ## Kill the broker, relays, services and PostgreSQL mid-flow under load; check nothing is lost, doubled or reordered, in the tables and the stream (CHAOS_ARGS="--seed 7 --orders 1000 --rate 20 --keys 1500 --hot 1500")
 	$(CARGO) build --locked -q -p demo-services -p relay --bins
 	$(CARGO) run --locked -q -p demo-services --bin chaos -- $(CHAOS_ARGS)
 
@@ -38,8 +38,9 @@ test: tools ## Install what is missing, then run every test against real Postgre
 
 SEEDS ?= 200
 
-fuzz: tools ## Run the generative suites on SEEDS random seeds (default 200); a failure prints its seed to replay (RELAY_FUZZ_SEED=N)
+fuzz: tools ## Run the generative suites on SEEDS random seeds (default 200); a failure prints its seed to replay (RELAY_FUZZ_SEED=N, INBOX_FUZZ_SEED=N)
 	RELAY_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p relay --test generative -- --nocapture
+	INBOX_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p inbox --test generative -- --nocapture
 
 lint: ## cargo fmt --check and cargo clippy --all-targets -- -D warnings
 	$(CARGO) fmt --all -- --check

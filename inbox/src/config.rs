@@ -55,11 +55,33 @@ pub struct ConsumerConfig {
     /// an expired `ack_wait`, a redelivery of a message already handled. The count is kept
     /// in the `inbox_attempt` table, so it carries over when another instance gets the
     /// message. A [`HandlerError::Permanent`] failure parks the message at once, whatever
-    /// the count.
+    /// the count. Also attempts: a handler that returned `Ok` but left its transaction
+    /// aborted (it ignored a failed statement; parked as `aborted_transaction`), and a
+    /// handler that ran longer than `handler_timeout` (parked as `timeout`).
+    ///
+    /// A safety limit bounds the deliveries that are not attempts: once the broker has
+    /// delivered a message more than 10 x `max_attempts` times (its `Delivery::delivered`),
+    /// it is parked with reason `deliveries_exhausted` without running the handler, so that
+    /// a message that keeps failing in ways that are not attempts (its inbox insert always
+    /// fails, its handler keeps blocking its thread past `ack_wait`) cannot loop forever. A
+    /// database outage long enough for that many redeliveries (about 10 x `max_attempts` x
+    /// `retry_min_delay`) parks the messages in flight the same way; `dlq retry` runs them.
     ///
     /// [`HandlerError::Retry`]: crate::HandlerError::Retry
     /// [`HandlerError::Permanent`]: crate::HandlerError::Permanent
     pub max_attempts: u32,
+    /// How long one handler call (of one message, or of a batch handler with its batch) may
+    /// run. Defaults to 5 minutes: far above what a handler inside a database transaction
+    /// should take (it holds a pool connection and row locks all along, and the messages
+    /// of its lane wait behind it), yet long enough for a slow legitimate call, such as a
+    /// large batch or a slow downstream; lower it for handlers known to be fast. Once it is
+    /// exceeded the handler's future is dropped, its transaction rolled back and the call
+    /// counted as a failed attempt (`inbox_handler_timeouts_total`); the message is retried,
+    /// then parked with reason `timeout`. Progress acks for the message stop with it. A
+    /// handler waiting inside a database statement is only stopped once that statement
+    /// returns (the rollback waits for it): bound those with `statement_timeout` or
+    /// `lock_timeout`. At least 1 s.
+    pub handler_timeout: Duration,
     /// How long the broker waits for an ack before redelivering. Defaults to 30 s. The
     /// durable consumer is created with it; an existing durable with another `ack_wait` is
     /// refused by `Consumer::ensure` (edit it at the broker when changing this). While a
@@ -72,7 +94,8 @@ pub struct ConsumerConfig {
     /// Largest retry delay. Defaults to 60 s.
     pub retry_max_delay: Duration,
     /// How long inbox rows are kept. It must exceed the redelivery horizon
-    /// (`ack_wait x max_attempts` plus every retry delay), or a late redelivery would no
+    /// ([`ConsumerConfig::redelivery_horizon`]: `(handler_timeout + ack_wait) x max_attempts`
+    /// plus every retry delay), or a late redelivery would no
     /// longer find its row and run the handler twice; `validate()` refuses shorter values.
     /// Defaults to 7 days.
     pub inbox_retention: Duration,
@@ -91,6 +114,7 @@ impl Default for ConsumerConfig {
             mode: Mode::Strict,
             concurrency: 8,
             max_attempts: 5,
+            handler_timeout: Duration::from_secs(300),
             ack_wait: Duration::from_secs(30),
             retry_min_delay: Duration::from_secs(1),
             retry_max_delay: Duration::from_secs(60),
@@ -112,10 +136,10 @@ impl ConsumerConfig {
     }
 
     /// The longest time between a message's first delivery and its last redelivery: every
-    /// attempt may wait `ack_wait` and then a retry delay of at most twice
-    /// `retry_max_delay` (jitter included).
+    /// attempt may run for `handler_timeout` (kept alive by progress acks), wait `ack_wait`
+    /// and then a retry delay of at most twice `retry_max_delay` (jitter included).
     pub fn redelivery_horizon(&self) -> Duration {
-        (self.ack_wait + self.retry_max_delay * 2) * self.max_attempts
+        (self.handler_timeout + self.ack_wait + self.retry_max_delay * 2) * self.max_attempts
     }
 
     /// Refuses values that cannot work or that would break exactly-once.
@@ -155,6 +179,9 @@ impl ConsumerConfig {
         if self.max_attempts == 0 {
             return refuse("max_attempts must be at least 1".into());
         }
+        if self.handler_timeout < Duration::from_secs(1) {
+            return refuse("handler_timeout must be at least 1s".into());
+        }
         if self.ack_wait < Duration::from_secs(1) {
             return refuse("ack_wait must be at least 1s".into());
         }
@@ -164,7 +191,7 @@ impl ConsumerConfig {
         let horizon = self.redelivery_horizon();
         if self.inbox_retention <= horizon {
             return refuse(format!(
-                "inbox_retention ({:?}) must exceed the redelivery horizon ({horizon:?} = (ack_wait + 2 x retry_max_delay) x max_attempts): a redelivery after its inbox row is deleted would run the handler twice",
+                "inbox_retention ({:?}) must exceed the redelivery horizon ({horizon:?} = (handler_timeout + ack_wait + 2 x retry_max_delay) x max_attempts): a redelivery after its inbox row is deleted would run the handler twice",
                 self.inbox_retention
             ));
         }
@@ -201,6 +228,14 @@ mod tests {
             ConsumerConfig {
                 mode: Mode::Batched { max_messages: 0 },
                 ..ok
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            ConsumerConfig {
+                handler_timeout: Duration::from_millis(100),
+                ..ConsumerConfig::new("email", "ORDERS")
             }
             .validate()
             .is_err()

@@ -8,11 +8,14 @@
 //! clean old inbox rows and run `dlq retry` requests for this consumer.
 //!
 //! `max_attempts` limits *handler attempts*: runs of the handler that failed with
-//! [`HandlerError::Retry`], panicked, or whose transaction's COMMIT the database refused. The
+//! [`HandlerError::Retry`], panicked, ran past `handler_timeout`, returned `Ok` but left the
+//! transaction aborted (see [`check_not_aborted`]), or whose transaction's COMMIT the
+//! database refused. The
 //! count is kept in `inbox_attempt` (written in a short transaction of its own after a failed
 //! attempt, read in the handler's transaction only for a redelivery, deleted when the message
 //! commits or is parked), so NAKs after database errors, NAKs at shutdown and expired
-//! `ack_wait`s (all of which grow the broker's delivery count) do not use attempts up. While a
+//! `ack_wait`s (all of which grow the broker's delivery count) do not use attempts up; past
+//! 10 x `max_attempts` deliveries a message is parked as `deliveries_exhausted`. While a
 //! message waits in its lane or its handler runs, the lane sends progress acks
 //! (`AckKind::Progress`) every quarter of `ack_wait`, so a slow handler does not get itself
 //! and the messages queued behind it redelivered.
@@ -146,16 +149,62 @@ async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), Fault> {
 /// deferred constraint or trigger, a serialization failure or deadlock, a check), rather than
 /// failed with the connection or the server: an error from the database other than a
 /// connection exception (SQLSTATE class 08), insufficient resources (53), an operator
-/// intervention such as a shutdown (57), a system error (58) or an internal error (XX).
+/// intervention such as a shutdown (57, but 57014 `query_canceled`, which a
+/// `statement_timeout` raises at a COMMIT whose deferred work is too slow, is refused), a
+/// system error (58), an internal error (XX), or the end of the session by
+/// `idle_in_transaction_session_timeout` (25P03) or `transaction_timeout` (25P04), after
+/// which the connection is gone.
 fn refused(e: &sqlx::Error) -> bool {
     let Some(db) = e.as_database_error() else {
         return false;
     };
-    match db.code() {
+    match db.code().as_deref() {
+        Some("57014") => true,
+        Some("25P03" | "25P04") => false,
         Some(code) => !["08", "53", "57", "58", "XX"]
             .iter()
             .any(|class| code.starts_with(class)),
         None => true,
+    }
+}
+
+/// Whether `e` says that the transaction is aborted (SQLSTATE 25P02,
+/// `in_failed_sql_transaction`): an earlier statement of it failed.
+fn is_aborted(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "25P02")
+}
+
+/// Checks, before the COMMIT of a transaction in which handler code ran without a savepoint,
+/// that the handler did not leave it aborted: a handler that ignored a failed statement (a
+/// unique violation, `SELECT 1/0`) and returned `Ok` leaves a transaction that PostgreSQL
+/// rolls back at COMMIT, which answers with the tag `ROLLBACK` and no error, so the message
+/// would be acked with no effect and no inbox row. `Ok(Err(..))` for such a transaction
+/// ([`Failure::Aborted`], a failed attempt), `Err` if the database failed otherwise.
+///
+/// Cost: one round trip per transaction (a `SELECT 1`, simple protocol, nothing to plan),
+/// sent after the handlers and before COMMIT: in strict mode one per message, in batched
+/// mode one per batch. Not measured. A handler in a savepoint needs no such check: its
+/// `RELEASE SAVEPOINT` fails with the same SQLSTATE.
+async fn check_not_aborted(conn: &mut PgConnection) -> Result<Result<(), Failure>, sqlx::Error> {
+    match sqlx::raw_sql("SELECT 1").execute(&mut *conn).await {
+        Ok(_) => Ok(Ok(())),
+        Err(e) if is_aborted(&e) => Ok(Err(Failure::Aborted(e))),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a failed `RELEASE SAVEPOINT` after a handler that returned `Ok` means: the handler
+/// left its savepoint aborted ([`Failure::Aborted`]), or the database failed (`Err`). The
+/// savepoint's guard was consumed by the failed release; dropping it queued the
+/// `ROLLBACK TO SAVEPOINT`, which runs before the next statement on the connection and
+/// makes the enclosing transaction usable again.
+fn release_failed(e: sqlx::Error) -> Result<Failure, sqlx::Error> {
+    if is_aborted(&e) {
+        Ok(Failure::Aborted(e))
+    } else {
+        Err(e)
     }
 }
 
@@ -172,7 +221,18 @@ enum Failure {
     /// the consumer's backoff, dead-lettered with reason `commit_failed` once the attempts
     /// are exhausted.
     Commit(sqlx::Error),
+    /// The handler returned `Ok` but left its transaction (or savepoint) aborted: it ignored
+    /// a database error. Retried with the consumer's backoff, dead-lettered with reason
+    /// `aborted_transaction` once the attempts are exhausted.
+    Aborted(sqlx::Error),
+    /// The handler ran longer than `handler_timeout` and was dropped: retried with the
+    /// consumer's backoff, dead-lettered with reason `timeout` once the attempts are
+    /// exhausted.
+    TimedOut(Duration),
 }
+
+/// The first line of an `aborted_transaction` dead letter's error chain.
+const ABORTED_EXPLAINED: &str = "the handler returned Ok but its transaction was aborted: it ignored a database error (after a failed statement PostgreSQL refuses every other one and rolls the transaction back at COMMIT), so its effects would have been lost";
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,6 +240,11 @@ impl std::fmt::Display for Failure {
             Failure::Returned(error) => error.fmt(f),
             Failure::Panicked(message) => write!(f, "handler panicked: {message}"),
             Failure::Commit(error) => write!(f, "COMMIT failed: {error}"),
+            Failure::Aborted(error) => write!(f, "{ABORTED_EXPLAINED}: {error}"),
+            Failure::TimedOut(after) => write!(
+                f,
+                "the handler did not return within handler_timeout ({after:?}) and was stopped"
+            ),
         }
     }
 }
@@ -202,6 +267,12 @@ impl Failure {
                 chain.extend(dlq::error_chain(error));
                 ("commit_failed".to_owned(), chain)
             }
+            Failure::Aborted(error) => {
+                let mut chain = vec![ABORTED_EXPLAINED.to_owned()];
+                chain.extend(dlq::error_chain(error));
+                ("aborted_transaction".to_owned(), chain)
+            }
+            Failure::TimedOut(_) => ("timeout".to_owned(), vec![self.to_string()]),
         }
     }
 }
@@ -221,7 +292,14 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 struct Park {
     reason: String,
     error_chain: Vec<String>,
+    /// The message's id, when it is parked before its handler could run but was decoded
+    /// (`deliveries_exhausted`).
+    id: Option<String>,
 }
+
+/// The safety limit on broker deliveries per handler attempt: a message delivered more than
+/// this many times `max_attempts` is parked as `deliveries_exhausted`.
+const DELIVERIES_PER_ATTEMPT: u32 = 10;
 
 impl Consumer {
     /// A consumer of `config.stream` that runs `handler` (see [`crate::typed`]). The pool
@@ -548,6 +626,7 @@ impl Consumer {
             Err(Park {
                 reason,
                 error_chain,
+                id: None,
             })
         };
         match failure {
@@ -561,7 +640,8 @@ impl Consumer {
     }
 
     /// Reads a message for its handler: `Err` with why it must be parked at once if it does
-    /// not decode. The handler attempt is 1 until [`Consumer::attempt_of`] says otherwise.
+    /// not decode, or if the broker delivered it more than 10 x `max_attempts` times (the
+    /// safety limit, reason `deliveries_exhausted`). The handler attempt is 1 until [`Consumer::attempt_of`] says otherwise.
     fn read(&self, message: &jetstream::Message) -> Result<Read, Park> {
         let (delivered, stream_seq) = match message.info() {
             Ok(info) => (
@@ -578,7 +658,21 @@ impl Consumer {
         .map_err(|e| Park {
             reason: "decode".into(),
             error_chain: vec![e.to_string()],
+            id: None,
         })?;
+        let limit = self
+            .config
+            .max_attempts
+            .saturating_mul(DELIVERIES_PER_ATTEMPT);
+        if let Some(delivered) = delivered.filter(|d| *d > limit) {
+            return Err(Park {
+                reason: "deliveries_exhausted".into(),
+                error_chain: vec![format!(
+                    "the broker delivered the message {delivered} times, more than {DELIVERIES_PER_ATTEMPT} x max_attempts ({limit}), without that many handler attempts failing (database errors, shutdowns, an ack_wait expiring): parked by the safety limit without running the handler"
+                )],
+                id: Some(envelope.id.to_string()),
+            });
+        }
         Ok(Read {
             id: envelope.id.to_string(),
             seq: stream_seq.and_then(|s| i64::try_from(s).ok()),
@@ -608,15 +702,20 @@ impl Consumer {
         Ok(failed.saturating_add(1))
     }
 
-    /// Parks a message that does not decode, through `conn`.
-    async fn park_undecodable(
+    /// Parks a message that [`Consumer::read`] refused, through `conn`.
+    async fn park_unread(
         &self,
         conn: &mut PgConnection,
         message: &jetstream::Message,
         park: Park,
     ) -> Result<Reply, sqlx::Error> {
         let stream_seq = message.info().ok().map(|i| i.stream_sequence);
-        self.park(conn, message, None, 1, stream_seq, park).await
+        let id = park.id.clone();
+        // An undecodable message ran its (decoding) attempt once; one parked by the safety
+        // limit none.
+        let attempt = u32::from(id.is_none());
+        self.park(conn, message, id.as_deref(), attempt, stream_seq, park)
+            .await
     }
 
     /// Handles one message inside `conn` (the caller's transaction) without a savepoint:
@@ -631,7 +730,7 @@ impl Consumer {
         let mut read = match self.read(message) {
             Ok(read) => read,
             Err(park) => {
-                let reply = self.park_undecodable(conn, message, park).await?;
+                let reply = self.park_unread(conn, message, park).await?;
                 return Ok(Handled::Reply(reply));
             }
         };
@@ -675,7 +774,7 @@ impl Consumer {
         let mut read = match self.read(message) {
             Ok(read) => read,
             Err(park) => {
-                let reply = self.park_undecodable(conn, message, park).await?;
+                let reply = self.park_unread(conn, message, park).await?;
                 return Ok((reply, false));
             }
         };
@@ -699,21 +798,24 @@ impl Consumer {
             .attempt_of(&mut sp, &read.id, read.delivery.delivered)
             .await?;
         read.delivery.attempt = attempt;
-        match self.run_handler(&mut sp, &read.delivery).await {
-            Ok(()) => {
-                sp.commit().await?;
-                Ok((Reply::Ack, true))
-            }
+        let error = match self.run_handler(&mut sp, &read.delivery).await {
+            Ok(()) => match sp.commit().await {
+                Ok(()) => return Ok((Reply::Ack, true)),
+                // Rolled back to the savepoint before the next statement (see
+                // `release_failed`).
+                Err(e) => self.aborted(release_failed(e)?, &read.id),
+            },
             Err(error) => {
                 sp.rollback().await?;
-                let ran = Ran {
-                    id: read.id,
-                    attempt,
-                };
-                let reply = self.resolve_failure(conn, message, error, &ran).await?;
-                Ok((reply, false))
+                error
             }
-        }
+        };
+        let ran = Ran {
+            id: read.id,
+            attempt,
+        };
+        let reply = self.resolve_failure(conn, message, error, &ran).await?;
+        Ok((reply, false))
     }
 
     /// Handles one message in a transaction of its own (strict mode; batched mode after a
@@ -721,7 +823,9 @@ impl Consumer {
     /// handler failure is resolved in a new short transaction (the attempt counted and the
     /// message NAKed, or parked); so is a COMMIT the database refuses ([`Failure::Commit`]),
     /// which is a failed attempt like any other, parked with reason `commit_failed` once the
-    /// attempts are used up. Other database errors are returned.
+    /// attempts are used up, and a transaction the handler left aborted
+    /// ([`check_not_aborted`], one round trip before COMMIT; [`Failure::Aborted`], parked
+    /// with reason `aborted_transaction`). Other database errors are returned.
     async fn handle_alone(
         &self,
         conn: &mut PgConnection,
@@ -733,17 +837,23 @@ impl Consumer {
                 tx.commit().await?;
                 return Ok(reply);
             }
-            Handled::Ran(ran) => match commit(tx).await {
-                Ok(()) => {
-                    self.count_processed(1);
-                    return Ok(Reply::Ack);
+            Handled::Ran(ran) => match check_not_aborted(&mut tx).await? {
+                Err(aborted) => {
+                    tx.rollback().await?;
+                    (self.aborted(aborted, &ran.id), ran)
                 }
-                Err(Fault::Database(e)) => return Err(e),
-                Err(Fault::Commit(e)) => {
-                    self.count_commit_failure();
-                    tracing::warn!(consumer = %self.config.name, id = %ran.id, attempt = ran.attempt, error = %e, "the database refused the message's COMMIT");
-                    (Failure::Commit(e), ran)
-                }
+                Ok(()) => match commit(tx).await {
+                    Ok(()) => {
+                        self.count_processed(1);
+                        return Ok(Reply::Ack);
+                    }
+                    Err(Fault::Database(e)) => return Err(e),
+                    Err(Fault::Commit(e)) => {
+                        self.count_commit_failure();
+                        tracing::warn!(consumer = %self.config.name, id = %ran.id, attempt = ran.attempt, error = %e, "the database refused the message's COMMIT");
+                        (Failure::Commit(e), ran)
+                    }
+                },
             },
             Handled::Failed { error, ran } => {
                 // Undo the handler's writes and the inbox row, then retry or park.
@@ -785,7 +895,9 @@ impl Consumer {
     /// savepoints, which isolates the failure (the failed run here does not count as an
     /// attempt: the rerun's does). Handlers may thus run twice for one delivery, but only
     /// the second run can commit (the handler contract allows this: the first transaction
-    /// did not commit). A refused COMMIT is returned as [`Fault::Commit`].
+    /// did not commit). A handler that left the transaction aborted (it ignored a failed
+    /// statement) is caught before COMMIT by [`check_not_aborted`] (one round trip per
+    /// batch) and treated the same way. A refused COMMIT is returned as [`Fault::Commit`].
     async fn try_batch_without_savepoints(
         &self,
         conn: &mut PgConnection,
@@ -853,7 +965,13 @@ impl Consumer {
                 result
             }
         };
-        if result.is_err() {
+        let result = match result {
+            Ok(()) if handled > 0 => check_not_aborted(&mut tx).await?,
+            other => other,
+        };
+        if let Err(error) = result {
+            // Not an attempt: the rerun with savepoints pins it on its message.
+            tracing::debug!(consumer = %self.config.name, error = %error, "a handler failed in a batch; running it again with a savepoint per message");
             tx.rollback().await?;
             return Ok(None);
         }
@@ -869,11 +987,23 @@ impl Consumer {
     /// left behind is rolled back by the connection before its next statement (sqlx queues
     /// that rollback on drop). A panic is logged, counted in [`m::HANDLER_PANICS`] and
     /// returned as [`Failure::Panicked`].
+    ///
+    /// The call is given `handler_timeout`: past it, the future is dropped (the handler stops
+    /// at its current await point), counted in [`m::HANDLER_TIMEOUTS`] and returned as
+    /// [`Failure::TimedOut`], for the caller to roll back.
     async fn catching<F>(&self, call: F) -> Result<(), Failure>
     where
         F: Future<Output = Result<(), HandlerError>>,
     {
-        match AssertUnwindSafe(call).catch_unwind().await {
+        let limit = self.config.handler_timeout;
+        let Ok(caught) = tokio::time::timeout(limit, AssertUnwindSafe(call).catch_unwind()).await
+        else {
+            metrics::counter!(m::HANDLER_TIMEOUTS, "consumer" => self.config.name.clone())
+                .increment(1);
+            tracing::error!(consumer = %self.config.name, handler_timeout = ?limit, "handler timed out; its transaction is rolled back and the message will be retried");
+            return Err(Failure::TimedOut(limit));
+        };
+        match caught {
             Ok(result) => result.map_err(Failure::Returned),
             Err(payload) => {
                 let message = panic_message(payload.as_ref());
@@ -944,6 +1074,14 @@ impl Consumer {
         metrics::counter!(m::PROCESSED, "consumer" => self.config.name.clone()).increment(n);
     }
 
+    /// Counts and logs a handler that left its transaction aborted; returns the failure.
+    fn aborted(&self, failure: Failure, id: &str) -> Failure {
+        metrics::counter!(m::ABORTED_TRANSACTIONS, "consumer" => self.config.name.clone())
+            .increment(1);
+        tracing::error!(consumer = %self.config.name, %id, error = %failure, "the handler returned Ok but left its transaction aborted; rolled back, counted as a failed attempt");
+        failure
+    }
+
     fn count_commit_failure(&self) {
         metrics::counter!(m::COMMIT_FAILURES, "consumer" => self.config.name.clone()).increment(1);
     }
@@ -976,7 +1114,7 @@ impl Consumer {
     }
 
     /// Parks the message (see [`Consumer::park_in`]) in a savepoint of `conn`'s transaction
-    /// and returns `Term`. If the database refuses the dead letter, the savepoint is rolled
+    /// and returns `Term` (or `Ack` if the message turned out to be resolved already). If the database refuses the dead letter, the savepoint is rolled
     /// back, the error logged and counted, and the message NAKed with the longest retry
     /// delay instead, so that one unstorable dead letter cannot fail the other messages of
     /// its transaction; an error that leaves the transaction unusable is returned.
@@ -995,9 +1133,13 @@ impl Consumer {
             .park_in(&mut savepoint, message, id, attempt, stream_seq, park)
             .await
         {
-            Ok(()) => {
+            Ok(true) => {
                 savepoint.commit().await?;
                 Ok(Reply::Term)
+            }
+            Ok(false) => {
+                savepoint.commit().await?;
+                Ok(Reply::Ack)
             }
             Err(e) => {
                 savepoint.rollback().await?;
@@ -1009,8 +1151,13 @@ impl Consumer {
         }
     }
 
-    /// Writes the dead letter and an inbox row marking the message resolved, so that
-    /// redeliveries are acknowledged without running the handler, and forgets its attempts.
+    /// Writes an inbox row marking the message resolved, so that redeliveries are
+    /// acknowledged without running the handler, then the dead letter, and forgets its
+    /// attempts; returns true. The inbox row comes first: if one exists (or is being
+    /// written: the insert waits for that transaction), the message was processed or parked
+    /// meanwhile, e.g. by another instance that got it redelivered while this one's handler
+    /// ran past `ack_wait` and failed; then no dead letter is written (a `dlq retry` of it
+    /// would apply the message a second time) and false is returned, for an ack.
     async fn park_in(
         &self,
         conn: &mut PgConnection,
@@ -1019,7 +1166,7 @@ impl Consumer {
         attempt: u32,
         stream_seq: Option<u64>,
         park: Park,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let headers = message
             .headers
             .as_ref()
@@ -1056,8 +1203,7 @@ impl Consumer {
             stream: Some(self.config.stream.clone()),
             stream_seq: seq,
         };
-        dlq::store::record(conn, &letter).await?;
-        store::insert_if_new(
+        if !store::insert_if_new(
             conn,
             &self.config.name,
             &message_id,
@@ -1065,12 +1211,18 @@ impl Consumer {
             seq,
             "dead_lettered",
         )
-        .await?;
+        .await?
+        {
+            tracing::info!(consumer = %self.config.name, id = %message_id, reason = %park.reason, "not dead-lettering a message that was resolved meanwhile (processed or parked, e.g. by another instance)");
+            metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
+            return Ok(false);
+        }
+        dlq::store::record(conn, &letter).await?;
         if id.is_some() {
             store::forget_attempts(conn, &self.config.name, &message_id).await?;
         }
         metrics::counter!(m::DEAD_LETTERED, "consumer" => self.config.name.clone(), "reason" => park.reason).increment(1);
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -1251,8 +1403,12 @@ struct Queued {
 /// sends a progress ack for each message of the batch and of the queue not heard of for half
 /// that period, so that `ack_wait` does not run out behind a slow handler. Progress acks are
 /// only sent while the batch's transaction is in progress, and the replies (ack, NAK, term)
-/// after it, by this task alone: a progress ack never follows a message's NAK (which would
-/// replace the NAK's delay by `ack_wait`).
+/// after it, by this task alone: unsent progress acks are dropped before the replies go, so
+/// a progress ack never follows a message's NAK (which would replace the NAK's delay by
+/// `ack_wait`). Progress acks are never awaited in place of the handler (see
+/// [`keep_alive`]), and the replies wait at most [`REPLY_TIMEOUT`] for the NATS client, so
+/// that a NATS outage does not hold a transaction open or stop shutdown. A handler past
+/// `handler_timeout` is dropped, which ends the progress acks of its message.
 async fn lane(consumer: Arc<Consumer>, mut rx: mpsc::Receiver<Queued>, stop: CancellationToken) {
     let max = consumer.batch_size();
     let hold = consumer.max_ack_pending();
@@ -1288,14 +1444,24 @@ async fn lane(consumer: Arc<Consumer>, mut rx: mpsc::Receiver<Queued>, stop: Can
         let replies = {
             let work = handle_batch(&consumer, &mut conn, &batch);
             tokio::pin!(work);
+            // The progress acks being sent, polled next to the handler's work (never
+            // awaited in its stead) and bounded by `period`.
+            let mut progress: Option<futures::future::BoxFuture<'static, ()>> = None;
             loop {
                 tokio::select! {
                     replies = &mut work => break replies,
+                    () = async { progress.as_mut().expect("guarded").await }, if progress.is_some() => {
+                        progress = None;
+                    }
                     next = rx.recv(), if open && queue.len() < hold => match next {
                         Some(queued) => queue.push_back(queued),
                         None => open = false,
                     },
                     _ = keepalive.tick() => {
+                        if progress.is_some() {
+                            // The previous ones are still waiting for the client: skip.
+                            continue;
+                        }
                         let Some(due) = Instant::now().checked_sub(period / 2) else {
                             continue;
                         };
@@ -1303,45 +1469,106 @@ async fn lane(consumer: Arc<Consumer>, mut rx: mpsc::Receiver<Queued>, stop: Can
                             .iter()
                             .zip(touched.iter_mut())
                             .chain(queue.iter_mut().map(|q| (&q.message, &mut q.touched)));
-                        keep_alive(&consumer, held, due).await;
+                        progress = keep_alive(&consumer, held, due, period);
                     }
                 }
             }
+            // Dropping unsent progress acks here keeps them from following the replies.
         };
-        for (message, reply) in batch.iter().zip(replies) {
-            if let Err(e) = message.ack_with(reply.kind()).await {
-                // Committed effects with a lost ack mean a redelivery that the inbox row
-                // turns into a skip; a lost NAK means a redelivery after ack_wait.
-                tracing::warn!(consumer = %consumer.config.name, error = %e, "ack failed; the message will be redelivered");
-            }
-        }
+        send_replies(
+            &consumer,
+            batch.iter().zip(replies.into_iter().map(Reply::kind)),
+        )
+        .await;
     }
     // Pulled but not started: hand back for immediate redelivery (not a handler attempt).
     rx.close();
-    for queued in queue {
-        let _ = queued.message.ack_with(AckKind::Nak(None)).await;
-    }
+    let mut rest: Vec<jetstream::Message> = queue.into_iter().map(|q| q.message).collect();
     while let Some(queued) = rx.recv().await {
-        let _ = queued.message.ack_with(AckKind::Nak(None)).await;
+        rest.push(queued.message);
+    }
+    send_replies(
+        &consumer,
+        rest.iter().map(|message| (message, AckKind::Nak(None))),
+    )
+    .await;
+}
+
+/// The longest a lane waits for the NATS client to take the replies of one batch (or the
+/// NAKs at shutdown). The client's command channel is full only while it cannot write to the
+/// server (during a reconnect it does not read the channel at all); past this the rest are
+/// dropped: a lost ack means a redelivery that the inbox row turns into a skip, a lost NAK
+/// or term a redelivery after `ack_wait`. Without the bound a NATS outage would hold the
+/// lane, and shutdown, until the server is back.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends `replies`, within [`REPLY_TIMEOUT`] for all of them.
+async fn send_replies<'a>(
+    consumer: &Consumer,
+    replies: impl Iterator<Item = (&'a jetstream::Message, AckKind)>,
+) {
+    let name = &consumer.config.name;
+    let sent = tokio::time::timeout(REPLY_TIMEOUT, async {
+        for (message, kind) in replies {
+            if let Err(e) = message.ack_with(kind).await {
+                // Committed effects with a lost ack mean a redelivery that the inbox row
+                // turns into a skip; a lost NAK means a redelivery after ack_wait.
+                tracing::warn!(consumer = %name, error = %e, "ack failed; the message will be redelivered");
+            }
+        }
+    })
+    .await;
+    if sent.is_err() {
+        tracing::warn!(consumer = %name, timeout = ?REPLY_TIMEOUT, "the NATS client did not take the acks in time (disconnected?); the messages will be redelivered");
     }
 }
 
-/// Sends a progress ack (`AckKind::Progress`, which restarts the broker's `ack_wait`) for
-/// each held message last heard of at or before `due`.
-async fn keep_alive<'a>(
+/// Progress acks (`AckKind::Progress`, which restarts the broker's `ack_wait`) for each
+/// held message last heard of at or before `due`, as a future for the lane to poll next to
+/// its handler, bounded by `within`; `None` if there are none to send or the client is not
+/// connected. The lane never waits for it: while async-nats reconnects it stops reading its
+/// command channel, so an awaited send could block for the whole outage with the handler's
+/// transaction open (holding its locks). Acks that do not leave in time are dropped and the
+/// messages marked heard of all the same (the next ones go a period later); if NATS stays
+/// away longer than `ack_wait` the broker redelivers them, which the inbox tolerates.
+fn keep_alive<'a>(
     consumer: &Consumer,
     held: impl Iterator<Item = (&'a jetstream::Message, &'a mut Instant)>,
     due: Instant,
-) {
+    within: Duration,
+) -> Option<futures::future::BoxFuture<'static, ()>> {
+    let client = consumer.jetstream.client();
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return None;
+    }
+    let now = Instant::now();
+    let mut subjects = Vec::new();
     for (message, touched) in held {
         if *touched > due {
             continue;
         }
-        if let Err(e) = message.ack_with(AckKind::Progress).await {
-            tracing::debug!(consumer = %consumer.config.name, error = %e, "progress ack failed");
+        if let Some(reply) = &message.reply {
+            subjects.push(reply.clone());
         }
-        *touched = Instant::now();
+        *touched = now;
     }
+    if subjects.is_empty() {
+        return None;
+    }
+    let name = consumer.config.name.clone();
+    Some(Box::pin(async move {
+        let sent = tokio::time::timeout(within, async {
+            for subject in subjects {
+                if let Err(e) = client.publish(subject, AckKind::Progress.into()).await {
+                    tracing::debug!(consumer = %name, error = %e, "progress ack failed");
+                }
+            }
+        })
+        .await;
+        if sent.is_err() {
+            tracing::debug!(consumer = %name, "progress acks not sent in time; dropped");
+        }
+    }))
 }
 
 /// Handles messages in one transaction and returns the replies to send once it is over.
@@ -1522,12 +1749,33 @@ async fn retry_alone(consumer: &Consumer, letter: &dlq::store::Stored) -> Result
 
 /// Re-runs one parked message's handler from its bytes in a savepoint of `tx` and records
 /// the outcome in `tx`: the letter retried and the message processed, or the letter dead
-/// again with the new failure. Returns the outcome, to report once `tx` commits.
+/// again with the new failure (a handler that left its savepoint aborted, which its
+/// `RELEASE SAVEPOINT` tells, fails with reason `aborted_transaction`; one past
+/// `handler_timeout` with `timeout`). Returns the outcome, to report once `tx` commits.
+///
+/// First it locks the message's inbox row ([`store::lock_outcome`]): if it says
+/// `processed`, the handler's effects committed already (another instance processed the
+/// message while this one parked it) and the letter is closed as retried without running
+/// the handler.
 async fn retry_letter(
     consumer: &Consumer,
     tx: &mut PgConnection,
     letter: &dlq::store::Stored,
 ) -> Result<Result<(), Failure>, sqlx::Error> {
+    let outcome = store::lock_outcome(
+        tx,
+        &consumer.config.name,
+        &letter.message_id,
+        &letter.subject,
+    )
+    .await?;
+    if outcome == "processed" {
+        // Processed meanwhile (by another instance, while this one parked it): running the
+        // handler again would apply the message twice.
+        store::mark_already_processed(tx, letter.id).await?;
+        tracing::info!(consumer = %consumer.config.name, dead_letter = letter.id, "dlq retry of a message processed already; the handler does not run again");
+        return Ok(Ok(()));
+    }
     let attempt = u32::try_from(letter.attempts)
         .unwrap_or(0)
         .saturating_add(1);
@@ -1547,12 +1795,17 @@ async fn retry_letter(
             let result = consumer
                 .catching(consumer.handler.handle(&mut sp, &delivery))
                 .await;
-            if result.is_ok() {
-                sp.commit().await?;
-            } else {
-                sp.rollback().await?;
+            match result {
+                Ok(()) => match sp.commit().await {
+                    Ok(()) => Ok(()),
+                    // Rolled back to the savepoint before the next statement.
+                    Err(e) => Err(consumer.aborted(release_failed(e)?, &letter.message_id)),
+                },
+                Err(failure) => {
+                    sp.rollback().await?;
+                    Err(failure)
+                }
             }
-            result
         }
     };
     match &result {
@@ -1606,5 +1859,65 @@ fn report_retry(consumer: &Consumer, letter: &dlq::store::Stored, result: &Resul
                 .increment(1);
             tracing::warn!(consumer = %consumer.config.name, dead_letter = letter.id, error = %error, "dlq retry failed again");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with SQLSTATE `code`, as the server would send it.
+    #[derive(Debug)]
+    struct Coded(&'static str);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn refused_code(code: &'static str) -> bool {
+        refused(&sqlx::Error::Database(Box::new(Coded(code))))
+    }
+
+    #[test]
+    fn tells_refused_commits_from_lost_sessions() {
+        // Refused for what the transaction did: an attempt.
+        for code in ["23505", "40001", "40P01", "P0001", "57014"] {
+            assert!(refused_code(code), "{code} is refused");
+        }
+        // The connection or the server failed: not an attempt.
+        for code in [
+            "08006", "53300", "57P01", "58030", "XX000", "25P03", "25P04",
+        ] {
+            assert!(!refused_code(code), "{code} is a lost connection or server");
+        }
+        assert!(!refused(&sqlx::Error::PoolTimedOut));
+        assert!(is_aborted(&sqlx::Error::Database(Box::new(Coded("25P02")))));
     }
 }

@@ -23,8 +23,9 @@ pub struct Delivery {
     /// The consumer's name.
     pub consumer: Arc<str>,
     /// Which handler attempt this is, from 1: one more than the earlier runs of the handler
-    /// for this message that failed (returned [`HandlerError::Retry`], panicked, or whose
-    /// transaction's COMMIT the database refused). Redeliveries that did not run the handler
+    /// for this message that failed (returned [`HandlerError::Retry`], panicked, ran past
+    /// `handler_timeout`, left the transaction aborted, or whose transaction's COMMIT the
+    /// database refused). Redeliveries that did not run the handler
     /// (the database was unavailable, the consumer shut down, `ack_wait` expired) do not
     /// count; the count is kept in the database, so it carries over to another instance. A
     /// `dlq retry` counts on from the dead letter's attempts. `max_attempts` applies to it.
@@ -117,7 +118,10 @@ impl std::fmt::Display for HandlerError {
 /// (business rows, outbox messages) commits together with the inbox row, or not at all. The
 /// handler must not commit or roll back itself and should not publish to the broker
 /// directly (enqueue to the outbox instead). It may be called again for the same message
-/// only if an earlier call returned an error or its transaction did not commit.
+/// only if an earlier call returned an error or its transaction did not commit. A statement
+/// that fails aborts the transaction: return its error (e.g. `map_err(HandlerError::retry)`);
+/// a handler that ignores it and returns `Ok` is caught before COMMIT and counted as a failed
+/// attempt (parked with reason `aborted_transaction`), since nothing it did could commit.
 ///
 /// A handler that panics is caught by the consumer: its transaction is rolled back, the
 /// panic is counted (`inbox_handler_panics_total`) and the message is retried like

@@ -15,11 +15,15 @@
 //! with reason `panic` after the attempt limit; a handler whose transaction's COMMIT the
 //! database refuses (a deferred constraint, a serialization failure) likewise, with reason
 //! `commit_failed` (in batched mode the batch is first re-run one message at a time, so that
-//! only that message fails). The attempt limit counts *handler attempts*, kept in the
+//! only that message fails). A handler that returns `Ok` but left its transaction aborted (it
+//! ignored a failed statement) is caught before COMMIT and parked the same way with reason
+//! `aborted_transaction`, one that runs past `handler_timeout` with reason `timeout`. The
+//! attempt limit counts *handler attempts*, kept in the
 //! `inbox_attempt` table, not the broker's deliveries: NAKs after database errors or at
 //! shutdown and expired `ack_wait`s use none up, and lanes send progress acks for the
-//! messages they hold so that a slow handler does not get them redelivered. The broker never
-//! gives up first:
+//! messages they hold so that a slow handler does not get them redelivered (a safety limit
+//! parks a message delivered more than 10 x `max_attempts` times as `deliveries_exhausted`).
+//! The broker never gives up first:
 //! [`Consumer::ensure`] creates the durable with unlimited deliveries and refuses an existing
 //! one with a delivery limit, a broker backoff or another `ack_wait`. `dlq retry` later
 //! re-runs the failed consumer's handler from the parked bytes, in this consumer's own

@@ -32,3 +32,11 @@ pub const BATCH_MESSAGES: &str = "inbox_batch_handler_messages";
 /// Histogram: run time of what a `layer::Timing` wraps, per call (a message or a batch),
 /// labelled `kind` (`message`, `batch`), seconds.
 pub const TIMED: &str = "inbox_timed_seconds";
+/// Counter: handler calls stopped after running longer than `handler_timeout` (per message,
+/// per batch, or in a `dlq retry`): rolled back and counted as a failed attempt, then
+/// dead-lettered with reason `timeout` after `max_attempts`. Alert on any: a handler hangs.
+pub const HANDLER_TIMEOUTS: &str = "inbox_handler_timeouts_total";
+/// Counter: handlers that returned `Ok` but left their transaction aborted (they ignored a
+/// failed statement): rolled back and counted as a failed attempt, then dead-lettered with
+/// reason `aborted_transaction` after `max_attempts`. Alert on any: a bug in the handler.
+pub const ABORTED_TRANSACTIONS: &str = "inbox_aborted_transactions_total";

@@ -1,5 +1,6 @@
-//! All SQL on `inbox_message` and `inbox_attempt`, and the one statement the consumer runs
-//! on `dead_letter` beyond the `dlq` crate's (re-locking a retry request).
+//! All SQL on `inbox_message` and `inbox_attempt`, and the statements the consumer runs on
+//! `dead_letter` beyond the `dlq` crate's (re-locking a retry request, closing one whose
+//! message was processed meanwhile).
 
 use sqlx::PgConnection;
 
@@ -195,4 +196,45 @@ pub async fn lock_retry_request(conn: &mut PgConnection, id: i64) -> Result<bool
     .fetch_optional(conn)
     .await?;
     Ok(found.is_some())
+}
+
+/// Locks the inbox row of a message about to be re-run by `dlq retry`, inserting it as
+/// `dead_lettered` if it is gone (the cleaner deleted it), and returns its outcome. Call it
+/// in the retry's transaction before running the handler: a lane that gets a redelivery of
+/// the message meanwhile waits for that transaction, and `processed` means the handler's
+/// effects committed already (another instance processed the message while this one parked
+/// it), so the handler must not run again. One statement.
+pub async fn lock_outcome(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: &str,
+    subject: &str,
+) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO inbox_message (consumer, message_id, subject, outcome)
+         VALUES ($1, $2, $3, 'dead_lettered')
+         ON CONFLICT (consumer, message_id) DO UPDATE SET outcome = inbox_message.outcome
+         RETURNING outcome",
+    )
+    .bind(consumer)
+    .bind(message_id)
+    .bind(subject)
+    .fetch_one(conn)
+    .await
+}
+
+/// Closes retry request `id` whose message was processed already (see [`lock_outcome`]):
+/// status `retried`, without running the handler, noted in its history.
+pub async fn mark_already_processed(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE dead_letter SET status = 'retried',
+             history = history || jsonb_build_array(jsonb_build_object(
+                 'action', 'retried', 'note', 'already processed; the handler did not run again',
+                 'at', now()))
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
