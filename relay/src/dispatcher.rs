@@ -124,8 +124,7 @@ struct Unwritten {
     outcome: Outcome,
     error: String,
     /// The transaction may still be open at the server, holding its row locks, until the
-    /// server ends it (the database did not answer, or the connection broke while the
-    /// session may live on).
+    /// server ends it (the database did not answer in time).
     locks_may_linger: bool,
 }
 
@@ -177,6 +176,8 @@ pub(crate) struct Dispatcher<P> {
     /// No claim before this (a broker pause, transactions that may still hold locks); only
     /// ever moved later.
     claims_blocked_until: Instant,
+    /// The end of the current pause after broker failures.
+    broker_paused_until: Instant,
     idle_delay: Duration,
     broker_backoff: Option<backon::ExponentialBackoff>,
     db_backoff: Option<backon::ExponentialBackoff>,
@@ -214,6 +215,7 @@ impl<P: Publisher> Dispatcher<P> {
             stopping_since: None,
             next_claim_at: Instant::now(),
             claims_blocked_until: Instant::now(),
+            broker_paused_until: Instant::now(),
             idle_delay,
             broker_backoff: None,
             db_backoff: None,
@@ -695,9 +697,16 @@ impl<P: Publisher> Dispatcher<P> {
             PublishErrorKind::Unavailable | PublishErrorKind::Timeout
         ) {
             // The broker is in trouble: stop claiming for a while instead of churning rows.
+            // The pause grows once per pause, not once per failed message: every message in
+            // flight fails together in one outage, and escalating for each of them paused
+            // the relay for the longest delay (tens of seconds) after every short outage.
             self.health.set_broker(self.publisher.is_connected());
-            let pause = next_delay(&mut self.broker_backoff, &self.config);
-            self.claims_blocked_until = self.claims_blocked_until.max(Instant::now() + pause);
+            let now = Instant::now();
+            if now >= self.broker_paused_until {
+                let pause = next_delay(&mut self.broker_backoff, &self.config);
+                self.broker_paused_until = now + pause;
+                self.claims_blocked_until = self.claims_blocked_until.max(now + pause);
+            }
         }
         false
     }
@@ -764,23 +773,26 @@ async fn end_batch(
     outcome: Outcome,
     limit: Duration,
 ) -> Result<(), Unwritten> {
+    // Only a step the database did not answer in time may leave the transaction open at the
+    // server: a refused statement ends or aborts it, and a broken connection ends the session
+    // (the server sees the socket close and rolls back).
     if outcome.is_empty() {
         return within(limit, tx.rollback())
             .await
-            .map_err(|e| Unwritten::new(outcome, &e, true));
+            .map_err(|e| Unwritten::new(outcome, &e, is_timeout(&e)));
     }
     let error = match within(limit, write_outcome(&mut tx, how, &outcome)).await {
         Ok(()) => {
-            return within(limit, tx.commit()).await.map_err(|e| {
-                // A refused COMMIT ends the transaction at the server; anything else (no
-                // answer, a broken connection) may leave it open there.
-                let linger = !matches!(e, sqlx::Error::Database(_));
-                Unwritten::new(outcome, &e, linger)
-            });
+            return within(limit, tx.commit())
+                .await
+                .map_err(|e| Unwritten::new(outcome, &e, is_timeout(&e)));
         }
         Err(e) => e,
     };
-    let linger = is_timeout(&error) || within(limit, tx.rollback()).await.is_err();
+    let linger = is_timeout(&error)
+        || within(limit, tx.rollback())
+            .await
+            .is_err_and(|e| is_timeout(&e));
     Err(Unwritten::new(outcome, &error, linger))
 }
 
