@@ -33,7 +33,7 @@
 
 use std::any::Any;
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::panic::AssertUnwindSafe;
@@ -641,7 +641,7 @@ impl Consumer {
 
     /// Reads a message for its handler: `Err` with why it must be parked at once if it does
     /// not decode, or if the broker delivered it more than 10 x `max_attempts` times (the
-    /// safety limit, reason `deliveries_exhausted`). The handler attempt is 1 until [`Consumer::attempt_of`] says otherwise.
+    /// safety limit, reason `deliveries_exhausted`). The handler attempt is 1 until the inbox insert returns the failed attempts counted for it.
     fn read(&self, message: &jetstream::Message) -> Result<Read, Park> {
         let (delivered, stream_seq) = match message.info() {
             Ok(info) => (
@@ -686,22 +686,6 @@ impl Consumer {
         })
     }
 
-    /// Which handler attempt a new message's run is: one more than its failed attempts in
-    /// `inbox_attempt`, taken out in `conn`'s transaction (see [`store::take_attempts`]).
-    /// Only a redelivery can have any: a message at its first delivery costs no statement.
-    async fn attempt_of(
-        &self,
-        conn: &mut PgConnection,
-        id: &str,
-        delivered: Option<u32>,
-    ) -> Result<u32, sqlx::Error> {
-        if delivered.is_some_and(|d| d <= 1) {
-            return Ok(1);
-        }
-        let failed = store::take_attempts(conn, &self.config.name, id).await?;
-        Ok(failed.saturating_add(1))
-    }
-
     /// Parks a message that [`Consumer::read`] refused, through `conn`.
     async fn park_unread(
         &self,
@@ -735,22 +719,14 @@ impl Consumer {
             }
         };
         let subject = message.subject.as_str();
-        if !store::insert_if_new(
-            conn,
-            &self.config.name,
-            &read.id,
-            subject,
-            read.seq,
-            "processed",
-        )
-        .await?
-        {
+        let Some(failed) =
+            store::insert_new_taking_attempts(conn, &self.config.name, &read.id, subject, read.seq)
+                .await?
+        else {
             metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
             return Ok(Handled::Reply(Reply::Ack));
-        }
-        let attempt = self
-            .attempt_of(conn, &read.id, read.delivery.delivered)
-            .await?;
+        };
+        let attempt = failed.saturating_add(1);
         read.delivery.attempt = attempt;
         let ran = Ran {
             id: read.id,
@@ -780,23 +756,20 @@ impl Consumer {
         };
         let subject = message.subject.as_str();
         let mut sp = conn.begin().await?;
-        if !store::insert_if_new(
+        let Some(failed) = store::insert_new_taking_attempts(
             &mut sp,
             &self.config.name,
             &read.id,
             subject,
             read.seq,
-            "processed",
         )
         .await?
-        {
+        else {
             sp.commit().await?;
             metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
             return Ok((Reply::Ack, false));
-        }
-        let attempt = self
-            .attempt_of(&mut sp, &read.id, read.delivery.delivered)
-            .await?;
+        };
+        let attempt = failed.saturating_add(1);
         read.delivery.attempt = attempt;
         let error = match self.run_handler(&mut sp, &read.delivery).await {
             Ok(()) => match sp.commit().await {
@@ -914,37 +887,27 @@ impl Consumer {
         let subjects: Vec<String> = batch.iter().map(|m| m.subject.to_string()).collect();
         let seqs: Vec<Option<i64>> = reads.iter().map(|r| r.seq).collect();
         let mut tx = conn.begin().await?;
-        let mut new: HashSet<String> =
-            store::insert_many_if_new(&mut tx, &self.config.name, &ids, &subjects, &seqs)
-                .await?
-                .into_iter()
-                .collect();
+        // New rows, with the failed attempts counted for them, in one statement.
+        let mut new: HashMap<String, u32> = store::insert_many_new_taking_attempts(
+            &mut tx,
+            &self.config.name,
+            &ids,
+            &subjects,
+            &seqs,
+        )
+        .await?
+        .into_iter()
+        .collect();
         let mut fresh = Vec::with_capacity(new.len());
         let mut duplicates = 0;
         for read in reads {
             // Taking the id out makes a second copy in the same batch a duplicate.
-            if new.remove(&read.id) {
-                fresh.push(read.delivery);
+            if let Some(failed) = new.remove(&read.id) {
+                let mut delivery = read.delivery;
+                delivery.attempt = failed.saturating_add(1);
+                fresh.push(delivery);
             } else {
                 duplicates += 1;
-            }
-        }
-        // Redeliveries may have failed attempts counted: take them out with one statement.
-        let redelivered: Vec<String> = fresh
-            .iter()
-            .filter(|d| d.delivered.is_none_or(|n| n > 1))
-            .map(|d| d.envelope.id.to_string())
-            .collect();
-        if !redelivered.is_empty() {
-            let failed: HashMap<String, u32> =
-                store::take_many_attempts(&mut tx, &self.config.name, &redelivered)
-                    .await?
-                    .into_iter()
-                    .collect();
-            for delivery in &mut fresh {
-                if let Some(n) = failed.get(&delivery.envelope.id.to_string()) {
-                    delivery.attempt = n.saturating_add(1);
-                }
             }
         }
         let handled = fresh.len() as u64;

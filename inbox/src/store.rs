@@ -30,28 +30,75 @@ pub async fn insert_if_new(
     Ok(inserted.rows_affected() == 1)
 }
 
-/// [`insert_if_new`] for many messages in one statement (all `processed`): returns the ids
-/// whose row is new. An id listed twice is inserted once and returned once.
-pub async fn insert_many_if_new(
+/// [`insert_if_new`] with outcome `processed`, in the same statement taking out the failed
+/// handler attempts counted for the message (its `inbox_attempt` row is deleted: if the
+/// handler's effects commit, the count goes with them; if they roll back, the row is back):
+/// `None` for a message
+/// already resolved (skip it), `Some(failed)` for a new row. Whatever the broker's delivery
+/// count says: a copy of a message published again under another `Nats-Msg-Id` is a first
+/// delivery to the broker but not a first attempt. One round trip, like the plain insert.
+pub async fn insert_new_taking_attempts(
+    conn: &mut PgConnection,
+    consumer: &str,
+    message_id: &str,
+    subject: &str,
+    stream_seq: Option<i64>,
+) -> Result<Option<u32>, sqlx::Error> {
+    let (new, failed): (bool, Option<i32>) = sqlx::query_as(
+        "WITH ins AS (
+             INSERT INTO inbox_message (consumer, message_id, subject, stream_seq, outcome)
+             VALUES ($1, $2, $3, $4, 'processed')
+             ON CONFLICT (consumer, message_id) DO NOTHING
+             RETURNING message_id),
+         taken AS (
+             DELETE FROM inbox_attempt a USING ins
+             WHERE a.consumer = $1 AND a.message_id = ins.message_id
+             RETURNING a.attempts)
+         SELECT EXISTS (SELECT 1 FROM ins), (SELECT attempts FROM taken)",
+    )
+    .bind(consumer)
+    .bind(message_id)
+    .bind(subject)
+    .bind(stream_seq)
+    .fetch_one(conn)
+    .await?;
+    Ok(new.then(|| failed.map_or(0, |a| u32::try_from(a).unwrap_or(0))))
+}
+
+/// [`insert_new_taking_attempts`] for many messages in one statement: returns each id whose
+/// row is new with its failed handler attempts. An id listed twice is inserted once and
+/// returned once.
+pub async fn insert_many_new_taking_attempts(
     conn: &mut PgConnection,
     consumer: &str,
     message_ids: &[String],
     subjects: &[String],
     stream_seqs: &[Option<i64>],
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "INSERT INTO inbox_message (consumer, message_id, subject, stream_seq, outcome)
-         SELECT $1, m.id, m.subject, m.seq, 'processed'
-         FROM unnest($2::text[], $3::text[], $4::bigint[]) AS m(id, subject, seq)
-         ON CONFLICT (consumer, message_id) DO NOTHING
-         RETURNING message_id",
+) -> Result<Vec<(String, u32)>, sqlx::Error> {
+    let rows: Vec<(String, i32)> = sqlx::query_as(
+        "WITH ins AS (
+             INSERT INTO inbox_message (consumer, message_id, subject, stream_seq, outcome)
+             SELECT $1, m.id, m.subject, m.seq, 'processed'
+             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS m(id, subject, seq)
+             ON CONFLICT (consumer, message_id) DO NOTHING
+             RETURNING message_id),
+         taken AS (
+             DELETE FROM inbox_attempt a USING ins
+             WHERE a.consumer = $1 AND a.message_id = ins.message_id
+             RETURNING a.message_id, a.attempts)
+         SELECT ins.message_id, coalesce(taken.attempts, 0)
+         FROM ins LEFT JOIN taken USING (message_id)",
     )
     .bind(consumer)
     .bind(message_ids)
     .bind(subjects)
     .bind(stream_seqs)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, a)| (id, u32::try_from(a).unwrap_or(0)))
+        .collect())
 }
 
 /// Records that a parked message was finally processed (after `dlq retry`).
@@ -91,46 +138,6 @@ pub async fn delete_older_than(
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
-}
-
-/// Takes the failed handler attempts counted for a message out of `inbox_attempt`: returns
-/// the count (0 without a row) and deletes the row. Call it in the handler's transaction
-/// (or savepoint): if the handler's effects commit, the count goes with them; if they roll
-/// back, the row is back.
-pub async fn take_attempts(
-    conn: &mut PgConnection,
-    consumer: &str,
-    message_id: &str,
-) -> Result<u32, sqlx::Error> {
-    let attempts: Option<i32> = sqlx::query_scalar(
-        "DELETE FROM inbox_attempt WHERE consumer = $1 AND message_id = $2 RETURNING attempts",
-    )
-    .bind(consumer)
-    .bind(message_id)
-    .fetch_optional(conn)
-    .await?;
-    Ok(attempts.map_or(0, |a| u32::try_from(a).unwrap_or(0)))
-}
-
-/// [`take_attempts`] for many messages in one statement: `(message id, count)` for those
-/// that have a row.
-pub async fn take_many_attempts(
-    conn: &mut PgConnection,
-    consumer: &str,
-    message_ids: &[String],
-) -> Result<Vec<(String, u32)>, sqlx::Error> {
-    let rows: Vec<(String, i32)> = sqlx::query_as(
-        "DELETE FROM inbox_attempt WHERE consumer = $1 AND message_id = ANY($2)
-         RETURNING message_id, attempts",
-    )
-    .bind(consumer)
-    .bind(message_ids)
-    .fetch_all(conn)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, a)| (id, u32::try_from(a).unwrap_or(0)))
-        .collect())
 }
 
 /// Counts one more failed handler attempt of a message (a retry, a panic, a refused
