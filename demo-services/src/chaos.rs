@@ -1,17 +1,27 @@
 //! The chaos run behind `make chaos`: the demo topology as processes, a steady load of
 //! orders, and a seeded schedule of faults (broker SIGKILLs and a pause, relay SIGKILLs and
 //! a SIGTERM, consumer services SIGKILLed mid-handler, a PostgreSQL immediate restart, a
-//! slowed and cut link between a relay and the broker); then quiescence and the saga's
-//! invariants. The same seed gives the same orders, payments and fault schedule (timing
-//! still varies with the machine).
+//! slowed and cut link between a relay and the broker); then quiescence, the saga's
+//! invariants, and the streams checked against the outboxes (every published row in its
+//! stream once, each partition key's messages in commit order). The same seed gives the same
+//! orders, payments, probe keys and fault schedule (timing still varies with the machine).
+//!
+//! Besides the orders (each order id is a partition key), a probe workload writes outbox rows
+//! straight into order-service's and inventory-service's databases, as a second producer of
+//! each service would: thousands of distinct keys written twice each and one hot key written
+//! over and over, on subjects the stream captures and no consumer subscribes to. Nothing in
+//! the demo's API enqueues many events for one key, and the per-key ordering guarantee is
+//! only tested by a key with many events in flight through the faults.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::client;
 use crate::order::PaymentSimulation;
@@ -35,6 +45,10 @@ pub struct ChaosOptions {
     /// A 3-node JetStream cluster with an R3 stream, and the cluster schedule (stream
     /// leader SIGKILLed, then a follower) instead of the single-server one.
     pub cluster: bool,
+    /// Probe workload: distinct partition keys per outbox, each written twice.
+    pub keys: usize,
+    /// Probe workload: events on the one hot key of each outbox.
+    pub hot: usize,
 }
 
 /// A small seeded generator (splitmix64).
@@ -344,8 +358,21 @@ pub struct Report {
     pub faults: usize,
     /// Wall time.
     pub elapsed: Duration,
+    /// Probe events committed (both outboxes).
+    pub probes: usize,
+    /// What the stream check found.
+    pub stream: StreamFindings,
     /// The first violated invariant, if any.
     pub violation: Option<String>,
+}
+
+impl Report {
+    fn add_violation(&mut self, text: String) {
+        self.violation = Some(match self.violation.take() {
+            Some(v) => format!("{v}; also {text}"),
+            None => text,
+        });
+    }
 }
 
 impl fmt::Display for Report {
@@ -361,6 +388,19 @@ impl fmt::Display for Report {
             self.emails,
             self.faults,
             self.elapsed.as_secs_f64()
+        )?;
+        let s = &self.stream;
+        write!(
+            f,
+            " probes={} stream_msgs={} stream_keys={} stream_missing={} stream_dups={} stream_unknown={} stream_mismatch={} key_order_violations={}",
+            self.probes,
+            s.msgs,
+            s.keys,
+            s.missing,
+            s.dups,
+            s.unknown,
+            s.mismatch,
+            s.key_order_violations
         )
     }
 }
@@ -438,6 +478,549 @@ async fn load(urls: Urls, options: ChaosOptions) -> Vec<(String, anyhow::Result<
         }
     }
     placed
+}
+
+/// The event type of the probe workload's rows.
+pub const PROBE_TYPE: &str = "chaos.probe.v1";
+
+/// An outbox the probe workload writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeTarget {
+    /// order-service's (published by the order relay, the one behind the faulty link).
+    Orders,
+    /// inventory-service's.
+    Inventory,
+}
+
+impl ProbeTarget {
+    /// Both, in the order they are reported.
+    pub const ALL: [ProbeTarget; 2] = [ProbeTarget::Orders, ProbeTarget::Inventory];
+
+    /// Short name, used in keys and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeTarget::Orders => "orders",
+            ProbeTarget::Inventory => "inventory",
+        }
+    }
+
+    /// The subject of its probe rows: captured by the saga's stream (`order.>`,
+    /// `inventory.>`), filtered out by every consumer (they subscribe to exact subjects).
+    pub fn subject(self) -> &'static str {
+        match self {
+            ProbeTarget::Orders => "order.chaos_probe.v1",
+            ProbeTarget::Inventory => "inventory.chaos_probe.v1",
+        }
+    }
+
+    /// Its hot key.
+    pub fn hot_key(self) -> String {
+        format!("probe-{}-hot", self.name())
+    }
+
+    fn pool(self, stack: &Stack) -> PgPool {
+        match self {
+            ProbeTarget::Orders => stack.db.orders.clone(),
+            ProbeTarget::Inventory => stack.db.inventory.clone(),
+        }
+    }
+}
+
+/// The partition keys of `target`'s probe rows in write order, for `seed`: `keys` distinct
+/// keys twice each and the hot key `hot` times, shuffled.
+pub fn probe_plan(seed: u64, target: ProbeTarget, keys: usize, hot: usize) -> Vec<String> {
+    let salt = match target {
+        ProbeTarget::Orders => 0x0050_2be0,
+        ProbeTarget::Inventory => 0x0050_2be1,
+    };
+    let mut rng = Rng::new(seed ^ salt);
+    let mut plan: Vec<String> = (0..keys)
+        .flat_map(|k| {
+            let key = format!("probe-{}-{k:05}", target.name());
+            [key.clone(), key]
+        })
+        .chain(std::iter::repeat_n(target.hot_key(), hot))
+        .collect();
+    for i in (1..plan.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        plan.swap(i, j);
+    }
+    plan
+}
+
+/// One probe row in its own transaction, as a producer writes one.
+async fn write_probe(
+    pool: &PgPool,
+    outbox: &outbox::Outbox,
+    target: ProbeTarget,
+    key: &str,
+    n: usize,
+) -> Result<Uuid, outbox::Error> {
+    let message = outbox::Message::json(
+        target.subject(),
+        PROBE_TYPE,
+        key,
+        &json!({ "key": key, "n": n }),
+    )?;
+    let mut tx = pool.begin().await.map_err(outbox::Error::Database)?;
+    let id = outbox.enqueue_message(&mut tx, message).await?;
+    tx.commit().await.map_err(outbox::Error::Database)?;
+    Ok(id.into())
+}
+
+/// Writes `plan` into `target`'s outbox, evenly spread over `over`, one row per transaction
+/// and one transaction at a time (so one key's rows commit in `seq` order, as the aggregate's
+/// row lock makes a service's do), retrying through faults until `deadline`. Returns the ids
+/// whose commit succeeded (a commit cut by a fault may or may not have happened; it is
+/// retried as a new row).
+async fn write_probes(
+    pool: PgPool,
+    target: ProbeTarget,
+    plan: Vec<String>,
+    over: Duration,
+    deadline: Instant,
+) -> anyhow::Result<Vec<Uuid>> {
+    let outbox = outbox::Outbox::new("chaos-probe")?;
+    let start = tokio::time::Instant::now();
+    let total = plan.len().max(1);
+    let mut committed = Vec::with_capacity(plan.len());
+    for (n, key) in plan.iter().enumerate() {
+        tokio::time::sleep_until(start + over.mul_f64(n as f64 / total as f64)).await;
+        loop {
+            match write_probe(&pool, &outbox, target, key, n).await {
+                Ok(id) => {
+                    committed.push(id);
+                    break;
+                }
+                Err(e) if e.kind() == outbox::ErrorKind::InvalidInput => {
+                    bail!("probe {n} ({key}) refused by the outbox: {e}")
+                }
+                Err(e) if Instant::now() > deadline => {
+                    bail!(
+                        "probe {n} ({key}) of the {} outbox not committed before the deadline: {e}",
+                        target.name()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    Ok(committed)
+}
+
+/// The probe workload on both outboxes at once.
+async fn probes(
+    pools: Vec<(ProbeTarget, PgPool)>,
+    options: ChaosOptions,
+    over: Duration,
+) -> anyhow::Result<Vec<Uuid>> {
+    let deadline = Instant::now() + over + Duration::from_secs(120);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (target, pool) in pools {
+        let plan = probe_plan(options.seed, target, options.keys, options.hot);
+        tasks.spawn(write_probes(pool, target, plan, over, deadline));
+    }
+    let mut committed = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        committed.extend(done.context("a probe writer panicked")??);
+    }
+    Ok(committed)
+}
+
+/// One row of a service's `outbox_message`, as the stream check reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Which database.
+    pub outbox: &'static str,
+    /// The message id (`Nats-Msg-Id`).
+    pub id: Uuid,
+    /// Commit-ordered position.
+    pub seq: i64,
+    /// The partition key (`ce-partitionkey`).
+    pub partition_key: String,
+    /// `pending` or `published`.
+    pub status: String,
+    /// The stream of its PubAck.
+    pub stream: Option<String>,
+    /// The stream sequence of its PubAck.
+    pub stream_seq: Option<i64>,
+}
+
+/// One message of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEntry {
+    /// The stream.
+    pub stream: String,
+    /// Its sequence there.
+    pub seq: u64,
+    /// Its `Nats-Msg-Id` header.
+    pub msg_id: Option<String>,
+    /// Its `ce-partitionkey` header.
+    pub partition_key: Option<String>,
+}
+
+/// What the stream check found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamFindings {
+    /// Messages read from the streams.
+    pub msgs: usize,
+    /// Distinct partition keys among them.
+    pub keys: usize,
+    /// Published rows (and committed probes) whose id is not in their stream.
+    pub missing: usize,
+    /// Extra copies of an id in the streams (after JetStream's dedup, a copy means a publish
+    /// was retried after the duplicate window).
+    pub dups: usize,
+    /// Messages whose id no outbox row (nor committed probe) has.
+    pub unknown: usize,
+    /// Rows whose stream message disagrees with them: partition key header, or the stream
+    /// and sequence of the PubAck recorded on the row.
+    pub mismatch: usize,
+    /// First occurrences of a key's ids out of the `seq` (commit) order of that outbox's
+    /// rows: each id that first appears after an id of the same key and outbox with a
+    /// higher `seq`.
+    pub key_order_violations: usize,
+    /// An example of each kind of problem, readable.
+    pub problems: Vec<String>,
+}
+
+impl StreamFindings {
+    /// Whether everything held.
+    pub fn clean(&self) -> bool {
+        self.missing == 0
+            && self.dups == 0
+            && self.unknown == 0
+            && self.mismatch == 0
+            && self.key_order_violations == 0
+    }
+}
+
+/// Checks the streams' messages (`entries`, any order) against the outbox rows of every
+/// service and the ids of committed probes (whose rows must be there too, or at least their
+/// messages).
+pub fn check_stream_contents(
+    rows: &[OutboxRow],
+    committed: &[Uuid],
+    entries: &[StreamEntry],
+) -> StreamFindings {
+    let mut entries: Vec<&StreamEntry> = entries.iter().collect();
+    entries.sort_by(|a, b| (&a.stream, a.seq).cmp(&(&b.stream, b.seq)));
+    let by_id: HashMap<Uuid, &OutboxRow> = rows.iter().map(|r| (r.id, r)).collect();
+    let committed: HashSet<Uuid> = committed.iter().copied().collect();
+    let mut findings = StreamFindings {
+        msgs: entries.len(),
+        keys: entries
+            .iter()
+            .filter_map(|e| e.partition_key.as_deref())
+            .collect::<HashSet<_>>()
+            .len(),
+        ..StreamFindings::default()
+    };
+    let first = |kind: &str, text: String, problems: &mut Vec<String>| {
+        if !problems.iter().any(|p| p.starts_with(kind)) {
+            problems.push(format!("{kind}: {text}"));
+        }
+    };
+    let mut problems = Vec::new();
+
+    // Where each id is, in stream order.
+    let mut occurrences: HashMap<Uuid, Vec<&StreamEntry>> = HashMap::new();
+    for entry in &entries {
+        match entry.msg_id.as_deref().map(Uuid::parse_str) {
+            Some(Ok(id)) => {
+                if !by_id.contains_key(&id) && !committed.contains(&id) {
+                    findings.unknown += 1;
+                    first(
+                        "unknown",
+                        format!(
+                            "{}:{} has id {id}, which no outbox row has",
+                            entry.stream, entry.seq
+                        ),
+                        &mut problems,
+                    );
+                }
+                occurrences.entry(id).or_default().push(entry);
+            }
+            _ => {
+                findings.unknown += 1;
+                first(
+                    "unknown",
+                    format!(
+                        "{}:{} has Nats-Msg-Id {:?}, not an outbox id",
+                        entry.stream, entry.seq, entry.msg_id
+                    ),
+                    &mut problems,
+                );
+            }
+        }
+    }
+    let mut duplicated: Vec<(&Uuid, &Vec<&StreamEntry>)> =
+        occurrences.iter().filter(|(_, at)| at.len() > 1).collect();
+    duplicated.sort_by_key(|(_, at)| (&at[0].stream, at[0].seq));
+    for (id, at) in &duplicated {
+        findings.dups += at.len() - 1;
+        let row = by_id.get(id).map_or_else(
+            || "no row".to_owned(),
+            |r| format!("{} outbox seq {} key {}", r.outbox, r.seq, r.partition_key),
+        );
+        first(
+            "duplicate",
+            format!(
+                "id {id} ({row}) is stored {} times: {}",
+                at.len(),
+                at.iter()
+                    .map(|e| format!("{}:{}", e.stream, e.seq))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            &mut problems,
+        );
+    }
+
+    // Every published row in its stream, agreeing with the row.
+    let mut rows_sorted: Vec<&OutboxRow> = rows.iter().collect();
+    rows_sorted.sort_by_key(|r| (r.outbox, r.seq));
+    for row in rows_sorted.iter().filter(|r| r.status == "published") {
+        let stream = row.stream.as_deref().unwrap_or(crate::events::STREAM);
+        let at: Vec<&&StreamEntry> = occurrences
+            .get(&row.id)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.stream == stream)
+            .collect();
+        if at.is_empty() {
+            findings.missing += 1;
+            first(
+                "missing",
+                format!(
+                    "{} outbox row {} (seq {}, key {}) is published (stream {:?} seq {:?}) but not in {stream}",
+                    row.outbox, row.id, row.seq, row.partition_key, row.stream, row.stream_seq
+                ),
+                &mut problems,
+            );
+            continue;
+        }
+        let recorded = row
+            .stream_seq
+            .is_some_and(|s| at.iter().any(|e| e.seq as i64 == s));
+        if row.stream.is_none() || !recorded {
+            findings.mismatch += 1;
+            first(
+                "mismatch",
+                format!(
+                    "{} outbox row {} records PubAck {:?}:{:?} but is at {}",
+                    row.outbox,
+                    row.id,
+                    row.stream,
+                    row.stream_seq,
+                    at.iter()
+                        .map(|e| format!("{}:{}", e.stream, e.seq))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                &mut problems,
+            );
+        }
+        if let Some(e) = at
+            .iter()
+            .find(|e| e.partition_key.as_deref() != Some(row.partition_key.as_str()))
+        {
+            findings.mismatch += 1;
+            first(
+                "mismatch",
+                format!(
+                    "{} outbox row {} has key {} but {}:{} has ce-partitionkey {:?}",
+                    row.outbox, row.id, row.partition_key, e.stream, e.seq, e.partition_key
+                ),
+                &mut problems,
+            );
+        }
+    }
+    // A committed probe whose row is gone must at least be in the stream.
+    let mut gone: Vec<&Uuid> = committed
+        .iter()
+        .filter(|id| !by_id.contains_key(id) && !occurrences.contains_key(id))
+        .collect();
+    gone.sort();
+    findings.missing += gone.len();
+    if let Some(id) = gone.first() {
+        first(
+            "missing",
+            format!(
+                "probe {id} was committed but is neither in its outbox nor in the stream ({} such)",
+                gone.len()
+            ),
+            &mut problems,
+        );
+    }
+
+    // Per key (and outbox: one order's events come from two), first occurrences in seq order.
+    let mut seen: HashSet<Uuid> = HashSet::new();
+    let mut last: HashMap<(&str, &str, &str), (&OutboxRow, &StreamEntry)> = HashMap::new();
+    for entry in &entries {
+        let Some(Ok(id)) = entry.msg_id.as_deref().map(Uuid::parse_str) else {
+            continue;
+        };
+        let Some(row) = by_id.get(&id) else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        let key = entry
+            .partition_key
+            .as_deref()
+            .unwrap_or(row.partition_key.as_str());
+        let group = (entry.stream.as_str(), key, row.outbox);
+        match last.get(&group) {
+            Some((before, at)) if before.seq > row.seq => {
+                findings.key_order_violations += 1;
+                first(
+                    "key order",
+                    format!(
+                        "key {key} ({} outbox): seq {} ({}) first appears at {}:{}, after seq {} ({}) at {}:{}",
+                        row.outbox,
+                        row.seq,
+                        row.id,
+                        entry.stream,
+                        entry.seq,
+                        before.seq,
+                        before.id,
+                        at.stream,
+                        at.seq
+                    ),
+                    &mut problems,
+                );
+            }
+            _ => {
+                last.insert(group, (row, entry));
+            }
+        }
+    }
+    findings.problems = problems;
+    findings
+}
+
+/// `id, seq, partition_key, status, stream, stream_seq` of an `outbox_message` row.
+type RawOutboxRow = (Uuid, i64, String, String, Option<String>, Option<i64>);
+
+/// Every `outbox_message` row of the service databases (none for a database without the
+/// table).
+async fn outbox_rows(stack: &Stack) -> anyhow::Result<Vec<OutboxRow>> {
+    let mut rows = Vec::new();
+    for (outbox, pool) in [
+        ("orders", &stack.db.orders),
+        ("inventory", &stack.db.inventory),
+        ("email", &stack.db.email),
+    ] {
+        let mut conn = pool.acquire().await?;
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass('outbox_message')::text")
+                .fetch_one(&mut *conn)
+                .await?;
+        if exists.is_none() {
+            continue;
+        }
+        let found: Vec<RawOutboxRow> = sqlx::query_as(
+            "SELECT id, seq, partition_key, status, stream, stream_seq
+                 FROM outbox_message ORDER BY seq",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .with_context(|| format!("reading the {outbox} outbox"))?;
+        rows.extend(found.into_iter().map(
+            |(id, seq, partition_key, status, stream, stream_seq)| OutboxRow {
+                outbox,
+                id,
+                seq,
+                partition_key,
+                status,
+                stream,
+                stream_seq,
+            },
+        ));
+    }
+    Ok(rows)
+}
+
+/// Every message of the stream `name`, read by sequence (8 readers at once).
+async fn read_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> anyhow::Result<Vec<StreamEntry>> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("opening the stream {name}"))?;
+    let state = stream.info().await?.state.clone();
+    if state.messages == 0 {
+        return Ok(Vec::new());
+    }
+    let (first, last) = (state.first_sequence, state.last_sequence);
+    const READERS: u64 = 8;
+    let mut readers = tokio::task::JoinSet::new();
+    for r in 0..READERS {
+        let stream = stream.clone();
+        let name = name.to_owned();
+        readers.spawn(async move {
+            let mut out = Vec::new();
+            let mut seq = first + r;
+            while seq <= last {
+                let mut attempt = 0;
+                let message = loop {
+                    match stream.get_raw_message(seq).await {
+                        Ok(m) => break m,
+                        Err(e) if attempt >= 10 => {
+                            return Err(
+                                anyhow!(e).context(format!("reading {name} sequence {seq}"))
+                            );
+                        }
+                        Err(_) => {
+                            attempt += 1;
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                };
+                let header = |h: &str| message.headers.get(h).map(|v| v.as_str().to_owned());
+                out.push(StreamEntry {
+                    stream: name.clone(),
+                    seq: message.sequence,
+                    msg_id: header("Nats-Msg-Id"),
+                    partition_key: header("ce-partitionkey"),
+                });
+                seq += READERS;
+            }
+            anyhow::Ok(out)
+        });
+    }
+    let mut entries = Vec::with_capacity(state.messages as usize);
+    while let Some(done) = readers.join_next().await {
+        entries.extend(done.context("a stream reader panicked")??);
+    }
+    Ok(entries)
+}
+
+/// The stream check, after quiescence: every stream the outboxes published to (and the
+/// saga's), read completely, against every outbox row.
+async fn check_streams(stack: &Stack, committed: &[Uuid]) -> anyhow::Result<StreamFindings> {
+    let rows = outbox_rows(stack).await?;
+    let mut streams: Vec<String> = rows.iter().filter_map(|r| r.stream.clone()).collect();
+    streams.push(crate::events::STREAM.to_owned());
+    streams.sort();
+    streams.dedup();
+    let client = crate::platform::NatsConfig {
+        url: stack.nats_url.clone(),
+        ..crate::platform::NatsConfig::default()
+    }
+    .connect()
+    .await
+    .context("connecting to NATS for the stream check")?;
+    let js = async_nats::jetstream::new(client);
+    let mut entries = Vec::new();
+    for name in &streams {
+        entries.extend(read_stream(&js, name).await?);
+    }
+    Ok(check_stream_contents(&rows, committed, &entries))
 }
 
 fn process(stack: &mut Stack, relay: Relay) -> &mut testkit::Process {
@@ -608,27 +1191,66 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
         schedule(options.seed, load_time)
     };
     println!(
-        "chaos: seed={} orders={} rate={}/s faults={} (logs in {})",
+        "chaos: seed={} orders={} rate={}/s faults={} probe keys={}x2 hot={} per outbox (logs in {})",
         options.seed,
         options.orders,
         options.rate,
         faults.len(),
+        options.keys,
+        options.hot,
         stack.log_dir.display()
     );
 
     let urls = stack.urls.clone();
-    let (placed, injected) = tokio::join!(
+    let pools = if options.keys + options.hot > 0 {
+        ProbeTarget::ALL
+            .iter()
+            .map(|t| (*t, t.pool(&stack)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let (placed, probed, injected) = tokio::join!(
         load(urls, options.clone()),
+        probes(pools, options.clone(), load_time),
         run_faults(&mut stack, faults, started)
     );
+    println!(
+        "chaos: t={:>5.1}s load and faults done, waiting for quiescence",
+        started.elapsed().as_secs_f64()
+    );
+    let mut committed = Vec::new();
     let outcome = async {
         report.faults = injected?;
+        committed = probed.context("probe workload")?;
+        report.probes = committed.len();
         wait_all_up(&stack).await?;
-        check(&stack, &placed, &initial, &mut report).await
+        check(&stack, &placed, &initial, &mut report, started).await
     }
     .await;
     if let Err(e) = outcome {
         report.violation = Some(format!("{e:#}"));
+    }
+    println!(
+        "chaos: t={:>5.1}s saga checked, reading the streams",
+        started.elapsed().as_secs_f64()
+    );
+    // The streams, whatever the saga check found (it waited for quiescence): a second
+    // explanation is worth having when the first check already failed.
+    match check_streams(&stack, &committed).await {
+        Ok(findings) => {
+            println!(
+                "chaos: t={:>5.1}s streams checked: {} messages, {} keys",
+                started.elapsed().as_secs_f64(),
+                findings.msgs,
+                findings.keys
+            );
+            if !findings.clean() {
+                report.add_violation(format!("streams: {}", findings.problems.join("; ")));
+            }
+            report.stream = findings;
+        }
+        Err(e) => report.add_violation(format!("stream check: {e:#}")),
     }
     if let Err(e) = stack.stop().await
         && report.violation.is_none()
@@ -644,6 +1266,7 @@ async fn check(
     placed: &[(String, anyhow::Result<String>)],
     initial: &[(&str, i64)],
     report: &mut Report,
+    started: Instant,
 ) -> anyhow::Result<()> {
     let mut acknowledged = Vec::new();
     for (user, result) in placed {
@@ -685,6 +1308,12 @@ async fn check(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    println!(
+        "chaos: t={:>5.1}s {} of {} orders final",
+        started.elapsed().as_secs_f64(),
+        report.terminal,
+        orders.len()
+    );
     let missing: Vec<&String> = acknowledged
         .iter()
         .map(|(_, id)| id)
@@ -761,6 +1390,116 @@ async fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_plan_has_distinct_keys_twice_and_a_hot_key_and_follows_the_seed() {
+        let plan = probe_plan(3, ProbeTarget::Orders, 1500, 1500);
+        assert_eq!(plan.len(), 4500);
+        assert_eq!(plan, probe_plan(3, ProbeTarget::Orders, 1500, 1500));
+        assert_ne!(plan, probe_plan(4, ProbeTarget::Orders, 1500, 1500));
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for key in &plan {
+            *counts.entry(key).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 1501, "1500 distinct keys and the hot one");
+        assert_eq!(counts["probe-orders-hot"], 1500);
+        assert!(
+            counts
+                .iter()
+                .all(|(k, n)| *n == 2 || *k == "probe-orders-hot")
+        );
+        let hot_first_half = plan[..2250].iter().filter(|k| k.ends_with("-hot")).count();
+        assert!(
+            (500..1000).contains(&hot_first_half),
+            "the hot key is spread out"
+        );
+        let other = probe_plan(3, ProbeTarget::Inventory, 10, 0);
+        assert!(other.iter().all(|k| k.starts_with("probe-inventory-")));
+    }
+
+    fn row(outbox: &'static str, seq: i64, key: &str, stream_seq: i64) -> OutboxRow {
+        OutboxRow {
+            outbox,
+            id: Uuid::from_u128(seq as u128 + if outbox == "orders" { 0 } else { 1 << 64 }),
+            seq,
+            partition_key: key.to_owned(),
+            status: "published".to_owned(),
+            stream: Some("DEMO".to_owned()),
+            stream_seq: Some(stream_seq),
+        }
+    }
+
+    fn entry(seq: u64, row: &OutboxRow) -> StreamEntry {
+        StreamEntry {
+            stream: "DEMO".to_owned(),
+            seq,
+            msg_id: Some(row.id.to_string()),
+            partition_key: Some(row.partition_key.clone()),
+        }
+    }
+
+    #[test]
+    fn the_stream_check_passes_a_faithful_stream() {
+        // Two outboxes share key "o1" (an order's events come from both): each outbox's
+        // rows are in seq order, interleaved with the other's.
+        let rows = vec![
+            row("orders", 1, "o1", 1),
+            row("orders", 2, "hot", 3),
+            row("inventory", 1, "o1", 2),
+            row("orders", 3, "o1", 4),
+            row("inventory", 2, "o1", 5),
+            row("orders", 4, "hot", 6),
+        ];
+        let entries: Vec<StreamEntry> = rows
+            .iter()
+            .map(|r| entry(r.stream_seq.expect("recorded") as u64, r))
+            .rev()
+            .collect();
+        let found = check_stream_contents(&rows, &[rows[0].id], &entries);
+        assert!(found.clean(), "{found:?}");
+        assert_eq!((found.msgs, found.keys), (6, 2));
+    }
+
+    #[test]
+    fn the_stream_check_finds_missing_duplicated_unknown_and_reordered_messages() {
+        let rows = vec![
+            row("orders", 1, "hot", 2),
+            row("orders", 2, "hot", 1),
+            row("orders", 3, "k", 3),
+            row("orders", 4, "k", 4),
+            row("orders", 5, "k2", 9),
+        ];
+        let mut entries: Vec<StreamEntry> = rows[..4]
+            .iter()
+            .map(|r| entry(r.stream_seq.expect("recorded") as u64, r))
+            .collect();
+        // The second copy of seq 3 (published again after the dedup window) is not a
+        // reordering: first occurrences count.
+        entries.push(entry(5, &rows[2]));
+        entries.push(StreamEntry {
+            stream: "DEMO".to_owned(),
+            seq: 6,
+            msg_id: Some(Uuid::from_u128(99).to_string()),
+            partition_key: Some("x".to_owned()),
+        });
+        let found = check_stream_contents(&rows, &[], &entries);
+        assert_eq!(found.missing, 1, "{found:?}");
+        assert_eq!(found.dups, 1, "{found:?}");
+        assert_eq!(found.unknown, 1, "{found:?}");
+        assert_eq!(found.key_order_violations, 1, "{found:?}");
+        assert_eq!(found.mismatch, 0, "{found:?}");
+        assert_eq!(found.problems.len(), 4, "{:?}", found.problems);
+        assert!(!found.clean());
+
+        // A wrong PubAck sequence or key header is a mismatch; a committed probe that is
+        // neither in its outbox nor in the stream is missing.
+        let mut bad = rows[..1].to_vec();
+        bad[0].stream_seq = Some(7);
+        let mut wrong_key = entry(2, &bad[0]);
+        wrong_key.partition_key = Some("other".to_owned());
+        let found = check_stream_contents(&bad, &[Uuid::from_u128(42)], &[wrong_key]);
+        assert_eq!((found.mismatch, found.missing), (2, 1), "{found:?}");
+    }
 
     #[test]
     fn the_schedule_holds_every_promised_fault_and_follows_the_seed() {

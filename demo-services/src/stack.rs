@@ -350,6 +350,9 @@ impl Stack {
                 ("RELAY_HTTP_ADDR", &format!("127.0.0.1:{port}")),
                 ("RELAY_INSTANCE_ID", id),
                 ("RELAY_LOG_FORMAT", "json"),
+                // Published rows are kept an hour (the relay's default, pinned): the chaos
+                // run's stream check reads them (`id`, `seq`, `stream`, `stream_seq`).
+                ("RELAY_RETENTION", "1h"),
                 ("RUST_LOG", "info"),
             ])
         };

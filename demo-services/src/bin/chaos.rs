@@ -8,7 +8,8 @@ use clap::Parser;
 use demo_services::chaos::{self, ChaosOptions};
 
 /// Kill the broker, relays, services and PostgreSQL mid-flow; prove nothing is lost or
-/// applied twice.
+/// applied twice, and that the streams hold every published outbox row once, in commit order
+/// per key.
 #[derive(Debug, Parser)]
 #[command(name = "chaos")]
 struct Cli {
@@ -30,6 +31,15 @@ struct Cli {
     /// A 3-node JetStream cluster with an R3 stream; kill the stream leader, then a follower.
     #[arg(long)]
     cluster: bool,
+    /// Probe workload: distinct partition keys written straight into each of the two
+    /// outboxes (orders, inventory), each twice, spread over the load (default: 1.5 per
+    /// order, so 1500 for 1000 orders; `--keys 0 --hot 0` turns the workload off).
+    #[arg(long)]
+    keys: Option<usize>,
+    /// Probe workload: rows of one hot partition key per outbox, spread over the load
+    /// (default: 1.5 per order).
+    #[arg(long)]
+    hot: Option<usize>,
 }
 
 #[tokio::main]
@@ -63,6 +73,8 @@ async fn main() -> ExitCode {
         dir,
         relay_bin: cli.relay_bin.unwrap_or_else(|| bin_dir.join("relay")),
         cluster: cli.cluster,
+        keys: cli.keys.unwrap_or(cli.orders * 3 / 2),
+        hot: cli.hot.unwrap_or(cli.orders * 3 / 2),
         bin_dir,
     };
     println!("chaos: seed {seed} (reproduce with --seed {seed})");
