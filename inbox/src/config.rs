@@ -60,12 +60,14 @@ pub struct ConsumerConfig {
     /// handler that ran longer than `handler_timeout` (parked as `timeout`).
     ///
     /// A safety limit bounds the deliveries that are not attempts: once the broker has
-    /// delivered a message more than 10 x `max_attempts` times (its `Delivery::delivered`),
-    /// it is parked with reason `deliveries_exhausted` without running the handler, so that
-    /// a message that keeps failing in ways that are not attempts (its inbox insert always
-    /// fails, its handler keeps blocking its thread past `ack_wait`) cannot loop forever. A
-    /// database outage long enough for that many redeliveries (about 10 x `max_attempts` x
-    /// `retry_min_delay`) parks the messages in flight the same way; `dlq retry` runs them.
+    /// delivered a message more than 10 x `max_attempts` times, and at least 100 times (its
+    /// `Delivery::delivered`), it is parked with reason `deliveries_exhausted` without running
+    /// the handler, so that a message that keeps failing in ways that are not attempts (its
+    /// inbox insert always fails, its handler keeps blocking its thread past `ack_wait`)
+    /// cannot loop forever. After a database error the messages are NAKed with a delay that
+    /// grows with their delivery count up to `retry_max_delay`, so only an outage of about
+    /// that many times `retry_max_delay` parks the messages in flight the same way (`dlq
+    /// retry` runs them).
     ///
     /// [`HandlerError::Retry`]: crate::HandlerError::Retry
     /// [`HandlerError::Permanent`]: crate::HandlerError::Permanent

@@ -15,7 +15,7 @@
 //! attempt, read in the handler's transaction only for a redelivery, deleted when the message
 //! commits or is parked), so NAKs after database errors, NAKs at shutdown and expired
 //! `ack_wait`s (all of which grow the broker's delivery count) do not use attempts up; past
-//! 10 x `max_attempts` deliveries a message is parked as `deliveries_exhausted`. While a
+//! 10 x `max_attempts` (at least 100) deliveries a message is parked as `deliveries_exhausted`. While a
 //! message waits in its lane or its handler runs, the lane sends progress acks
 //! (`AckKind::Progress`) every quarter of `ack_wait`, so a slow handler does not get itself
 //! and the messages queued behind it redelivered.
@@ -300,6 +300,11 @@ struct Park {
 /// The safety limit on broker deliveries per handler attempt: a message delivered more than
 /// this many times `max_attempts` is parked as `deliveries_exhausted`.
 const DELIVERIES_PER_ATTEMPT: u32 = 10;
+
+/// The safety limit is never below this many deliveries, so that a database outage (whose
+/// NAKs back off with the delivery count) parks nothing unless it lasts far longer than
+/// `retry_max_delay`.
+const MIN_DELIVERY_LIMIT: u32 = 100;
 
 impl Consumer {
     /// A consumer of `config.stream` that runs `handler` (see [`crate::typed`]). The pool
@@ -640,7 +645,7 @@ impl Consumer {
     }
 
     /// Reads a message for its handler: `Err` with why it must be parked at once if it does
-    /// not decode, or if the broker delivered it more than 10 x `max_attempts` times (the
+    /// not decode, or if the broker delivered it more than 10 x `max_attempts` (at least 100) times (the
     /// safety limit, reason `deliveries_exhausted`). The handler attempt is 1 until the inbox insert returns the failed attempts counted for it.
     fn read(&self, message: &jetstream::Message) -> Result<Read, Park> {
         let (delivered, stream_seq) = match message.info() {
@@ -663,12 +668,13 @@ impl Consumer {
         let limit = self
             .config
             .max_attempts
-            .saturating_mul(DELIVERIES_PER_ATTEMPT);
+            .saturating_mul(DELIVERIES_PER_ATTEMPT)
+            .max(MIN_DELIVERY_LIMIT);
         if let Some(delivered) = delivered.filter(|d| *d > limit) {
             return Err(Park {
                 reason: "deliveries_exhausted".into(),
                 error_chain: vec![format!(
-                    "the broker delivered the message {delivered} times, more than {DELIVERIES_PER_ATTEMPT} x max_attempts ({limit}), without that many handler attempts failing (database errors, shutdowns, an ack_wait expiring): parked by the safety limit without running the handler"
+                    "the broker delivered the message {delivered} times, more than the safety limit ({limit}: {DELIVERIES_PER_ATTEMPT} x max_attempts, at least {MIN_DELIVERY_LIMIT}), without that many handler attempts failing (database errors, shutdowns, an ack_wait expiring): parked by the safety limit without running the handler"
                 )],
                 id: Some(envelope.id.to_string()),
             });
@@ -1542,7 +1548,8 @@ fn keep_alive<'a>(
 /// the batch is run again one message at a time, each in its own transaction, so that the
 /// others commit and only the message whose commit fails is retried (and parked with reason
 /// `commit_failed` after `max_attempts`). If the database fails otherwise, nothing is acked
-/// and no attempt is counted: the messages are NAKed with `retry_min_delay`.
+/// and no attempt is counted: the messages are NAKed with a delay that grows with their
+/// delivery count (from `retry_min_delay` to `retry_max_delay`).
 async fn handle_batch(
     consumer: &Consumer,
     held: &mut Option<PoolConnection<Postgres>>,
@@ -1585,9 +1592,17 @@ async fn handle_batch(
         Err(e) => {
             // The connection may be broken: take a fresh one for the next batch.
             *held = None;
-            let delay = consumer.config.retry_min_delay;
-            tracing::warn!(consumer = %consumer.config.name, error = %e, retry_in = ?delay, "database failed; messages will be redelivered");
-            vec![Reply::Nak(delay); batch.len()]
+            // Backed off with each message's delivery count, so that an outage redelivers
+            // ever more slowly instead of every retry_min_delay.
+            let delays: Vec<Duration> = batch
+                .iter()
+                .map(|message| {
+                    let delivered = message.info().map_or(1, |i| i.delivered);
+                    consumer.backoff(u32::try_from(delivered).unwrap_or(u32::MAX))
+                })
+                .collect();
+            tracing::warn!(consumer = %consumer.config.name, error = %e, first_retry_in = ?delays.first(), "database failed; messages will be redelivered");
+            delays.into_iter().map(Reply::Nak).collect()
         }
     }
 }

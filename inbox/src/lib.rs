@@ -22,7 +22,7 @@
 //! `inbox_attempt` table, not the broker's deliveries: NAKs after database errors or at
 //! shutdown and expired `ack_wait`s use none up, and lanes send progress acks for the
 //! messages they hold so that a slow handler does not get them redelivered (a safety limit
-//! parks a message delivered more than 10 x `max_attempts` times as `deliveries_exhausted`).
+//! parks a message delivered more than 10 x `max_attempts` (at least 100) times as `deliveries_exhausted`).
 //! The broker never gives up first:
 //! [`Consumer::ensure`] creates the durable with unlimited deliveries and refuses an existing
 //! one with a delivery limit, a broker backoff or another `ack_wait`. `dlq retry` later
