@@ -25,6 +25,11 @@ struct Cli {
     /// PostgreSQL URL of the service database.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
+    /// Longest wait for the database, in seconds, before the command gives up (exit 1); a
+    /// change it had not committed is rolled back. Time at a confirmation prompt does not
+    /// count.
+    #[arg(long, env = "DLQ_TIMEOUT", default_value_t = 30, global = true)]
+    timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -139,7 +144,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(execute(cli)) {
+    let limit = std::time::Duration::from_secs(cli.timeout.max(1));
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = execute(cli) => outcome,
+            () = watchdog(limit) => fail(1, format!(
+                "the database did not answer within {}s (--timeout); nothing this command had not committed was changed",
+                limit.as_secs()
+            )),
+        }
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
             eprintln!(
@@ -147,6 +162,31 @@ fn main() -> ExitCode {
                 display::line(&failure.message.replace('\n', " "))
             );
             ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// When the current step began: the command's start, or the end of a confirmation prompt
+/// (the time a person takes to answer does not count against `--timeout`).
+static STEP_STARTED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
+fn restart_step() {
+    *STEP_STARTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+}
+
+/// Completes once the current step has waited longer than `limit`. (A blocking prompt holds
+/// the single runtime thread, so this cannot fire while a person is answering.)
+async fn watchdog(limit: std::time::Duration) {
+    restart_step();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let started = *STEP_STARTED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if started.is_some_and(|at| at.elapsed() > limit) {
+            return;
         }
     }
 }
@@ -510,6 +550,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 let _ = std::io::stdout().flush();
                 let mut answer = String::new();
                 let _ = std::io::stdin().lock().read_line(&mut answer);
+                restart_step();
                 if !matches!(answer.trim(), "y" | "Y" | "yes") {
                     return fail(2, "purge cancelled");
                 }

@@ -482,3 +482,42 @@ async fn absurd_ages_are_one_line_errors_and_change_nothing() {
     assert_eq!((code, out.trim()), (0, "no dead letters match"), "{err}");
     assert_eq!(count().await, 3);
 }
+
+/// A database that does not answer (here: a purge waits on a row lock held elsewhere) ends
+/// the command after `--timeout` with one line and exit 1, and changes nothing.
+#[tokio::test]
+async fn a_database_that_does_not_answer_times_out_and_changes_nothing() {
+    let db = db().await;
+    seed(&db.pool).await;
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letter")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    let mut holder = db.pool.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM dead_letter FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .expect("lock the dead letters");
+    let started = std::time::Instant::now();
+    let (code, out, err) = dlq(
+        Some(db.url.as_str()),
+        &["purge", "--consumer", "email", "--yes", "--timeout", "2"],
+    );
+    let took = started.elapsed();
+    assert_eq!(code, 1, "stdout: {out} stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("did not answer within 2s"),
+        "one readable line: {err}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "gave up after {took:?}"
+    );
+    holder.rollback().await.expect("release the locks");
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letter")
+        .fetch_one(&db.pool)
+        .await
+        .expect("count");
+    assert_eq!(after, before, "nothing was purged");
+}
