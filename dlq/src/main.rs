@@ -145,13 +145,30 @@ fn main() -> ExitCode {
         }
     };
     let limit = std::time::Duration::from_secs(cli.timeout.max(1));
+    let _ = STATEMENT_TIMEOUT.set(limit);
+    // The server cancels a statement that runs past the limit (a lock wait, a slow scan),
+    // so nothing completes behind the operator's back; the watchdog, a little later, covers
+    // a connection that does not answer at all.
     let outcome = runtime.block_on(async {
         tokio::select! {
             outcome = execute(cli) => outcome,
-            () = watchdog(limit) => fail(1, format!(
-                "the database did not answer within {}s (--timeout); nothing this command had not committed was changed",
+            () = watchdog(limit + std::time::Duration::from_secs(2)) => fail(1, format!(
+                "the database did not answer within {}s (--timeout); if it is reachable again, check with `dlq list` whether the change was made",
                 limit.as_secs()
             )),
+        }
+    })
+    .map_err(|failure| {
+        if failure.message.contains("canceling statement due to statement timeout") {
+            Failure {
+                code: 1,
+                message: format!(
+                    "the database did not answer within {}s (--timeout): the statement was cancelled and nothing was changed",
+                    limit.as_secs()
+                ),
+            }
+        } else {
+            failure
         }
     });
     match outcome {
@@ -165,6 +182,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// `--timeout`, set as the session's `statement_timeout` when connecting.
+static STATEMENT_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
 
 /// When the current step began: the command's start, or the end of a confirmation prompt
 /// (the time a person takes to answer does not count against `--timeout`).
@@ -197,7 +217,15 @@ async fn connect(url: Option<&str>) -> Result<PgConnection, Failure> {
     };
     let connect = PgConnection::connect(url);
     match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
-        Ok(Ok(conn)) => Ok(conn),
+        Ok(Ok(mut conn)) => {
+            if let Some(limit) = STATEMENT_TIMEOUT.get() {
+                let ms = limit.as_millis();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("SET statement_timeout = {ms}")))
+                    .execute(&mut conn)
+                    .await?;
+            }
+            Ok(conn)
+        }
         Ok(Err(e)) => fail(1, format!("cannot connect to the database: {e}")),
         Err(_) => fail(1, "cannot connect to the database: timed out after 10s"),
     }
