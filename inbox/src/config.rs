@@ -84,6 +84,18 @@ pub struct ConsumerConfig {
     /// returns (the rollback waits for it): bound those with `statement_timeout` or
     /// `lock_timeout`. At least 1 s.
     pub handler_timeout: Duration,
+    /// The deadline of each database step the consumer takes itself, around the handler:
+    /// taking a connection, BEGIN, the inbox insert, the check before COMMIT, COMMIT and
+    /// ROLLBACK, the attempt count and the dead-letter writes, the `dlq retry` poll (the
+    /// handler's own statements are bounded by `handler_timeout`). Defaults to 10 s. Past it
+    /// the step fails like a lost connection: the connection is closed, nothing is counted,
+    /// the messages are NAKed with the growing database-error delay, and readiness
+    /// ([`Consumer::health`](crate::Consumer::health)) turns false until a step succeeds.
+    /// A silently dead connection (no TCP reset, nothing coming back) thus cannot hold a
+    /// lane, or shutdown, forever. A COMMIT that timed out may still have committed: the
+    /// redelivery then finds its inbox row and is acknowledged without running the handler.
+    /// At least 100 ms.
+    pub db_timeout: Duration,
     /// How long the broker waits for an ack before redelivering. Defaults to 30 s. The
     /// durable consumer is created with it; an existing durable with another `ack_wait` is
     /// refused by `Consumer::ensure` (edit it at the broker when changing this). While a
@@ -117,6 +129,7 @@ impl Default for ConsumerConfig {
             concurrency: 8,
             max_attempts: 5,
             handler_timeout: Duration::from_secs(300),
+            db_timeout: Duration::from_secs(10),
             ack_wait: Duration::from_secs(30),
             retry_min_delay: Duration::from_secs(1),
             retry_max_delay: Duration::from_secs(60),
@@ -183,6 +196,9 @@ impl ConsumerConfig {
         }
         if self.handler_timeout < Duration::from_secs(1) {
             return refuse("handler_timeout must be at least 1s".into());
+        }
+        if self.db_timeout < Duration::from_millis(100) {
+            return refuse("db_timeout must be at least 100ms".into());
         }
         if self.ack_wait < Duration::from_secs(1) {
             return refuse("ack_wait must be at least 1s".into());

@@ -57,6 +57,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ConsumerConfig, Mode};
 use crate::error::Error;
 use crate::handler::{Delivery, HandlerError, OneAtATime, RawBatchHandler, RawHandler};
+use crate::health::Health;
 use crate::layer::Layer;
 use crate::metrics as m;
 use crate::store;
@@ -71,6 +72,8 @@ pub struct Consumer {
     handler: Arc<dyn RawHandler>,
     /// The batch handler given to [`Consumer::with_batch_handler`].
     batch_handler: Option<Arc<dyn RawBatchHandler>>,
+    /// What readiness reports ([`Consumer::health`]).
+    health: Health,
 }
 
 /// What to tell the broker about a message once its transaction is over.
@@ -133,10 +136,31 @@ impl From<sqlx::Error> for Fault {
     }
 }
 
+/// Runs a database step with a deadline: past `limit` it fails as a timed-out I/O error
+/// (a [`Fault::Database`], like a lost connection) and is dropped; the lane then closes its
+/// connection.
+async fn within<T>(
+    limit: Duration,
+    step: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match tokio::time::timeout(limit, step).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the database within {limit:?}"),
+        ))),
+    }
+}
+
+/// Whether `e` is [`within`]'s timeout.
+fn is_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
+}
+
 /// Commits `tx`, telling a COMMIT the database refused ([`Fault::Commit`]) from one lost
 /// with the connection or the server ([`Fault::Database`]).
-async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), Fault> {
-    tx.commit().await.map_err(|e| {
+async fn commit(tx: Transaction<'_, Postgres>, limit: Duration) -> Result<(), Fault> {
+    within(limit, tx.commit()).await.map_err(|e| {
         if refused(&e) {
             Fault::Commit(e)
         } else {
@@ -331,6 +355,7 @@ impl Consumer {
             jetstream,
             handler,
             batch_handler: None,
+            health: Health::default(),
         })
     }
 
@@ -486,6 +511,7 @@ impl Consumer {
     /// [`Consumer::ensure`] and returns its error.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let consumer = self.ensure().await?;
+        self.health.start(self.jetstream.client());
         let this = Arc::new(self);
         let stop = CancellationToken::new();
         let mut background = Supervised::default();
@@ -584,6 +610,8 @@ impl Consumer {
         } else {
             tracing::error!(consumer = %this.config.name, failures = ?failures, "a consumer task ended; stopping the others");
         }
+        // Not consuming any more: unready from here on.
+        this.health.stop();
         lanes_stop.cancel();
         drop(senders);
         while let Some(ended) = lanes.next().await {
@@ -610,6 +638,20 @@ impl Consumer {
             consumer: this.config.name.clone(),
             reason: failures.join("; "),
         })
+    }
+
+    /// A database step of the consumer's own, within `db_timeout` (see [`within`]).
+    async fn db<T>(
+        &self,
+        step: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, sqlx::Error> {
+        within(self.config.db_timeout, step).await
+    }
+
+    /// What readiness reports about this consumer, to take before [`Consumer::run`]: ready
+    /// while it consumes with its database and broker reachable (see [`Health`]).
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -725,9 +767,15 @@ impl Consumer {
             }
         };
         let subject = message.subject.as_str();
-        let Some(failed) =
-            store::insert_new_taking_attempts(conn, &self.config.name, &read.id, subject, read.seq)
-                .await?
+        let Some(failed) = self
+            .db(store::insert_new_taking_attempts(
+                conn,
+                &self.config.name,
+                &read.id,
+                subject,
+                read.seq,
+            ))
+            .await?
         else {
             metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
             return Ok(Handled::Reply(Reply::Ack));
@@ -761,31 +809,32 @@ impl Consumer {
             }
         };
         let subject = message.subject.as_str();
-        let mut sp = conn.begin().await?;
-        let Some(failed) = store::insert_new_taking_attempts(
-            &mut sp,
-            &self.config.name,
-            &read.id,
-            subject,
-            read.seq,
-        )
-        .await?
+        let mut sp = self.db(conn.begin()).await?;
+        let Some(failed) = self
+            .db(store::insert_new_taking_attempts(
+                &mut sp,
+                &self.config.name,
+                &read.id,
+                subject,
+                read.seq,
+            ))
+            .await?
         else {
-            sp.commit().await?;
+            self.db(sp.commit()).await?;
             metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone()).increment(1);
             return Ok((Reply::Ack, false));
         };
         let attempt = failed.saturating_add(1);
         read.delivery.attempt = attempt;
         let error = match self.run_handler(&mut sp, &read.delivery).await {
-            Ok(()) => match sp.commit().await {
+            Ok(()) => match self.db(sp.commit()).await {
                 Ok(()) => return Ok((Reply::Ack, true)),
                 // Rolled back to the savepoint before the next statement (see
                 // `release_failed`).
                 Err(e) => self.aborted(release_failed(e)?, &read.id),
             },
             Err(error) => {
-                sp.rollback().await?;
+                self.db(sp.rollback()).await?;
                 error
             }
         };
@@ -810,18 +859,18 @@ impl Consumer {
         conn: &mut PgConnection,
         message: &jetstream::Message,
     ) -> Result<Reply, sqlx::Error> {
-        let mut tx = conn.begin().await?;
+        let mut tx = self.db(conn.begin()).await?;
         let (error, ran) = match self.handle_in(&mut tx, message).await? {
             Handled::Reply(reply) => {
-                tx.commit().await?;
+                self.db(tx.commit()).await?;
                 return Ok(reply);
             }
-            Handled::Ran(ran) => match check_not_aborted(&mut tx).await? {
+            Handled::Ran(ran) => match self.db(check_not_aborted(&mut tx)).await? {
                 Err(aborted) => {
-                    tx.rollback().await?;
+                    self.db(tx.rollback()).await?;
                     (self.aborted(aborted, &ran.id), ran)
                 }
-                Ok(()) => match commit(tx).await {
+                Ok(()) => match commit(tx, self.config.db_timeout).await {
                     Ok(()) => {
                         self.count_processed(1);
                         return Ok(Reply::Ack);
@@ -836,13 +885,13 @@ impl Consumer {
             },
             Handled::Failed { error, ran } => {
                 // Undo the handler's writes and the inbox row, then retry or park.
-                tx.rollback().await?;
+                self.db(tx.rollback()).await?;
                 (error, ran)
             }
         };
-        let mut tx = conn.begin().await?;
+        let mut tx = self.db(conn.begin()).await?;
         let reply = self.resolve_failure(&mut tx, message, error, &ran).await?;
-        tx.commit().await?;
+        self.db(tx.commit()).await?;
         Ok(reply)
     }
 
@@ -853,7 +902,7 @@ impl Consumer {
         conn: &mut PgConnection,
         batch: &[jetstream::Message],
     ) -> Result<Vec<Reply>, Fault> {
-        let mut tx = conn.begin().await?;
+        let mut tx = self.db(conn.begin()).await?;
         let mut replies = Vec::with_capacity(batch.len());
         let mut processed = 0;
         for message in batch {
@@ -861,7 +910,7 @@ impl Consumer {
             processed += u64::from(ran);
             replies.push(reply);
         }
-        commit(tx).await?;
+        commit(tx, self.config.db_timeout).await?;
         self.count_processed(processed);
         Ok(replies)
     }
@@ -892,18 +941,19 @@ impl Consumer {
         let ids: Vec<String> = reads.iter().map(|r| r.id.clone()).collect();
         let subjects: Vec<String> = batch.iter().map(|m| m.subject.to_string()).collect();
         let seqs: Vec<Option<i64>> = reads.iter().map(|r| r.seq).collect();
-        let mut tx = conn.begin().await?;
+        let mut tx = self.db(conn.begin()).await?;
         // New rows, with the failed attempts counted for them, in one statement.
-        let mut new: HashMap<String, u32> = store::insert_many_new_taking_attempts(
-            &mut tx,
-            &self.config.name,
-            &ids,
-            &subjects,
-            &seqs,
-        )
-        .await?
-        .into_iter()
-        .collect();
+        let mut new: HashMap<String, u32> = self
+            .db(store::insert_many_new_taking_attempts(
+                &mut tx,
+                &self.config.name,
+                &ids,
+                &subjects,
+                &seqs,
+            ))
+            .await?
+            .into_iter()
+            .collect();
         let mut fresh = Vec::with_capacity(new.len());
         let mut duplicates = 0;
         for read in reads {
@@ -935,16 +985,16 @@ impl Consumer {
             }
         };
         let result = match result {
-            Ok(()) if handled > 0 => check_not_aborted(&mut tx).await?,
+            Ok(()) if handled > 0 => self.db(check_not_aborted(&mut tx)).await?,
             other => other,
         };
         if let Err(error) = result {
             // Not an attempt: the rerun with savepoints pins it on its message.
             tracing::debug!(consumer = %self.config.name, error = %error, "a handler failed in a batch; running it again with a savepoint per message");
-            tx.rollback().await?;
+            self.db(tx.rollback()).await?;
             return Ok(None);
         }
-        commit(tx).await?;
+        commit(tx, self.config.db_timeout).await?;
         self.count_processed(handled);
         metrics::counter!(m::DUPLICATES, "consumer" => self.config.name.clone())
             .increment(duplicates);
@@ -1069,7 +1119,8 @@ impl Consumer {
         match self.disposition(&error, attempt) {
             Ok(reply) => {
                 tracing::debug!(consumer = %self.config.name, %id, attempt, error = %error, "handler attempt failed; retrying");
-                store::count_failed_attempt(conn, &self.config.name, id).await?;
+                self.db(store::count_failed_attempt(conn, &self.config.name, id))
+                    .await?;
                 metrics::counter!(m::RETRIED, "consumer" => self.config.name.clone()).increment(1);
                 Ok(reply)
             }
@@ -1096,22 +1147,24 @@ impl Consumer {
         stream_seq: Option<u64>,
         park: Park,
     ) -> Result<Reply, sqlx::Error> {
-        let mut savepoint = conn.begin().await?;
+        let mut savepoint = self.db(conn.begin()).await?;
         let reason = park.reason.clone();
         match self
-            .park_in(&mut savepoint, message, id, attempt, stream_seq, park)
+            .db(self.park_in(&mut savepoint, message, id, attempt, stream_seq, park))
             .await
         {
             Ok(true) => {
-                savepoint.commit().await?;
+                self.db(savepoint.commit()).await?;
                 Ok(Reply::Term)
             }
             Ok(false) => {
-                savepoint.commit().await?;
+                self.db(savepoint.commit()).await?;
                 Ok(Reply::Ack)
             }
+            // No answer: the connection is closed, as for any database failure.
+            Err(e) if is_timeout(&e) => Err(e),
             Err(e) => {
-                savepoint.rollback().await?;
+                self.db(savepoint.rollback()).await?;
                 tracing::error!(consumer = %self.config.name, subject = %message.subject, %reason, error = %e, "cannot write the dead letter; the message will be redelivered");
                 metrics::counter!(m::DEAD_LETTER_WRITE_FAILURES, "consumer" => self.config.name.clone())
                     .increment(1);
@@ -1558,7 +1611,7 @@ async fn handle_batch(
     let outcome = async {
         let conn = match held {
             Some(conn) => conn,
-            None => held.insert(consumer.pool.acquire().await?),
+            None => held.insert(consumer.db(consumer.pool.acquire()).await?),
         };
         let together = if consumer.config.mode == Mode::Strict {
             // Batches of one: nothing to pin a refused COMMIT on but the message itself.
@@ -1588,10 +1641,17 @@ async fn handle_batch(
     }
     .await;
     match outcome {
-        Ok(replies) => replies,
+        Ok(replies) => {
+            consumer.health.set_database(true);
+            replies
+        }
         Err(e) => {
-            // The connection may be broken: take a fresh one for the next batch.
-            *held = None;
+            consumer.health.set_database(false);
+            // The connection may be broken (or silent: a release to the pool would ping it
+            // and wait): close it, and take a fresh one for the next batch.
+            if let Some(mut conn) = held.take() {
+                conn.close_on_drop();
+            }
             // Backed off with each message's delivery count, so that an outage redelivers
             // ever more slowly instead of every retry_min_delay.
             let delays: Vec<Duration> = batch
@@ -1616,7 +1676,7 @@ async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let result = async {
+        let work = async {
             let mut conn = consumer.pool.acquire().await?;
             loop {
                 let n = store::delete_older_than(
@@ -1637,8 +1697,12 @@ async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
             )
             .await?;
             Ok::<_, sqlx::Error>(())
-        }
-        .await;
+        };
+        // Stopped with the consumer even mid-delete (each delete is a statement of its own).
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = work => result,
+        };
         if let Err(e) = result {
             tracing::warn!(consumer = %consumer.config.name, error = %e, "inbox cleaner failed");
         }
@@ -1658,7 +1722,14 @@ async fn dlq_retries(consumer: Arc<Consumer>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = run_retry_requests(&consumer).await {
+        // Stopped with the consumer even mid-retry: its transaction then rolls back and the
+        // request stays for the next start.
+        let ran = tokio::select! {
+            _ = stop.cancelled() => return,
+            ran = run_retry_requests(&consumer) => ran,
+        };
+        if let Err(e) = ran {
+            consumer.health.set_database(false);
             tracing::warn!(consumer = %consumer.config.name, error = %e, "running dlq retries failed");
         }
     }
@@ -1669,16 +1740,25 @@ async fn dlq_retries(consumer: Arc<Consumer>, stop: CancellationToken) {
 /// time ([`retry_alone`]), so that the others go through and only the one whose commit fails
 /// is recorded as failed (reason `commit_failed`).
 async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
-    let mut tx = consumer.pool.begin().await?;
-    let letters = dlq::store::take_retry_requests(&mut tx, &consumer.config.name, 16).await?;
+    let mut tx = consumer.db(consumer.pool.begin()).await?;
+    let letters = consumer
+        .db(dlq::store::take_retry_requests(
+            &mut tx,
+            &consumer.config.name,
+            16,
+        ))
+        .await?;
     if letters.is_empty() {
-        return tx.commit().await;
+        consumer.db(tx.commit()).await?;
+        // The poll doubles as the database probe of an idle consumer's readiness.
+        consumer.health.set_database(true);
+        return Ok(());
     }
     let mut results = Vec::with_capacity(letters.len());
     for letter in &letters {
         results.push(retry_letter(consumer, &mut tx, letter).await?);
     }
-    match commit(tx).await {
+    match commit(tx, consumer.config.db_timeout).await {
         Ok(()) => {
             for (letter, result) in letters.iter().zip(&results) {
                 report_retry(consumer, letter, result);
@@ -1706,7 +1786,7 @@ async fn retry_alone(consumer: &Consumer, letter: &dlq::store::Stored) -> Result
         return Ok(());
     }
     let result = retry_letter(consumer, &mut tx, letter).await?;
-    let result = match commit(tx).await {
+    let result = match commit(tx, consumer.config.db_timeout).await {
         Ok(()) => result,
         Err(Fault::Database(e)) => return Err(e),
         Err(Fault::Commit(e)) => {

@@ -38,6 +38,7 @@
 //! - [`layer`]: composable handler middleware ([`Layer`]): logging, timing, rate limiting.
 //! - [`consumer`]: [`Consumer`], the runtime (strict and batched modes, lanes, shutdown).
 //! - [`store`]: all SQL on `inbox_message` and `inbox_attempt`.
+//! - [`health`]: [`Health`], what readiness reports (consuming, database and broker up).
 //! - [`metrics`]: metric names.
 //! - [`error`]: the crate error, [`Error`].
 
@@ -45,6 +46,7 @@ pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod handler;
+pub mod health;
 pub mod layer;
 pub mod metrics;
 pub mod router;
@@ -58,6 +60,7 @@ pub use error::Error;
 pub use handler::{
     BatchHandler, Delivery, Handler, HandlerError, RawBatchHandler, RawHandler, typed, typed_batch,
 };
+pub use health::{Health, HealthReport};
 pub use layer::Layer;
 pub use router::Router;
 
