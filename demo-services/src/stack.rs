@@ -162,19 +162,35 @@ async fn reset_stream(nats_url: &str) -> anyhow::Result<()> {
     }
 }
 
-async fn wait_ready(name: &str, url: &str, process: &mut Process) -> anyhow::Result<()> {
+/// How [`wait_ready`] ended.
+enum Started {
+    Ready,
+    /// Another process holds the port: it answered there while ours did not listen, or ours
+    /// exited because the address was in use.
+    PortTaken,
+}
+
+/// Waits until `process` answers ready on `port`, from a socket it listens on itself.
+async fn wait_ready(name: &str, port: u16, process: &mut Process) -> anyhow::Result<Started> {
+    let url = format!("http://127.0.0.1:{port}");
     let start = tokio::time::Instant::now();
     loop {
         if let Ok(r) = client::get(&format!("{url}/health/ready")).await
             && r.status == 200
         {
-            return Ok(());
+            // One listener per port: if it is not ours, ours cannot bind it.
+            return Ok(if process.listens_on(port) {
+                Started::Ready
+            } else {
+                Started::PortTaken
+            });
         }
         if let Some(status) = process.exit_status() {
-            bail!(
-                "{name} exited ({status}) before getting ready; its log ends with:\n{}",
-                process.log_tail()
-            );
+            let log = process.log_tail();
+            if log.contains("in use") {
+                return Ok(Started::PortTaken);
+            }
+            bail!("{name} exited ({status}) before getting ready; its log ends with:\n{log}");
         }
         if start.elapsed() > READY_DEADLINE {
             bail!(
@@ -184,6 +200,34 @@ async fn wait_ready(name: &str, url: &str, process: &mut Process) -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until `process` is ready on `port` (see [`wait_ready`]). A free port can be handed
+/// out to two starters at once ([`testkit::free_port`]); when another process got it first,
+/// ours is started again by `spawn_on` on another free port (unless the ports are `fixed`),
+/// up to 5 times, and `port` updated.
+async fn ready_on_own_port(
+    name: &str,
+    process: &mut Process,
+    port: &mut u16,
+    fixed: bool,
+    spawn_on: impl Fn(u16) -> anyhow::Result<Process>,
+) -> anyhow::Result<()> {
+    for _ in 0..5 {
+        match wait_ready(name, *port, process).await? {
+            Started::Ready => return Ok(()),
+            Started::PortTaken if fixed => {
+                bail!("{name}: port {port} is taken by another process")
+            }
+            Started::PortTaken => {
+                tracing::warn!(%name, port = *port, "the port was taken by another process; starting again on another");
+                let _ = process.kill();
+                *port = testkit::free_port()?;
+                *process = spawn_on(*port)?;
+            }
+        }
+    }
+    bail!("{name}: every port tried was taken by another process")
 }
 
 fn port_or_free(ports: Option<[u16; 3]>, i: usize) -> anyhow::Result<u16> {
@@ -260,11 +304,12 @@ impl Stack {
         }
         drop(admin);
 
-        let ports = [
+        let mut ports = [
             port_or_free(options.ports, 0)?,
             port_or_free(options.ports, 1)?,
             port_or_free(options.ports, 2)?,
         ];
+        let fixed_ports = options.ports.is_some();
         let url = |port: u16| format!("http://127.0.0.1:{port}");
         let spawn = |name: &'static str,
                      program: PathBuf,
@@ -289,42 +334,72 @@ impl Stack {
                 ("RUST_LOG", "info,sqlx=warn,async_nats=warn"),
             ])
         };
-        let mut order_env = common(&urls_db["demo_orders"], ports[0]);
-        order_env.extend(env(&[
-            ("PAYMENT_SEED", &options.payment.seed.to_string()),
-            (
-                "PAYMENT_SUCCESS_RATE",
-                &options.payment.success_rate.to_string(),
-            ),
-        ]));
-        let mut email_env = common(&urls_db["demo_email"], ports[1]);
-        match &options.smtp_url {
-            Some(smtp) => email_env.extend(env(&[("SMTP_URL", smtp)])),
-            None => email_env.extend(env(&[("MAIL_DIR", &mail_dir.to_string_lossy())])),
-        }
-        let inventory_env = common(&urls_db["demo_inventory"], ports[2]);
-
-        let mut order = spawn(
+        let spawn_order = |port: u16| {
+            let mut vars = common(&urls_db["demo_orders"], port);
+            vars.extend(env(&[
+                ("PAYMENT_SEED", &options.payment.seed.to_string()),
+                (
+                    "PAYMENT_SUCCESS_RATE",
+                    &options.payment.success_rate.to_string(),
+                ),
+            ]));
+            spawn(
+                "order-service",
+                options.bin_dir.join("order-service"),
+                &[],
+                vars,
+            )
+        };
+        let spawn_email = |port: u16| {
+            let mut vars = common(&urls_db["demo_email"], port);
+            match &options.smtp_url {
+                Some(smtp) => vars.extend(env(&[("SMTP_URL", smtp)])),
+                None => vars.extend(env(&[("MAIL_DIR", &mail_dir.to_string_lossy())])),
+            }
+            spawn(
+                "email-service",
+                options.bin_dir.join("email-service"),
+                &[],
+                vars,
+            )
+        };
+        let spawn_inventory = |port: u16| {
+            spawn(
+                "inventory-service",
+                options.bin_dir.join("inventory-service"),
+                &[],
+                common(&urls_db["demo_inventory"], port),
+            )
+        };
+        // Started together, then each waited for (and moved if its port was taken).
+        let mut order = spawn_order(ports[0])?;
+        let mut email = spawn_email(ports[1])?;
+        let mut inventory = spawn_inventory(ports[2])?;
+        let fixed = fixed_ports;
+        ready_on_own_port(
             "order-service",
-            options.bin_dir.join("order-service"),
-            &[],
-            order_env,
-        )?;
-        let mut email = spawn(
+            &mut order,
+            &mut ports[0],
+            fixed,
+            spawn_order,
+        )
+        .await?;
+        ready_on_own_port(
             "email-service",
-            options.bin_dir.join("email-service"),
-            &[],
-            email_env,
-        )?;
-        let mut inventory = spawn(
+            &mut email,
+            &mut ports[1],
+            fixed,
+            spawn_email,
+        )
+        .await?;
+        ready_on_own_port(
             "inventory-service",
-            options.bin_dir.join("inventory-service"),
-            &[],
-            inventory_env,
-        )?;
-        wait_ready("order-service", &url(ports[0]), &mut order).await?;
-        wait_ready("email-service", &url(ports[1]), &mut email).await?;
-        wait_ready("inventory-service", &url(ports[2]), &mut inventory).await?;
+            &mut inventory,
+            &mut ports[2],
+            fixed,
+            spawn_inventory,
+        )
+        .await?;
 
         let order_relay_proxy = if options.proxy_order_relay {
             Some(
@@ -339,7 +414,7 @@ impl Stack {
             Some(proxy) => format!("nats://{}", proxy.addr()),
             None => nats_url.clone(),
         };
-        let relay_ports = [testkit::free_port()?, testkit::free_port()?];
+        let mut relay_ports = [testkit::free_port()?, testkit::free_port()?];
         let subjects = events::STREAM_SUBJECTS.join(",");
         let relay_env = |db: &str, nats: &str, port: u16, id: &str| {
             env(&[
@@ -356,33 +431,48 @@ impl Stack {
                 ("RUST_LOG", "info"),
             ])
         };
-        let mut order_relay = spawn(
-            "order-relay",
-            options.relay_bin.clone(),
-            &["run"],
-            relay_env(
-                &urls_db["demo_orders"],
-                &order_relay_nats,
-                relay_ports[0],
+        let spawn_order_relay = |port: u16| {
+            spawn(
                 "order-relay",
-            ),
-        )?;
-        let mut inventory_relay = spawn(
-            "inventory-relay",
-            options.relay_bin.clone(),
-            &["run"],
-            relay_env(
-                &urls_db["demo_inventory"],
-                &nats_url,
-                relay_ports[1],
+                options.relay_bin.clone(),
+                &["run"],
+                relay_env(
+                    &urls_db["demo_orders"],
+                    &order_relay_nats,
+                    port,
+                    "order-relay",
+                ),
+            )
+        };
+        let spawn_inventory_relay = |port: u16| {
+            spawn(
                 "inventory-relay",
-            ),
-        )?;
-        wait_ready("order-relay", &url(relay_ports[0]), &mut order_relay).await?;
-        wait_ready(
+                options.relay_bin.clone(),
+                &["run"],
+                relay_env(
+                    &urls_db["demo_inventory"],
+                    &nats_url,
+                    port,
+                    "inventory-relay",
+                ),
+            )
+        };
+        let mut order_relay = spawn_order_relay(relay_ports[0])?;
+        let mut inventory_relay = spawn_inventory_relay(relay_ports[1])?;
+        ready_on_own_port(
+            "order-relay",
+            &mut order_relay,
+            &mut relay_ports[0],
+            false,
+            spawn_order_relay,
+        )
+        .await?;
+        ready_on_own_port(
             "inventory-relay",
-            &url(relay_ports[1]),
             &mut inventory_relay,
+            &mut relay_ports[1],
+            false,
+            spawn_inventory_relay,
         )
         .await?;
 
@@ -938,7 +1028,71 @@ pub fn curl_examples(urls: &Urls) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{ready_on_own_port, with_database};
+    use std::ffi::OsString;
+    use std::io::{Read, Write};
+    use testkit::{Process, ProcessSpec};
+
+    /// A server on `port` that answers `200 ok` to anything, like a ready service of another
+    /// stack that got the port first.
+    fn impostor() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut stream = stream;
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf);
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        port
+    }
+
+    /// A python3 HTTP server on `port` answering 200 to every GET (it exits with "Address
+    /// already in use" if the port is taken).
+    fn server(port: u16, dir: &std::path::Path) -> anyhow::Result<Process> {
+        let code = "import http.server as h, sys\n\
+class R(h.BaseHTTPRequestHandler):\n    def do_GET(s):\n        s.send_response(200); s.send_header('Content-Length', '0'); s.end_headers()\n\
+h.HTTPServer(('127.0.0.1', int(sys.argv[1])), R).serve_forever()\n";
+        Ok(Process::spawn(ProcessSpec {
+            name: "test-server",
+            program: "python3".into(),
+            args: vec![OsString::from("-c"), code.into(), port.to_string().into()],
+            env: Vec::new(),
+            cwd: dir.to_owned(),
+            log: dir.join(format!("server-{port}.log")),
+        })?)
+    }
+
+    #[tokio::test]
+    async fn a_service_whose_port_another_process_took_is_started_on_another() {
+        let dir = std::env::temp_dir().join(format!("stack-port-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let taken = impostor();
+        let mut port = taken;
+        let mut process = server(port, &dir).expect("spawn");
+        ready_on_own_port("test-server", &mut process, &mut port, false, |p| {
+            server(p, &dir)
+        })
+        .await
+        .expect("ready on a port of its own");
+        assert_ne!(port, taken, "moved off the taken port");
+        assert!(process.listens_on(port), "it serves the port it reports");
+
+        // With fixed ports there is nothing to move to: a clear error.
+        let mut port = taken;
+        let mut process = server(port, &dir).expect("spawn");
+        let err = ready_on_own_port("test-server", &mut process, &mut port, true, |p| {
+            server(p, &dir)
+        })
+        .await
+        .expect_err("a fixed port that is taken is an error");
+        assert!(err.to_string().contains("taken"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_database_name_is_replaced_and_the_rest_kept() {

@@ -63,6 +63,14 @@ impl Process {
         self.inner.pid()
     }
 
+    /// Whether it holds a socket listening on TCP `port` (from `/proc`): tells a server
+    /// that bound its port from one that failed to because another process got the port
+    /// first (a [`crate::free_port`] handed out twice) while that other answers on it.
+    pub fn listens_on(&self, port: u16) -> bool {
+        self.pid()
+            .is_ok_and(|pid| crate::listening::listens_on(pid, port))
+    }
+
     /// The exit status once it has exited, `None` while it runs.
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
         self.inner.exit_status()

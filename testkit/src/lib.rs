@@ -27,6 +27,7 @@
 
 mod child;
 mod error;
+mod listening;
 mod nats;
 mod postgres;
 mod process;
