@@ -59,6 +59,12 @@ pub struct ConsumerConfig {
     /// aborted (it ignored a failed statement; parked as `aborted_transaction`), and a
     /// handler that ran longer than `handler_timeout` (parked as `timeout`).
     ///
+    /// The limit is exact for the deliveries of one message. Copies of one message (the same
+    /// envelope id published again under another `Nats-Msg-Id`) that two instances handle at
+    /// the same moment can each run one attempt more: the second waits for the first's
+    /// inbox row and reads the attempt count before the first has counted its failure. Each
+    /// such concurrent copy adds at most one attempt; the effects still commit at most once.
+    ///
     /// A safety limit bounds the deliveries that are not attempts: once the broker has
     /// delivered a message more than 10 x `max_attempts` times, and at least 100 times (its
     /// `Delivery::delivered`), it is parked with reason `deliveries_exhausted` without running

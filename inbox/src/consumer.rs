@@ -424,6 +424,15 @@ impl Consumer {
     ///   handler is still running, a longer one delays redeliveries beyond the horizon
     ///   `inbox_retention` was validated against. Changing `ack_wait` in the configuration of
     ///   an existing consumer therefore needs the same edit at the broker.
+    /// - `max_batch` (0 or at least the consumer's pull size, 128 or more): smaller, the
+    ///   broker refuses every pull request and nothing is consumed;
+    /// - `headers_only` (must be off): no payloads would be delivered, and every message
+    ///   parked as undecodable without its bytes;
+    /// - `inactive_threshold` (must be 0): the broker would delete the durable after a
+    ///   quiet spell, and the one created anew starts at the stream's first message,
+    ///   running handlers again for messages whose inbox rows were cleaned meanwhile.
+    ///
+    /// The last two cannot be edited: the reason says to delete the durable instead.
     ///
     /// [`Consumer::run`] calls this first and returns its error.
     pub async fn ensure(&self) -> Result<PullConsumer, Error> {
@@ -542,9 +551,7 @@ impl Consumer {
         // Why the consumer stops other than by shutdown: tasks that ended, and why.
         let mut failures: Vec<String> = Vec::new();
         let mut asked_to_stop = false;
-        // Pull requests of at least 128 messages: a pull is a round trip to the server, and
-        // small ones (strict mode has batches of one) left lanes waiting for messages.
-        let pull_size = (this.config.concurrency * this.batch_size() * 2).max(128);
+        let pull_size = pull_size(&this.config);
         'outer: loop {
             let mut messages = match consumer
                 .stream()
@@ -1248,6 +1255,16 @@ impl Consumer {
     }
 }
 
+/// Messages asked for per pull request: at least 128, since a pull is a round trip to the
+/// server and small ones (strict mode has batches of one) left lanes waiting for messages.
+fn pull_size(config: &ConsumerConfig) -> usize {
+    let batch = match config.mode {
+        Mode::Strict => 1,
+        Mode::Batched { max_messages } => max_messages,
+    };
+    (config.concurrency * batch * 2).max(128)
+}
+
 /// Why an existing durable's redelivery settings are refused (see [`Consumer::ensure`]), or
 /// `None` if they are the ones the inbox requires.
 fn redelivery_mismatch(
@@ -1278,16 +1295,47 @@ fn redelivery_mismatch(
         ));
         flags.push(format!("--wait={:?}", config.ack_wait));
     }
-    if problems.is_empty() {
+    // Settings `nats consumer edit` cannot undo: the durable must be recreated.
+    let mut recreate = Vec::new();
+    if have.headers_only {
+        recreate.push("headers_only is set: the broker would deliver no payloads, and every message would be parked as undecodable without its bytes".to_owned());
+    }
+    if !have.inactive_threshold.is_zero() {
+        recreate.push(format!(
+            "inactive_threshold is {:?} but must be 0: the broker deletes the durable after a quiet spell, and a new one starts again from the stream's first message, running handlers again for messages whose inbox rows were cleaned",
+            have.inactive_threshold
+        ));
+    }
+    if have.max_batch > 0 && (have.max_batch as usize) < pull_size(config) {
+        problems.push(format!(
+            "max_batch is {} but must be 0 or at least {}: the broker refuses the consumer's pull requests of {} messages",
+            have.max_batch,
+            pull_size(config),
+            pull_size(config)
+        ));
+        flags.push("--max-pull-batch=0".to_owned());
+    }
+    if problems.is_empty() && recreate.is_empty() {
         return None;
     }
+    let all: Vec<String> = problems.iter().chain(&recreate).cloned().collect();
     let mut reason = format!(
-        "exists with settings that let the broker give up on or redeliver messages behind the inbox's back: {}. An existing consumer is not changed; fix it with `nats consumer edit {} {} {}`",
-        problems.join("; "),
-        config.stream,
-        config.name,
-        flags.join(" ")
+        "exists with settings that let the broker give up on, drop or redeliver messages behind the inbox's back: {}. An existing consumer is not changed; ",
+        all.join("; ")
     );
+    if recreate.is_empty() {
+        reason.push_str(&format!(
+            "fix it with `nats consumer edit {} {} {}`",
+            config.stream,
+            config.name,
+            flags.join(" ")
+        ));
+    } else {
+        reason.push_str(&format!(
+            "delete it (`nats consumer rm {} {}`) for the consumer to create it anew, from the stream's first message (the inbox skips what it handled already within inbox_retention)",
+            config.stream, config.name
+        ));
+    }
     if have.ack_wait != config.ack_wait {
         reason.push_str(&format!(
             " (or configure ack_wait = {:?} if the consumer's value is the intended one)",

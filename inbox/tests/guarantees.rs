@@ -431,6 +431,28 @@ async fn an_existing_durable_with_a_max_deliver_is_refused() {
     );
 }
 
+/// Settings that do not make the broker give up, but lose or stall messages all the same:
+/// payloads not delivered (every message would be parked as undecodable, without its
+/// bytes), a durable deleted after a quiet spell (recreated from the stream's start, it
+/// would run handlers again for messages whose inbox rows were cleaned), pulls refused
+/// (the consumer would retry forever without consuming).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_durable_that_drops_payloads_expires_or_refuses_pulls_is_refused() {
+    let env = env().await;
+    precreate(&env.js, "headers", |c| c.headers_only = true).await;
+    let reason = refusal(&env, "headers").await;
+    assert!(reason.contains("headers_only"), "{reason}");
+    precreate(&env.js, "expiring", |c| {
+        c.inactive_threshold = Duration::from_secs(3600);
+    })
+    .await;
+    let reason = refusal(&env, "expiring").await;
+    assert!(reason.contains("inactive_threshold is 3600s"), "{reason}");
+    precreate(&env.js, "small-pulls", |c| c.max_batch = 8).await;
+    let reason = refusal(&env, "small-pulls").await;
+    assert!(reason.contains("max_batch is 8"), "{reason}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_durable_with_another_ack_wait_is_refused() {
     let env = env().await;
