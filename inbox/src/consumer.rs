@@ -152,6 +152,20 @@ async fn within<T>(
     }
 }
 
+/// Whether `e` says the database could not be reached (a lost or silent connection, no
+/// connection from the pool), rather than that it answered with an error.
+fn unreachable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
+}
+
 /// Whether `e` is [`within`]'s timeout.
 fn is_timeout(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
@@ -424,8 +438,6 @@ impl Consumer {
     ///   handler is still running, a longer one delays redeliveries beyond the horizon
     ///   `inbox_retention` was validated against. Changing `ack_wait` in the configuration of
     ///   an existing consumer therefore needs the same edit at the broker.
-    /// - `max_batch` (0 or at least the consumer's pull size, 128 or more): smaller, the
-    ///   broker refuses every pull request and nothing is consumed;
     /// - `headers_only` (must be off): no payloads would be delivered, and every message
     ///   parked as undecodable without its bytes;
     /// - `inactive_threshold` (must be 0): the broker would delete the durable after a
@@ -480,7 +492,9 @@ impl Consumer {
                 have.ack_policy
             )));
         }
-        if let Some(reason) = redelivery_mismatch(&self.config, have) {
+        if let Some(reason) =
+            redelivery_mismatch(&self.config, have, info.ack_floor.stream_sequence)
+        {
             return Err(fail(reason));
         }
         Ok(consumer)
@@ -521,6 +535,7 @@ impl Consumer {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let consumer = self.ensure().await?;
         self.health.start(self.jetstream.client());
+        let _unready_when_done = self.health.stopped_on_drop();
         let this = Arc::new(self);
         let stop = CancellationToken::new();
         let mut background = Supervised::default();
@@ -551,7 +566,11 @@ impl Consumer {
         // Why the consumer stops other than by shutdown: tasks that ended, and why.
         let mut failures: Vec<String> = Vec::new();
         let mut asked_to_stop = false;
-        let pull_size = pull_size(&this.config);
+        // Capped by the durable's own limit, which the broker enforces on each pull.
+        let pull_size = match usize::try_from(consumer.cached_info().config.max_batch) {
+            Ok(limit) if limit > 0 => pull_size(&this.config).min(limit),
+            _ => pull_size(&this.config),
+        };
         'outer: loop {
             let mut messages = match consumer
                 .stream()
@@ -559,8 +578,12 @@ impl Consumer {
                 .messages()
                 .await
             {
-                Ok(messages) => messages,
+                Ok(messages) => {
+                    this.health.set_pulling(true);
+                    messages
+                }
                 Err(e) => {
+                    this.health.set_pulling(false);
                     tracing::warn!(consumer = %this.config.name, error = %e, "cannot pull messages; retrying");
                     tokio::select! {
                         _ = &mut shutdown => {
@@ -841,6 +864,7 @@ impl Consumer {
                 Err(e) => self.aborted(release_failed(e)?, &read.id),
             },
             Err(error) => {
+                self.settle_after(&mut sp, &error).await;
                 self.db(sp.rollback()).await?;
                 error
             }
@@ -892,6 +916,7 @@ impl Consumer {
             },
             Handled::Failed { error, ran } => {
                 // Undo the handler's writes and the inbox row, then retry or park.
+                self.settle_after(&mut tx, &error).await;
                 self.db(tx.rollback()).await?;
                 (error, ran)
             }
@@ -998,6 +1023,7 @@ impl Consumer {
         if let Err(error) = result {
             // Not an attempt: the rerun with savepoints pins it on its message.
             tracing::debug!(consumer = %self.config.name, error = %error, "a handler failed in a batch; running it again with a savepoint per message");
+            self.settle_after(&mut tx, &error).await;
             self.db(tx.rollback()).await?;
             return Ok(None);
         }
@@ -1027,6 +1053,7 @@ impl Consumer {
             metrics::counter!(m::HANDLER_TIMEOUTS, "consumer" => self.config.name.clone())
                 .increment(1);
             tracing::error!(consumer = %self.config.name, handler_timeout = ?limit, "handler timed out; its transaction is rolled back and the message will be retried");
+            self.cancel_lane_statement().await;
             return Err(Failure::TimedOut(limit));
         };
         match caught {
@@ -1038,6 +1065,41 @@ impl Consumer {
                 tracing::error!(consumer = %self.config.name, panic = %message, "handler panicked; its transaction is rolled back and the message will be retried");
                 Err(Failure::Panicked(message))
             }
+        }
+    }
+
+    /// Before rolling back after `failure`: if the handler was dropped at `handler_timeout`
+    /// and its statement cancelled ([`Consumer::cancel_lane_statement`]), reads that
+    /// statement's end off the connection (its `query_canceled` error, which sqlx would
+    /// otherwise return from the rollback).
+    async fn settle_after(&self, conn: &mut PgConnection, failure: &Failure) {
+        if !matches!(failure, Failure::TimedOut(_)) {
+            return;
+        }
+        for _ in 0..2 {
+            if self.db(sqlx::Connection::ping(&mut *conn)).await.is_ok() {
+                return;
+            }
+        }
+    }
+
+    /// After a handler was dropped at `handler_timeout`: cancels the statement its lane's
+    /// backend may still be running (a lock wait, a slow query), from another pool
+    /// connection, so that the rollback that follows is not held up by it (past
+    /// `db_timeout` it would count as a database failure, and the attempt as none). A no-op
+    /// if the backend is idle in its transaction, or outside a lane (`dlq retry` runs).
+    async fn cancel_lane_statement(&self) {
+        let Ok(pid) = LANE_BACKEND.try_with(|pid| *pid) else {
+            return;
+        };
+        let cancelled = self
+            .db(async {
+                let mut other = self.pool.acquire().await?;
+                store::cancel_backend_statement(&mut other, pid).await
+            })
+            .await;
+        if let Err(e) = cancelled {
+            tracing::warn!(consumer = %self.config.name, error = %e, "cannot cancel the statement of a handler that timed out; the rollback waits for it");
         }
     }
 
@@ -1270,6 +1332,7 @@ fn pull_size(config: &ConsumerConfig) -> usize {
 fn redelivery_mismatch(
     config: &ConsumerConfig,
     have: &async_nats::jetstream::consumer::Config,
+    ack_floor: u64,
 ) -> Option<String> {
     let mut problems = Vec::new();
     let mut flags = Vec::new();
@@ -1306,15 +1369,6 @@ fn redelivery_mismatch(
             have.inactive_threshold
         ));
     }
-    if have.max_batch > 0 && (have.max_batch as usize) < pull_size(config) {
-        problems.push(format!(
-            "max_batch is {} but must be 0 or at least {}: the broker refuses the consumer's pull requests of {} messages",
-            have.max_batch,
-            pull_size(config),
-            pull_size(config)
-        ));
-        flags.push("--max-pull-batch=0".to_owned());
-    }
     if problems.is_empty() && recreate.is_empty() {
         return None;
     }
@@ -1332,8 +1386,12 @@ fn redelivery_mismatch(
         ));
     } else {
         reason.push_str(&format!(
-            "delete it (`nats consumer rm {} {}`) for the consumer to create it anew, from the stream's first message (the inbox skips what it handled already within inbox_retention)",
-            config.stream, config.name
+            "recreate it where it stands: `nats consumer rm {stream} {name}`, then `nats consumer add {stream} {name} --pull --deliver {next} --ack explicit --wait {wait:?} --max-deliver=-1` with its filter subjects, so that it resumes after its ack floor (stream sequence {floor}); one created by the consumer itself would start again from the stream's first message, and run handlers again for messages older than inbox_retention",
+            stream = config.stream,
+            name = config.name,
+            next = ack_floor + 1,
+            floor = ack_floor,
+            wait = config.ack_wait,
         ));
     }
     if have.ack_wait != config.ack_wait {
@@ -1485,7 +1543,7 @@ async fn lane(consumer: Arc<Consumer>, mut rx: mpsc::Receiver<Queued>, stop: Can
     let period = consumer.progress_period();
     let mut keepalive = tokio::time::interval(period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut conn: Option<PoolConnection<Postgres>> = None;
+    let mut conn: Option<LaneConnection> = None;
     let mut queue: VecDeque<Queued> = VecDeque::new();
     let mut open = true;
     loop {
@@ -1653,39 +1711,21 @@ fn keep_alive<'a>(
 /// delivery count (from `retry_min_delay` to `retry_max_delay`).
 async fn handle_batch(
     consumer: &Consumer,
-    held: &mut Option<PoolConnection<Postgres>>,
+    held: &mut Option<LaneConnection>,
     batch: &[jetstream::Message],
 ) -> Vec<Reply> {
     let outcome = async {
-        let conn = match held {
-            Some(conn) => conn,
-            None => held.insert(consumer.db(consumer.pool.acquire()).await?),
-        };
-        let together = if consumer.config.mode == Mode::Strict {
-            // Batches of one: nothing to pin a refused COMMIT on but the message itself.
-            Err(None)
-        } else {
-            match consumer.try_batch_without_savepoints(conn, batch).await {
-                Ok(Some(replies)) => Ok(replies),
-                Ok(None) => consumer.with_savepoints(conn, batch).await.map_err(Some),
-                Err(fault) => Err(Some(fault)),
+        let lane = match held {
+            Some(lane) => lane,
+            None => {
+                let mut conn = consumer.db(consumer.pool.acquire()).await?;
+                let backend_pid = consumer.db(store::backend_pid(&mut conn)).await?;
+                held.insert(LaneConnection { conn, backend_pid })
             }
         };
-        match together {
-            Ok(replies) => Ok(replies),
-            Err(Some(Fault::Database(e))) => Err(e),
-            Err(refused) => {
-                if let Some(Fault::Commit(e)) = refused {
-                    consumer.count_commit_failure();
-                    tracing::warn!(consumer = %consumer.config.name, messages = batch.len(), error = %e, "the database refused the batch's COMMIT; running its messages one at a time");
-                }
-                let mut replies = Vec::with_capacity(batch.len());
-                for message in batch {
-                    replies.push(consumer.handle_alone(conn, message).await?);
-                }
-                Ok::<_, sqlx::Error>(replies)
-            }
-        }
+        LANE_BACKEND
+            .scope(lane.backend_pid, handle_on(consumer, &mut lane.conn, batch))
+            .await
     }
     .await;
     match outcome {
@@ -1697,8 +1737,8 @@ async fn handle_batch(
             consumer.health.set_database(false);
             // The connection may be broken (or silent: a release to the pool would ping it
             // and wait): close it, and take a fresh one for the next batch.
-            if let Some(mut conn) = held.take() {
-                conn.close_on_drop();
+            if let Some(mut lane) = held.take() {
+                lane.conn.close_on_drop();
             }
             // Backed off with each message's delivery count, so that an outage redelivers
             // ever more slowly instead of every retry_min_delay.
@@ -1715,6 +1755,51 @@ async fn handle_batch(
     }
 }
 
+/// [`handle_batch`]'s work on the lane's connection.
+async fn handle_on(
+    consumer: &Consumer,
+    conn: &mut PgConnection,
+    batch: &[jetstream::Message],
+) -> Result<Vec<Reply>, sqlx::Error> {
+    let together = if consumer.config.mode == Mode::Strict {
+        // Batches of one: nothing to pin a refused COMMIT on but the message itself.
+        Err(None)
+    } else {
+        match consumer.try_batch_without_savepoints(conn, batch).await {
+            Ok(Some(replies)) => Ok(replies),
+            Ok(None) => consumer.with_savepoints(conn, batch).await.map_err(Some),
+            Err(fault) => Err(Some(fault)),
+        }
+    };
+    match together {
+        Ok(replies) => Ok(replies),
+        Err(Some(Fault::Database(e))) => Err(e),
+        Err(refused) => {
+            if let Some(Fault::Commit(e)) = refused {
+                consumer.count_commit_failure();
+                tracing::warn!(consumer = %consumer.config.name, messages = batch.len(), error = %e, "the database refused the batch's COMMIT; running its messages one at a time");
+            }
+            let mut replies = Vec::with_capacity(batch.len());
+            for message in batch {
+                replies.push(consumer.handle_alone(conn, message).await?);
+            }
+            Ok(replies)
+        }
+    }
+}
+
+/// A lane's pool connection and the pid of its server backend (to cancel a handler's
+/// statement that outlives `handler_timeout`, see [`Consumer::catching`]).
+struct LaneConnection {
+    conn: PoolConnection<Postgres>,
+    backend_pid: i32,
+}
+
+tokio::task_local! {
+    /// The backend pid of the lane connection the current handler runs on.
+    static LANE_BACKEND: i32;
+}
+
 /// Deletes inbox rows past the retention, and attempt rows not updated for as long, every
 /// `cleaner_interval`.
 async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
@@ -1725,7 +1810,7 @@ async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let work = async {
-            let mut conn = consumer.pool.acquire().await?;
+            let mut conn = ClosedUnlessReleased::acquire(&consumer).await?;
             loop {
                 let n = store::delete_older_than(
                     &mut conn,
@@ -1744,6 +1829,7 @@ async fn cleaner(consumer: Arc<Consumer>, stop: CancellationToken) {
                 consumer.config.inbox_retention,
             )
             .await?;
+            conn.release();
             Ok::<_, sqlx::Error>(())
         };
         // Stopped with the consumer even mid-delete (each delete is a statement of its own).
@@ -1777,7 +1863,9 @@ async fn dlq_retries(consumer: Arc<Consumer>, stop: CancellationToken) {
             ran = run_retry_requests(&consumer) => ran,
         };
         if let Err(e) = ran {
-            consumer.health.set_database(false);
+            if unreachable(&e) {
+                consumer.health.set_database(false);
+            }
             tracing::warn!(consumer = %consumer.config.name, error = %e, "running dlq retries failed");
         }
     }
@@ -1788,7 +1876,8 @@ async fn dlq_retries(consumer: Arc<Consumer>, stop: CancellationToken) {
 /// time ([`retry_alone`]), so that the others go through and only the one whose commit fails
 /// is recorded as failed (reason `commit_failed`).
 async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
-    let mut tx = consumer.db(consumer.pool.begin()).await?;
+    let mut conn = ClosedUnlessReleased::acquire(consumer).await?;
+    let mut tx = consumer.db(conn.begin()).await?;
     let letters = consumer
         .db(dlq::store::take_retry_requests(
             &mut tx,
@@ -1798,15 +1887,22 @@ async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
         .await?;
     if letters.is_empty() {
         consumer.db(tx.commit()).await?;
+        conn.release();
         // The poll doubles as the database probe of an idle consumer's readiness.
         consumer.health.set_database(true);
         return Ok(());
     }
+    let backend_pid = consumer.db(store::backend_pid(&mut tx)).await?;
     let mut results = Vec::with_capacity(letters.len());
     for letter in &letters {
-        results.push(retry_letter(consumer, &mut tx, letter).await?);
+        let retried = LANE_BACKEND.scope(backend_pid, retry_letter(consumer, &mut tx, letter));
+        results.push(retried.await?);
     }
-    match commit(tx, consumer.config.db_timeout).await {
+    let committed = commit(tx, consumer.config.db_timeout).await;
+    if !matches!(committed, Err(Fault::Database(_))) {
+        conn.release();
+    }
+    match committed {
         Ok(()) => {
             for (letter, result) in letters.iter().zip(&results) {
                 report_retry(consumer, letter, result);
@@ -1829,26 +1925,43 @@ async fn run_retry_requests(consumer: &Consumer) -> Result<(), sqlx::Error> {
 /// the database refuses is recorded as the retry's failure (reason `commit_failed`), in a
 /// new transaction.
 async fn retry_alone(consumer: &Consumer, letter: &dlq::store::Stored) -> Result<(), sqlx::Error> {
-    let mut tx = consumer.pool.begin().await?;
-    if !store::lock_retry_request(&mut tx, letter.id).await? {
+    let mut conn = ClosedUnlessReleased::acquire(consumer).await?;
+    let mut tx = consumer.db(conn.begin()).await?;
+    if !consumer
+        .db(store::lock_retry_request(&mut tx, letter.id))
+        .await?
+    {
+        consumer.db(tx.commit()).await?;
+        conn.release();
         return Ok(());
     }
-    let result = retry_letter(consumer, &mut tx, letter).await?;
+    let backend_pid = consumer.db(store::backend_pid(&mut tx)).await?;
+    let result = LANE_BACKEND
+        .scope(backend_pid, retry_letter(consumer, &mut tx, letter))
+        .await?;
     let result = match commit(tx, consumer.config.db_timeout).await {
         Ok(()) => result,
         Err(Fault::Database(e)) => return Err(e),
         Err(Fault::Commit(e)) => {
             consumer.count_commit_failure();
             let failure = Err(Failure::Commit(e));
-            let mut tx = consumer.pool.begin().await?;
-            if !store::lock_retry_request(&mut tx, letter.id).await? {
+            let mut tx = consumer.db(conn.begin()).await?;
+            if !consumer
+                .db(store::lock_retry_request(&mut tx, letter.id))
+                .await?
+            {
+                consumer.db(tx.commit()).await?;
+                conn.release();
                 return Ok(());
             }
-            record_retry_failure(&mut tx, letter, &failure).await?;
-            tx.commit().await?;
+            consumer
+                .db(record_retry_failure(&mut tx, letter, &failure))
+                .await?;
+            consumer.db(tx.commit()).await?;
             failure
         }
     };
+    conn.release();
     report_retry(consumer, letter, &result);
     Ok(())
 }
@@ -1868,17 +1981,20 @@ async fn retry_letter(
     tx: &mut PgConnection,
     letter: &dlq::store::Stored,
 ) -> Result<Result<(), Failure>, sqlx::Error> {
-    let outcome = store::lock_outcome(
-        tx,
-        &consumer.config.name,
-        &letter.message_id,
-        &letter.subject,
-    )
-    .await?;
+    let outcome = consumer
+        .db(store::lock_outcome(
+            tx,
+            &consumer.config.name,
+            &letter.message_id,
+            &letter.subject,
+        ))
+        .await?;
     if outcome == "processed" {
         // Processed meanwhile (by another instance, while this one parked it): running the
         // handler again would apply the message twice.
-        store::mark_already_processed(tx, letter.id).await?;
+        consumer
+            .db(store::mark_already_processed(tx, letter.id))
+            .await?;
         tracing::info!(consumer = %consumer.config.name, dead_letter = letter.id, "dlq retry of a message processed already; the handler does not run again");
         return Ok(Ok(()));
     }
@@ -1897,31 +2013,76 @@ async fn retry_letter(
                 delivered: None,
                 stream_seq: None,
             };
-            let mut sp = tx.begin().await?;
+            let mut sp = consumer.db(tx.begin()).await?;
             let result = consumer
                 .catching(consumer.handler.handle(&mut sp, &delivery))
                 .await;
             match result {
-                Ok(()) => match sp.commit().await {
+                Ok(()) => match consumer.db(sp.commit()).await {
                     Ok(()) => Ok(()),
                     // Rolled back to the savepoint before the next statement.
                     Err(e) => Err(consumer.aborted(release_failed(e)?, &letter.message_id)),
                 },
                 Err(failure) => {
-                    sp.rollback().await?;
+                    consumer.settle_after(&mut sp, &failure).await;
+                    consumer.db(sp.rollback()).await?;
                     Err(failure)
                 }
             }
         }
     };
-    match &result {
-        Ok(()) => {
-            dlq::store::mark_retried(tx, letter.id).await?;
-            store::mark_processed(tx, &consumer.config.name, &letter.message_id).await?;
-        }
-        Err(_) => record_retry_failure(tx, letter, &result).await?,
-    }
+    consumer
+        .db(async {
+            match &result {
+                Ok(()) => {
+                    dlq::store::mark_retried(tx, letter.id).await?;
+                    store::mark_processed(tx, &consumer.config.name, &letter.message_id).await
+                }
+                Err(_) => record_retry_failure(tx, letter, &result).await,
+            }
+        })
+        .await?;
     Ok(result)
+}
+
+/// A pool connection that is closed when dropped, instead of going back to the pool, unless
+/// [`released`](ClosedUnlessReleased::release): after a step that failed, timed out or was
+/// cancelled the connection may be silent, and the pool's ping on its return would wait for
+/// it with no deadline, holding the pool slot.
+struct ClosedUnlessReleased(Option<PoolConnection<Postgres>>);
+
+impl ClosedUnlessReleased {
+    async fn acquire(consumer: &Consumer) -> Result<Self, sqlx::Error> {
+        Ok(ClosedUnlessReleased(Some(
+            consumer.db(consumer.pool.acquire()).await?,
+        )))
+    }
+
+    /// Returns the connection to the pool: its last step succeeded.
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl std::ops::Deref for ClosedUnlessReleased {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for ClosedUnlessReleased {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.0.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for ClosedUnlessReleased {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.0.take() {
+            conn.close_on_drop();
+        }
+    }
 }
 
 /// Parks a retried letter again with its new failure (one more attempt, status `dead`).

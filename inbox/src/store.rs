@@ -245,3 +245,22 @@ pub async fn mark_already_processed(conn: &mut PgConnection, id: i64) -> Result<
     .await?;
     Ok(())
 }
+
+/// The pid of `conn`'s server backend.
+pub async fn backend_pid(conn: &mut PgConnection) -> Result<i32, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+}
+
+/// Cancels the statement backend `pid` is running, if any (`pg_cancel_backend`: a backend
+/// idle in its transaction is not touched). Returns whether the signal was sent.
+pub async fn cancel_backend_statement(
+    conn: &mut PgConnection,
+    pid: i32,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_cancel_backend($1)")
+        .bind(pid)
+        .fetch_one(conn)
+        .await
+}

@@ -431,13 +431,12 @@ async fn an_existing_durable_with_a_max_deliver_is_refused() {
     );
 }
 
-/// Settings that do not make the broker give up, but lose or stall messages all the same:
-/// payloads not delivered (every message would be parked as undecodable, without its
-/// bytes), a durable deleted after a quiet spell (recreated from the stream's start, it
-/// would run handlers again for messages whose inbox rows were cleaned), pulls refused
-/// (the consumer would retry forever without consuming).
+/// Settings that do not make the broker give up, but lose messages all the same: payloads
+/// not delivered (every message would be parked as undecodable, without its bytes), a
+/// durable deleted after a quiet spell (recreated from the stream's start, it would run
+/// handlers again for messages whose inbox rows were cleaned).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_existing_durable_that_drops_payloads_expires_or_refuses_pulls_is_refused() {
+async fn an_existing_durable_that_drops_payloads_or_expires_is_refused() {
     let env = env().await;
     precreate(&env.js, "headers", |c| c.headers_only = true).await;
     let reason = refusal(&env, "headers").await;
@@ -448,9 +447,39 @@ async fn an_existing_durable_that_drops_payloads_expires_or_refuses_pulls_is_ref
     .await;
     let reason = refusal(&env, "expiring").await;
     assert!(reason.contains("inactive_threshold is 3600s"), "{reason}");
-    precreate(&env.js, "small-pulls", |c| c.max_batch = 8).await;
-    let reason = refusal(&env, "small-pulls").await;
-    assert!(reason.contains("max_batch is 8"), "{reason}");
+    assert!(
+        reason.contains("--deliver 1") && reason.contains("ack floor"),
+        "says how to recreate it where it stands: {reason}"
+    );
+}
+
+/// A durable whose pulls are limited to fewer messages than the consumer asks for: the
+/// consumer asks for no more, instead of having every pull refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_durable_with_a_small_max_batch_is_pulled_within_it() {
+    let env = env().await;
+    let name = "small-pulls";
+    precreate(&env.js, name, |c| c.max_batch = 8).await;
+    for i in 0..40 {
+        publish(&env.js, &order_envelope(&format!("o-{i}"))).await;
+    }
+    let handler = PanicsOn::new(name, "none");
+    let consumer = Consumer::new(
+        config(name),
+        env.pool.clone(),
+        env.js.clone(),
+        typed(handler),
+    )
+    .expect("valid config");
+    let health = consumer.health();
+    let running = run(consumer);
+    wait_until(Duration::from_secs(20), "all applied", || async {
+        applied(&env.pool, name).await == 40
+    })
+    .await
+    .expect("consumed within the durable's pull limit");
+    assert!(health.report().pulling, "{:?}", health.report());
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -221,6 +221,7 @@ fn all_acked(view: Option<BrokerView>) -> bool {
 /// - `abort…`: inserts its row, then runs `SELECT 1/0`, ignores the error and returns `Ok`
 ///   (its transaction is aborted);
 /// - `hang…`: never returns;
+/// - `stuck…`: inserts its row, then waits in a statement that never ends (`pg_sleep`);
 /// - `slow…`: sleeps `slow` (its own work), then inserts;
 /// - `commit-timeout…`: inserts (a deferred trigger cancels its COMMIT, SQLSTATE 57014);
 /// - `race…`: its first run sleeps `slow`, then fails permanently; later runs insert;
@@ -310,6 +311,13 @@ impl Probe {
             }
             if id.starts_with("hang") {
                 std::future::pending::<()>().await;
+            }
+            if id.starts_with("stuck") {
+                self.insert(conn, id).await?;
+                sqlx::query("SELECT pg_sleep(3600)")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(HandlerError::retry)?;
             }
             if id.starts_with("slow") {
                 // The handler's own work, not synchronisation.
@@ -772,6 +780,61 @@ async fn a_hung_handler_times_out_and_is_parked() {
     for id in orders.iter().filter(|id| *id != "hang-1") {
         assert_eq!(per_order.get(id), Some(&1), "{id} once: {per_order:?}");
     }
+    running.stop().await;
+}
+
+/// A handler blocked inside a statement is stopped at `handler_timeout` like any other: its
+/// statement is cancelled, so that the rollback does not wait for it (past `db_timeout` that
+/// would be a database failure, no attempt counted, and the message never parked), and no
+/// server backend is left running it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_stuck_in_a_statement_times_out_and_is_parked() {
+    let env = env().await;
+    let name = "stuck";
+    let handler = Probe::new(name);
+    let orders: Vec<String> = ["stuck-1", "o-1", "o-2", "o-3"].map(str::to_owned).to_vec();
+    for id in &orders {
+        publish(&env.js, &order(id)).await;
+    }
+    let config = ConsumerConfig {
+        max_attempts: 2,
+        concurrency: 2,
+        handler_timeout: Duration::from_secs(1),
+        db_timeout: Duration::from_secs(1),
+        ..config(name)
+    };
+    let mut running = run(consumer(&env, config, &handler, false));
+    let task = &running.task;
+    wait_for(
+        &env,
+        name,
+        "the others applied, stuck-1 parked",
+        Duration::from_secs(30),
+        async || {
+            task.is_finished()
+                || (applied(&env.pool, name).await == 3
+                    && !letters(&env.pool, name).await.is_empty())
+        },
+    )
+    .await;
+    running.assert_still_running().await;
+    let rows = letters(&env.pool, name).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2.as_str(), rows[0].3),
+        ("dead", "timeout", 2)
+    );
+    assert_eq!(handler.runs_of("stuck-1"), [1, 2]);
+    let sleeping: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(3600)%' AND state = 'active'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("activity");
+    assert_eq!(
+        sleeping, 0,
+        "no backend is left running the stuck statement"
+    );
     running.stop().await;
 }
 
