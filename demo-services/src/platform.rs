@@ -220,6 +220,7 @@ fn spawn_consumer(
     handler: Arc<dyn inbox::RawHandler>,
     stream_replicas: usize,
     stop: CancellationToken,
+    health: ConsumerHealth,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let name = config.name.clone();
@@ -242,6 +243,9 @@ fn spawn_consumer(
                     return;
                 }
             };
+            *health
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(consumer.health());
             let stopped = stop.clone();
             match consumer.run(async move { stopped.cancelled().await }).await {
                 Ok(()) => break,
@@ -278,6 +282,8 @@ struct Readiness {
     has_outbox: bool,
     /// The largest acceptable relay lag.
     relay_lag_max: Duration,
+    /// The inbox consumer's readiness, if the service consumes (see [`inbox::Health`]).
+    consumer: ConsumerHealth,
 }
 
 impl Readiness {
@@ -301,7 +307,14 @@ impl Readiness {
             async_nats::connection::State::Connected
         );
         let lag_ok = lag.is_none_or(|l| l <= self.relay_lag_max.as_secs_f64());
-        let ready = database_ok && broker_ok && lag_ok;
+        let consumer = self
+            .consumer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(inbox::Health::report);
+        let consumer_ok = consumer.as_ref().is_none_or(|c| c.ready);
+        let ready = database_ok && broker_ok && lag_ok && consumer_ok;
         (
             ready,
             json!({
@@ -309,12 +322,14 @@ impl Readiness {
                 "database": database_ok,
                 "broker": broker_ok,
                 "relayLagSeconds": lag,
+                "consumer": consumer,
             }),
         )
     }
 }
 
-/// `/health` (liveness), `/health/ready` (database, broker, relay lag) and `/metrics`.
+/// `/health` (liveness), `/health/ready` (database, broker, relay lag, the inbox consumer)
+/// and `/metrics`.
 fn ops_routes(readiness: Readiness) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
@@ -617,7 +632,12 @@ pub struct Runtime {
     /// Cancelled when the service stops.
     pub stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The readiness of the running inbox consumer, if the service consumes.
+    consumer: ConsumerHealth,
 }
+
+/// The [`inbox::Health`] of a service's current consumer (each restart has a new one).
+type ConsumerHealth = Arc<std::sync::Mutex<Option<inbox::Health>>>;
 
 impl Runtime {
     /// Registers `counters` at zero, connects to the database (applying the toolkit's
@@ -637,6 +657,7 @@ impl Runtime {
             nats,
             stop: CancellationToken::new(),
             tasks: Vec::new(),
+            consumer: ConsumerHealth::default(),
         })
     }
 
@@ -649,6 +670,7 @@ impl Runtime {
             router.into_handler(),
             self.config.stream_replicas,
             self.stop.clone(),
+            self.consumer.clone(),
         );
         self.tasks.push(consumer);
     }
@@ -666,6 +688,7 @@ impl Runtime {
             nats: self.nats.clone(),
             has_outbox,
             relay_lag_max: self.config.relay_lag_max,
+            consumer: self.consumer.clone(),
         };
         let app = finish_routes(api.merge(ops_routes(readiness)));
         let addr = self.config.http_addr;

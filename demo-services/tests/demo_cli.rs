@@ -157,6 +157,9 @@ async fn demo_up_answers_the_readme_commands_and_stops_on_ctrl_c() {
         .await
         .expect("ready");
     assert_eq!(ready.status, 200, "{}", ready.text);
+    // The service's inbox consumer is part of its readiness.
+    assert_eq!(ready.json["consumer"]["ready"], true, "{}", ready.text);
+    assert_eq!(ready.json["consumer"]["database"], true, "{}", ready.text);
     let metrics = client::get(&format!("{order}/metrics"))
         .await
         .expect("metrics");
