@@ -100,7 +100,12 @@ pub struct ConsumerConfig {
     /// A silently dead connection (no TCP reset, nothing coming back) thus cannot hold a
     /// lane, or shutdown, forever. A COMMIT that timed out may still have committed: the
     /// redelivery then finds its inbox row and is acknowledged without running the handler.
-    /// At least 100 ms.
+    /// Set it above the slowest legitimate step: a COMMIT that runs deferred triggers or
+    /// waits for a synchronous replica, an inbox insert that waits for another instance's
+    /// transaction on a copy of the same message. A step that times out NAKs its messages
+    /// like any database failure, so later messages of their keys may be handled first (as
+    /// after a retry: per-key order holds among first deliveries), and a batch whose COMMIT
+    /// always takes longer is never pinned on one message. At least 100 ms.
     pub db_timeout: Duration,
     /// How long the broker waits for an ack before redelivering. Defaults to 30 s. The
     /// durable consumer is created with it; an existing durable with another `ack_wait` is
