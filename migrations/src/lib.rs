@@ -119,7 +119,27 @@ pub enum Error {
         /// The checksum of the embedded SQL.
         embedded: String,
     },
+    /// A migration could not take the lock it needs on a table within [`LOCK_TIMEOUT`], in
+    /// each of [`LOCK_TRIES`] tries: a long-running transaction holds a conflicting lock.
+    /// Waiting longer would hold every writer of that table behind the migration's queued
+    /// lock, so it gives up; run it again once that transaction ends.
+    #[error(
+        "migration {version} ({name}) could not lock its table within {LOCK_TIMEOUT:?} in {LOCK_TRIES} tries: a long-running transaction holds a conflicting lock (see pg_stat_activity); nothing was applied, run it again when that transaction has ended"
+    )]
+    LockTimeout {
+        /// The migration's number.
+        version: i64,
+        /// Its name.
+        name: &'static str,
+    },
 }
+
+/// The longest a migration waits for a table lock in one try (PostgreSQL's `lock_timeout`):
+/// while it waits, writers of that table queue behind it.
+pub const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How many times [`migrate`] tries before returning [`Error::LockTimeout`], a second apart.
+pub const LOCK_TRIES: u32 = 3;
 
 /// What [`migrate`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,11 +158,37 @@ const LOCK_KEY: i64 = 0x6f75_7462_6f78_6d69;
 ///
 /// Safe to call concurrently from several processes: they serialise on an advisory lock and
 /// all but the first find nothing to do. Refuses with [`Error::Modified`] if an applied
-/// migration's SQL changed.
+/// migration's SQL changed. Never holds the application's writers for long: each table lock
+/// is waited for at most [`LOCK_TIMEOUT`], and after [`LOCK_TRIES`] tries it returns
+/// [`Error::LockTimeout`] with nothing applied.
 pub async fn migrate(conn: &mut PgConnection) -> Result<Report, Error> {
+    let mut tries = 1;
+    loop {
+        match migrate_once(conn).await {
+            Err(Error::LockTimeout { version, name }) if tries < LOCK_TRIES => {
+                tracing::warn!(
+                    version,
+                    name,
+                    try_number = tries,
+                    "a migration could not lock its table in time; trying again"
+                );
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// One try of [`migrate`], in one transaction.
+async fn migrate_once(conn: &mut PgConnection) -> Result<Report, Error> {
     let mut tx = conn.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(LOCK_KEY)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(format!("{}ms", LOCK_TIMEOUT.as_millis()))
         .execute(&mut *tx)
         .await?;
     sqlx::raw_sql(
@@ -186,7 +232,16 @@ pub async fn migrate(conn: &mut PgConnection) -> Result<Report, Error> {
             }
             None => {}
         }
-        sqlx::raw_sql(migration.sql).execute(&mut *tx).await?;
+        if let Err(e) = sqlx::raw_sql(migration.sql).execute(&mut *tx).await {
+            // 55P03 lock_not_available: lock_timeout ran out.
+            if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("55P03") {
+                return Err(Error::LockTimeout {
+                    version: migration.version,
+                    name: migration.name,
+                });
+            }
+            return Err(e.into());
+        }
         sqlx::query(
             "INSERT INTO outbox_toolkit_migration (version, name, checksum) VALUES ($1, $2, $3)",
         )

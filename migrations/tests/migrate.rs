@@ -118,3 +118,82 @@ async fn an_edited_migration_is_refused_and_nothing_changes() {
         .expect("count");
     assert_eq!(recorded, 2, "the refused run recorded nothing");
 }
+
+/// A migration that needs a table lock a long-running transaction holds gives up after
+/// `LOCK_TIMEOUT` per try instead of queueing every writer of that table behind it, applies
+/// nothing, and goes through once the transaction has ended.
+#[tokio::test]
+async fn a_migration_blocked_by_a_long_transaction_gives_up_without_holding_writers() {
+    let pg = Postgres::start().await.expect("start PostgreSQL");
+    let url = pg.fresh_database().await.expect("db");
+    let mut conn = connect(&url).await;
+    migrate(&mut conn).await.expect("migrate");
+    // Back to before migration 9, which alters outbox_message.
+    sqlx::raw_sql(
+        "ALTER TABLE outbox_message DROP COLUMN permanent_failures;
+         DROP TABLE inbox_attempt;
+         DELETE FROM outbox_toolkit_migration WHERE version >= 9;",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("undo 9 and 10");
+
+    // A reader whose transaction stays open holds ACCESS SHARE on outbox_message.
+    let mut reader = connect(&url).await;
+    sqlx::raw_sql("BEGIN; SELECT count(*) FROM outbox_message;")
+        .execute(&mut reader)
+        .await
+        .expect("long transaction");
+
+    let started = std::time::Instant::now();
+    let migrating = tokio::spawn({
+        let url = url.clone();
+        async move { migrate(&mut connect(&url).await).await }
+    });
+    // A writer that comes while the migration waits is held at most LOCK_TIMEOUT per try.
+    let mut writer = connect(&url).await;
+    let wrote = std::time::Instant::now();
+    let insert = sqlx::query(
+        "INSERT INTO outbox_message (id, subject, event_type, source, partition_key, occurred_at, payload)
+         VALUES (gen_random_uuid(), 's', 't.v1', 'src', 'k', now(), '')",
+    )
+    .execute(&mut writer);
+    tokio::time::timeout(std::time::Duration::from_secs(10), insert)
+        .await
+        .expect("the writer is not held behind the migration")
+        .expect("a writer gets through");
+    assert!(
+        wrote.elapsed() < migrations::LOCK_TIMEOUT * 2,
+        "the writer waited {:?}",
+        wrote.elapsed()
+    );
+    let result = tokio::time::timeout(std::time::Duration::from_secs(60), migrating)
+        .await
+        .expect("migrate gives up in time")
+        .expect("task");
+    match result {
+        Err(Error::LockTimeout { version: 9, name }) => assert_eq!(name, "permanent_failures"),
+        other => panic!("expected LockTimeout for migration 9, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= migrations::LOCK_TIMEOUT * migrations::LOCK_TRIES,
+        "it tried {} times ({:?})",
+        migrations::LOCK_TRIES,
+        started.elapsed()
+    );
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM outbox_toolkit_migration ORDER BY version")
+            .fetch_all(&mut writer)
+            .await
+            .expect("versions");
+    assert_eq!(applied, (1..=8).collect::<Vec<i64>>(), "nothing applied");
+
+    sqlx::raw_sql("COMMIT")
+        .execute(&mut reader)
+        .await
+        .expect("end it");
+    let report = migrate(&mut writer)
+        .await
+        .expect("applies once the lock is free");
+    assert_eq!(report.applied, [9, 10]);
+}
