@@ -1,5 +1,7 @@
 //! The inbox consumer against real PostgreSQL and nats-server.
 
+mod common;
+
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -7,24 +9,11 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
-use envelope::{Envelope, Event, HeaderText};
+use common::*;
+use envelope::Envelope;
 use inbox::{Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Mode, typed};
-use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
-use testkit::{NatsServer, Postgres, TcpProxy, wait_until};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OrderPlaced {
-    order_id: String,
-}
-
-impl Event for OrderPlaced {
-    const NAME: &'static str = "orders.placed";
-    const VERSION: u32 = 1;
-    fn partition_key(&self) -> String {
-        self.order_id.clone()
-    }
-}
+use testkit::{Postgres, TcpProxy, wait_until};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Behaviour {
@@ -89,44 +78,6 @@ impl Handler<OrderPlaced> for Recorder {
     }
 }
 
-struct Env {
-    _pg: Postgres,
-    nats: NatsServer,
-    pool: PgPool,
-    js: jetstream::Context,
-}
-
-async fn env(duplicate_window: Duration) -> Env {
-    let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start());
-    let (pg, nats) = (pg.expect("PostgreSQL"), nats.expect("nats-server"));
-    let pool = PgPool::connect(&pg.fresh_database().await.expect("db"))
-        .await
-        .expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
-        .await
-        .expect("migrate");
-    sqlx::query("CREATE TABLE applied (consumer text NOT NULL, order_id text NOT NULL)")
-        .execute(&pool)
-        .await
-        .expect("business table");
-    let client = async_nats::connect(nats.url()).await.expect("nats");
-    let js = jetstream::new(client);
-    js.create_stream(jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        duplicate_window,
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
-    Env {
-        _pg: pg,
-        nats,
-        pool,
-        js,
-    }
-}
-
 fn config(name: &str) -> ConsumerConfig {
     ConsumerConfig {
         filter_subjects: vec!["orders.>".into()],
@@ -139,29 +90,6 @@ fn config(name: &str) -> ConsumerConfig {
     }
 }
 
-fn order_envelope(order_id: &str) -> Envelope {
-    Envelope::from_event(
-        HeaderText::new("source", "order-service").expect("valid"),
-        &OrderPlaced {
-            order_id: order_id.into(),
-        },
-    )
-    .expect("valid")
-}
-
-async fn publish(js: &jetstream::Context, envelope: &Envelope) {
-    let headers = envelope::nats::to_headers(envelope).expect("headers");
-    js.publish_with_headers(
-        envelope.subject.to_string(),
-        headers,
-        envelope.payload.clone(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("ack");
-}
-
 /// Runs a consumer of `handler` until [`Running::stop`] (or the value is dropped).
 fn start(
     env: &Env,
@@ -172,42 +100,6 @@ fn start(
     run(Consumer::new(config, env.pool.clone(), js, handler).expect("valid config"))
 }
 
-/// Runs `consumer` until [`Running::stop`] (or the value is dropped).
-fn run(consumer: Consumer) -> Running {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = rx.await;
-    }));
-    Running {
-        stop: Some(tx),
-        task,
-    }
-}
-
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), inbox::Error>>,
-}
-
-impl Running {
-    /// Asks the consumer to stop, without waiting.
-    fn request_stop(&mut self) {
-        drop(self.stop.take());
-    }
-
-    /// Stops the consumer and waits until `run` returned successfully.
-    async fn stop(mut self) {
-        self.request_stop();
-        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
-            .await
-            .expect("stops in time")
-            .expect("task")
-            .expect("run");
-    }
-}
-
-/// The broker's view of a durable consumer: (ack floor stream sequence, acks pending), or
-/// None if it cannot be read.
 /// Publishes `envelope` again under another `Nats-Msg-Id`, so JetStream stores a second
 /// copy (what a republish after the duplicate window looks like).
 async fn publish_copy(js: &jetstream::Context, envelope: &Envelope, broker_id: &str) {
@@ -227,6 +119,8 @@ async fn publish_copy(js: &jetstream::Context, envelope: &Envelope, broker_id: &
     .expect("stored twice");
 }
 
+/// The broker's view of a durable consumer: (ack floor stream sequence, acks pending), or
+/// None if it cannot be read.
 async fn ack_state(js: &jetstream::Context, consumer: &str) -> Option<(u64, usize)> {
     let mut c = js
         .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
@@ -238,21 +132,13 @@ async fn ack_state(js: &jetstream::Context, consumer: &str) -> Option<(u64, usiz
     Some((info.ack_floor.stream_sequence, info.num_ack_pending))
 }
 
-async fn applied(pool: &PgPool, consumer: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM applied WHERE consumer = $1")
-        .bind(consumer)
-        .fetch_one(pool)
-        .await
-        .expect("count")
-}
-
 async fn count(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_delivered_twice_runs_its_handler_once() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let handler = Recorder::new("billing", Behaviour::Succeed);
     let running = start(
         &env,
@@ -307,7 +193,7 @@ impl Handler<OrderPlaced> for CutAfterHandling {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let proxy = Arc::new(TcpProxy::start(env.nats.addr()).await.expect("proxy"));
     let proxied = jetstream::new(
         async_nats::ConnectOptions::new()
@@ -367,7 +253,7 @@ async fn a_consumer_killed_between_commit_and_ack_does_not_apply_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_handler_is_retried_with_growing_delays_then_dead_lettered() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let handler = Recorder::new("invoicing", Behaviour::Retry);
     let running = start(
         &env,
@@ -415,7 +301,7 @@ async fn a_failing_handler_is_retried_with_growing_delays_then_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_message_is_dead_lettered_at_once_with_its_bytes() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let handler = Recorder::new("audit", Behaviour::Succeed);
     let running = start(
         &env,
@@ -506,7 +392,7 @@ async fn an_undecodable_message_is_dead_lettered_at_once_with_its_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_mode_keeps_good_messages_when_one_fails() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     struct Picky;
     impl Handler<OrderPlaced> for Picky {
         async fn handle(
@@ -577,7 +463,7 @@ fn random_hex(chars: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_the_database_refuses_is_redelivered_and_does_not_undo_its_batch() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     sqlx::raw_sql(
         "CREATE FUNCTION refuse_dead_letter() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
@@ -678,7 +564,7 @@ impl inbox::BatchHandler<OrderPlaced> for BulkApply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_handler_takes_whole_batches_and_a_failure_is_isolated() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let mut orders: Vec<String> = (0..20).map(|i| format!("bulk-{i}")).collect();
     orders.insert(7, "bad".to_owned());
     let envelopes: Vec<Envelope> = orders.iter().map(|id| order_envelope(id)).collect();
@@ -772,7 +658,7 @@ impl inbox::RawHandler for Counting {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_without_batch_support_sees_every_message_of_a_batch() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let envelopes: Vec<Envelope> = (0..12)
         .map(|i| order_envelope(&format!("layered-{i}")))
         .collect();
@@ -817,7 +703,7 @@ async fn a_layer_without_batch_support_sees_every_message_of_a_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_mode_runs_a_message_present_twice_in_one_batch_once() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let handler = Recorder::new("batchdup", Behaviour::Succeed);
     // Two copies of one message (another broker id each time) and a second message, all in
     // the stream before the consumer starts, so they arrive in one batch.
@@ -850,7 +736,7 @@ async fn batched_mode_runs_a_message_present_twice_in_one_batch_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_retry_runs_only_the_failed_consumer_once_inside_and_after_the_duplicate_window() {
     let window = Duration::from_secs(3);
-    let env = env(window).await;
+    let env = env_with_duplicate_window(window).await;
     let failing = Recorder::new("email", Behaviour::FailPermanently);
     let healthy = Recorder::new("analytics", Behaviour::Succeed);
     let email = start(
@@ -990,7 +876,7 @@ impl Handler<OrderPlaced> for Gated {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_the_handler_in_progress_commit_and_ack() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let recorder = Recorder::new("ledger", Behaviour::Succeed);
     let started = Arc::new(tokio::sync::Notify::new());
     let go = Arc::new(tokio::sync::Notify::new());
@@ -1013,7 +899,7 @@ async fn shutdown_lets_the_handler_in_progress_commit_and_ack() {
     tokio::time::timeout(Duration::from_secs(10), started.notified())
         .await
         .expect("handler started");
-    running.request_stop(); // shutdown requested while the handler is in progress
+    running.ask_to_stop(); // shutdown requested while the handler is in progress
     go.notify_one();
     running.stop().await;
     assert_eq!(
@@ -1080,7 +966,7 @@ async fn the_inbox_cleaner_deletes_only_rows_past_the_retention() {
 
 #[tokio::test]
 async fn a_pool_smaller_than_the_lanes_need_is_refused() {
-    let env = env(Duration::from_secs(120)).await;
+    let env = env().await;
     let small = sqlx::postgres::PgPoolOptions::new()
         .max_connections(5)
         .connect_lazy_with(env.pool.connect_options().as_ref().clone());

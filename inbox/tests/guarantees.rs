@@ -3,6 +3,8 @@
 //! dead-letters it), and handlers that panic (caught, retried, dead-lettered with reason
 //! `panic`; `run()` never stops quietly).
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -10,63 +12,13 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
-use envelope::{Envelope, Event, HeaderText};
+use common::*;
 use inbox::{
     BatchHandler, Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Mode, typed,
     typed_batch,
 };
-use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool};
-use testkit::{NatsServer, Postgres, wait_until};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OrderPlaced {
-    order_id: String,
-}
-
-impl Event for OrderPlaced {
-    const NAME: &'static str = "orders.placed";
-    const VERSION: u32 = 1;
-    fn partition_key(&self) -> String {
-        self.order_id.clone()
-    }
-}
-
-struct Env {
-    _pg: Postgres,
-    _nats: NatsServer,
-    pool: PgPool,
-    js: jetstream::Context,
-}
-
-async fn env() -> Env {
-    let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start());
-    let (pg, nats) = (pg.expect("PostgreSQL"), nats.expect("nats-server"));
-    let pool = PgPool::connect(&pg.fresh_database().await.expect("db"))
-        .await
-        .expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
-        .await
-        .expect("migrate");
-    sqlx::query("CREATE TABLE applied (consumer text NOT NULL, order_id text NOT NULL)")
-        .execute(&pool)
-        .await
-        .expect("business table");
-    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
-    js.create_stream(jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
-    Env {
-        _pg: pg,
-        _nats: nats,
-        pool,
-        js,
-    }
-}
+use sqlx::PgConnection;
+use testkit::wait_until;
 
 const MAX_ATTEMPTS: u32 = 4;
 
@@ -80,94 +32,6 @@ fn config(name: &str) -> ConsumerConfig {
         max_attempts: MAX_ATTEMPTS,
         ..ConsumerConfig::new(name, "ORDERS")
     }
-}
-
-fn order_envelope(order_id: &str) -> Envelope {
-    Envelope::from_event(
-        HeaderText::new("source", "order-service").expect("valid"),
-        &OrderPlaced {
-            order_id: order_id.into(),
-        },
-    )
-    .expect("valid")
-}
-
-async fn publish(js: &jetstream::Context, envelope: &Envelope) {
-    let headers = envelope::nats::to_headers(envelope).expect("headers");
-    js.publish_with_headers(
-        envelope.subject.to_string(),
-        headers,
-        envelope.payload.clone(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("ack");
-}
-
-/// Runs `consumer` until [`Running::stop`].
-fn run(consumer: Consumer) -> Running {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = rx.await;
-    }));
-    Running {
-        stop: Some(tx),
-        task,
-    }
-}
-
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), inbox::Error>>,
-}
-
-impl Running {
-    /// Fails the test with what `run()` returned if it returned: nobody asked it to stop.
-    async fn assert_still_running(&mut self) {
-        if self.task.is_finished() {
-            let result = (&mut self.task).await.expect("task");
-            panic!("run() returned {result:?} though no shutdown was asked");
-        }
-    }
-
-    /// Stops the consumer and asserts that `run` returned `Ok`.
-    async fn stop(mut self) {
-        drop(self.stop.take());
-        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
-            .await
-            .expect("stops in time")
-            .expect("task")
-            .expect("run returns Ok after a requested shutdown");
-    }
-}
-
-async fn applied_per_order(pool: &PgPool, consumer: &str) -> HashMap<String, i64> {
-    sqlx::query_as::<_, (String, i64)>(
-        "SELECT order_id, count(*) FROM applied WHERE consumer = $1 GROUP BY order_id",
-    )
-    .bind(consumer)
-    .fetch_all(pool)
-    .await
-    .expect("applied")
-    .into_iter()
-    .collect()
-}
-
-async fn applied(pool: &PgPool, consumer: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM applied WHERE consumer = $1")
-        .bind(consumer)
-        .fetch_one(pool)
-        .await
-        .expect("count")
-}
-
-async fn dead_letters(pool: &PgPool, consumer: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM dead_letter WHERE consumer = $1")
-        .bind(consumer)
-        .fetch_one(pool)
-        .await
-        .expect("count")
 }
 
 /// Inserts one `applied` row per order; panics (after writing, so the write must be rolled

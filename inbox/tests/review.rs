@@ -3,70 +3,20 @@
 //! message, progress acks while NATS is down, a handler that hangs, a statement timeout at
 //! COMMIT, and the delivery-count safety limit.
 
-use std::collections::HashMap;
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use envelope::{Envelope, Event, HeaderText};
+use common::*;
 use inbox::{
     BatchHandler, Consumer, ConsumerConfig, Delivery, Handler, HandlerError, Mode, typed,
     typed_batch,
 };
-use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
-use testkit::{NatsServer, Postgres, TcpProxy, wait_until};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Placed {
-    order_id: String,
-    key: String,
-}
-
-impl Event for Placed {
-    const NAME: &'static str = "orders.placed";
-    const VERSION: u32 = 1;
-    fn partition_key(&self) -> String {
-        self.key.clone()
-    }
-}
-
-struct Env {
-    _pg: Postgres,
-    nats: NatsServer,
-    pool: PgPool,
-    js: jetstream::Context,
-}
-
-async fn env() -> Env {
-    let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start());
-    let (pg, nats) = (pg.expect("PostgreSQL"), nats.expect("nats-server"));
-    let pool = PgPool::connect(&pg.fresh_database().await.expect("db"))
-        .await
-        .expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
-        .await
-        .expect("migrate");
-    sqlx::query("CREATE TABLE applied (consumer text NOT NULL, order_id text NOT NULL)")
-        .execute(&pool)
-        .await
-        .expect("business table");
-    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
-    js.create_stream(jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
-    Env {
-        _pg: pg,
-        nats,
-        pool,
-        js,
-    }
-}
+use testkit::{TcpProxy, wait_until};
 
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -82,93 +32,6 @@ fn config(name: &str) -> ConsumerConfig {
     }
 }
 
-fn order_keyed(order_id: &str, key: &str) -> Envelope {
-    Envelope::from_event(
-        HeaderText::new("source", "order-service").expect("valid"),
-        &Placed {
-            order_id: order_id.into(),
-            key: key.into(),
-        },
-    )
-    .expect("valid")
-}
-
-fn order(order_id: &str) -> Envelope {
-    order_keyed(order_id, order_id)
-}
-
-async fn publish(js: &jetstream::Context, envelope: &Envelope) {
-    let headers = envelope::nats::to_headers(envelope).expect("headers");
-    js.publish_with_headers(
-        envelope.subject.to_string(),
-        headers,
-        envelope.payload.clone(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("ack");
-}
-
-fn run(consumer: Consumer) -> Running {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = rx.await;
-    }));
-    Running {
-        stop: Some(tx),
-        task,
-    }
-}
-
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), inbox::Error>>,
-}
-
-impl Running {
-    async fn assert_still_running(&mut self) {
-        if self.task.is_finished() {
-            let result = (&mut self.task).await.expect("task");
-            panic!("run() returned {result:?} though no shutdown was asked");
-        }
-    }
-
-    /// Stops the consumer and asserts that `run` returned `Ok` within `deadline`.
-    async fn stop_within(mut self, deadline: Duration) {
-        drop(self.stop.take());
-        tokio::time::timeout(deadline, &mut self.task)
-            .await
-            .expect("stops in time")
-            .expect("task")
-            .expect("run returns Ok after a requested shutdown");
-    }
-
-    async fn stop(self) {
-        self.stop_within(Duration::from_secs(20)).await;
-    }
-}
-
-async fn applied_per_order(pool: &PgPool, consumer: &str) -> HashMap<String, i64> {
-    sqlx::query_as::<_, (String, i64)>(
-        "SELECT order_id, count(*) FROM applied WHERE consumer = $1 GROUP BY order_id",
-    )
-    .bind(consumer)
-    .fetch_all(pool)
-    .await
-    .expect("applied")
-    .into_iter()
-    .collect()
-}
-
-async fn applied(pool: &PgPool, consumer: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM applied WHERE consumer = $1")
-        .bind(consumer)
-        .fetch_one(pool)
-        .await
-        .expect("count")
-}
-
 /// `(message id, status, reason, attempts, error chain)` of every dead letter of `consumer`.
 async fn letters(pool: &PgPool, consumer: &str) -> Vec<(String, String, String, i32, String)> {
     sqlx::query_as::<_, (String, String, String, i32, serde_json::Value)>(
@@ -182,39 +45,6 @@ async fn letters(pool: &PgPool, consumer: &str) -> Vec<(String, String, String, 
     .into_iter()
     .map(|(id, status, reason, attempts, chain)| (id, status, reason, attempts, chain.to_string()))
     .collect()
-}
-
-async fn attempt_rows(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM inbox_attempt")
-        .fetch_one(pool)
-        .await
-        .expect("count")
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct BrokerView {
-    deliveries: u64,
-    ack_pending: usize,
-    pending: u64,
-}
-
-async fn broker_view(js: &jetstream::Context, name: &str) -> Option<BrokerView> {
-    let info = js
-        .get_stream("ORDERS")
-        .await
-        .expect("stream")
-        .consumer_info(name)
-        .await
-        .ok()?;
-    Some(BrokerView {
-        deliveries: info.delivered.consumer_sequence,
-        ack_pending: info.num_ack_pending,
-        pending: info.num_pending,
-    })
-}
-
-fn all_acked(view: Option<BrokerView>) -> bool {
-    view.is_some_and(|v| v.ack_pending == 0 && v.pending == 0)
 }
 
 /// What the test handler does for an order, by its id's prefix:

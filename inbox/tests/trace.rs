@@ -1,13 +1,15 @@
 //! A handler continues the producer's trace: what it enqueues carries the same trace id.
 
+mod common;
+
 use std::time::Duration;
 
-use async_nats::jetstream;
+use common::*;
 use envelope::{Envelope, Event, HeaderText, TraceContext};
 use inbox::{Consumer, ConsumerConfig, Delivery, Handler, HandlerError, typed};
 use opentelemetry::trace::TracerProvider as _;
-use sqlx::{PgConnection, PgPool};
-use testkit::{NatsServer, Postgres, wait_until};
+use sqlx::PgConnection;
+use testkit::wait_until;
 use tracing_subscriber::layer::SubscriberExt;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -57,22 +59,8 @@ async fn a_handler_continues_the_producers_trace() {
     tracing::subscriber::set_global_default(subscriber)
         .expect("the only subscriber of this test binary");
 
-    let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start());
-    let (pg, nats) = (pg.expect("PostgreSQL"), nats.expect("nats-server"));
-    let pool = PgPool::connect(&pg.fresh_database().await.expect("db"))
-        .await
-        .expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
-        .await
-        .expect("migrate");
-    let js = jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
-    js.create_stream(jetstream::stream::Config {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
+    let env = env().await;
+    let pool = env.pool.clone();
 
     let producer_trace = TraceContext::new(
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
@@ -87,15 +75,7 @@ async fn a_handler_continues_the_producers_trace() {
     )
     .expect("valid");
     envelope.trace = Some(producer_trace.clone());
-    js.publish_with_headers(
-        envelope.subject.to_string(),
-        envelope::nats::to_headers(&envelope).expect("headers"),
-        envelope.payload.clone(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("ack");
+    publish(&env.js, &envelope).await;
 
     let consumer = Consumer::new(
         ConsumerConfig {
@@ -103,14 +83,11 @@ async fn a_handler_continues_the_producers_trace() {
             ..ConsumerConfig::new("notifier", "ORDERS")
         },
         pool.clone(),
-        js,
+        env.js.clone(),
         typed(Forward(outbox::Outbox::new("notifier").expect("outbox"))),
     )
     .expect("config");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(consumer.run(async move {
-        let _ = stopped.await;
-    }));
+    let running = run(consumer);
     let p = pool.clone();
     wait_until(
         Duration::from_secs(10),
@@ -125,8 +102,7 @@ async fn a_handler_continues_the_producers_trace() {
     )
     .await
     .expect("forwarded");
-    drop(stop);
-    task.await.expect("task").expect("run");
+    running.stop().await;
 
     let (traceparent, causation): (Option<String>, Option<uuid::Uuid>) =
         sqlx::query_as("SELECT traceparent, causation_id FROM outbox_message")

@@ -1,6 +1,6 @@
 //! Shared setup of the inbox's integration tests: a real PostgreSQL and nats-server, the
-//! `ORDERS` stream, an `applied` business table, an event type, publishing, and a running
-//! consumer that can be stopped.
+//! `ORDERS` stream, an `applied` business table, event types, publishing, the broker's view
+//! of a durable, and a running consumer that can be stopped.
 
 #![allow(dead_code)] // Each test binary uses a part.
 
@@ -26,6 +26,21 @@ impl Event for OrderPlaced {
     }
 }
 
+/// An order placed, ordered by `key` (its lane) rather than by its id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Placed {
+    pub(crate) order_id: String,
+    pub(crate) key: String,
+}
+
+impl Event for Placed {
+    const NAME: &'static str = "orders.placed";
+    const VERSION: u32 = 1;
+    fn partition_key(&self) -> String {
+        self.key.clone()
+    }
+}
+
 pub(crate) struct Env {
     pub(crate) pg: Postgres,
     pub(crate) nats: NatsServer,
@@ -36,8 +51,13 @@ pub(crate) struct Env {
 }
 
 /// Starts both servers, migrates a fresh database, creates `applied (consumer, order_id)`
-/// and the `ORDERS` stream on `orders.>`.
+/// and the `ORDERS` stream on `orders.>` (with the server's duplicate window, two minutes).
 pub(crate) async fn env() -> Env {
+    env_with_duplicate_window(Duration::ZERO).await
+}
+
+/// [`env`] with the `ORDERS` stream's duplicate window set (zero: the server's default).
+pub(crate) async fn env_with_duplicate_window(duplicate_window: Duration) -> Env {
     let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start());
     let (pg, nats) = (pg.expect("PostgreSQL"), nats.expect("nats-server"));
     let db_url = pg.fresh_database().await.expect("db");
@@ -53,6 +73,7 @@ pub(crate) async fn env() -> Env {
     js.create_stream(jetstream::stream::Config {
         name: "ORDERS".into(),
         subjects: vec!["orders.>".into()],
+        duplicate_window,
         ..Default::default()
     })
     .await
@@ -74,6 +95,37 @@ pub(crate) fn order_envelope(order_id: &str) -> Envelope {
         },
     )
     .expect("valid")
+}
+
+/// A [`Placed`] of `order_id` in lane `key`.
+pub(crate) fn order_keyed(order_id: &str, key: &str) -> Envelope {
+    Envelope::from_event(
+        HeaderText::new("source", "order-service").expect("valid"),
+        &Placed {
+            order_id: order_id.into(),
+            key: key.into(),
+        },
+    )
+    .expect("valid")
+}
+
+/// A [`Placed`] of `order_id` in its own lane.
+pub(crate) fn order(order_id: &str) -> Envelope {
+    order_keyed(order_id, order_id)
+}
+
+/// Publishes `envelope` and awaits its PubAck.
+pub(crate) async fn publish(js: &jetstream::Context, envelope: &Envelope) {
+    let headers = envelope::nats::to_headers(envelope).expect("headers");
+    js.publish_with_headers(
+        envelope.subject.to_string(),
+        headers,
+        envelope.payload.clone(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack");
 }
 
 /// Publishes one event per order id, awaiting every PubAck (in rounds of 256: the
@@ -134,6 +186,46 @@ pub(crate) async fn dead_letters(pool: &PgPool, consumer: &str) -> i64 {
         .fetch_one(pool)
         .await
         .expect("count")
+}
+
+/// Rows in `inbox_attempt`, of every consumer.
+pub(crate) async fn attempt_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM inbox_attempt")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// The broker's view of the durable `name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BrokerView {
+    /// Deliveries so far, redeliveries included (the consumer sequence).
+    pub(crate) deliveries: u64,
+    /// Delivered and neither acked nor terminated.
+    pub(crate) ack_pending: usize,
+    /// Not delivered yet.
+    pub(crate) pending: u64,
+}
+
+/// `None` until the consumer has created its durable.
+pub(crate) async fn broker_view(js: &jetstream::Context, name: &str) -> Option<BrokerView> {
+    let info = js
+        .get_stream("ORDERS")
+        .await
+        .expect("stream")
+        .consumer_info(name)
+        .await
+        .ok()?;
+    Some(BrokerView {
+        deliveries: info.delivered.consumer_sequence,
+        ack_pending: info.num_ack_pending,
+        pending: info.num_pending,
+    })
+}
+
+/// All delivered messages acked (or terminated) and none left to deliver.
+pub(crate) fn all_acked(view: Option<BrokerView>) -> bool {
+    view.is_some_and(|v| v.ack_pending == 0 && v.pending == 0)
 }
 
 /// Runs `consumer` until [`Running::stop`].
