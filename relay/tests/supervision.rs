@@ -1,5 +1,7 @@
 //! A relay whose task panics stops with an error and is not ready: never half alive.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -30,15 +32,7 @@ impl Publisher for Panicking {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_dispatcher_stops_the_relay_with_an_error() {
     let pg = Postgres::start().await.expect("start PostgreSQL");
-    let url = pg.fresh_database().await.expect("database");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&url)
-        .await
-        .expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
-        .await
-        .expect("migrate");
+    let (_, pool) = common::migrated_database(&pg).await;
     let outbox = Outbox::new("supervision-test").expect("outbox");
     outbox
         .enqueue_message(
@@ -99,15 +93,7 @@ async fn a_panicking_dispatcher_stops_the_relay_with_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_vacuum_is_not_a_failed_task() {
     let pg = Postgres::start().await.expect("start PostgreSQL");
-    let url = pg.fresh_database().await.expect("database");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&url)
-        .await
-        .expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
-        .await
-        .expect("migrate");
+    let (_, pool) = common::migrated_database(&pg).await;
     let config = RelayConfig {
         instance_id: "no-vacuum".into(),
         vacuum_interval: Duration::ZERO,

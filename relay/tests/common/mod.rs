@@ -36,15 +36,7 @@ pub async fn env_with(nats_config: testkit::NatsConfig) -> Env {
         pg.expect("start PostgreSQL"),
         nats.expect("start nats-server"),
     );
-    let db_url = pg.fresh_database().await.expect("fresh database");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(12)
-        .connect(&db_url)
-        .await
-        .expect("connect");
-    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
-        .await
-        .expect("migrate");
+    let (db_url, pool) = migrated_database(&pg).await;
     let env = Env {
         pg,
         nats,
@@ -64,6 +56,20 @@ pub async fn env_with(nats_config: testkit::NatsConfig) -> Env {
     .await
     .expect("create stream");
     env
+}
+
+/// A fresh database of `pg`, migrated: its URL and a pool of up to 12 connections.
+pub async fn migrated_database(pg: &Postgres) -> (String, PgPool) {
+    let db_url = pg.fresh_database().await.expect("fresh database");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(12)
+        .connect(&db_url)
+        .await
+        .expect("connect");
+    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
+        .await
+        .expect("migrate");
+    (db_url, pool)
 }
 
 impl Env {
