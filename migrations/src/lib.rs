@@ -263,3 +263,21 @@ async fn migrate_once(conn: &mut PgConnection) -> Result<Report, Error> {
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MIGRATIONS;
+
+    /// Checksums are taken over the bytes: a CRLF checkout (see `.gitattributes`) would make
+    /// every applied migration look edited.
+    #[test]
+    fn the_embedded_sql_has_lf_line_ends() {
+        for m in MIGRATIONS {
+            assert!(
+                !m.sql.contains('\r'),
+                "migration {} has CR bytes",
+                m.version
+            );
+        }
+    }
+}
