@@ -42,9 +42,10 @@ fuzz: tools ## Run the generative suites on SEEDS random seeds (default 200); a 
 	RELAY_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p relay --test generative -- --nocapture
 	INBOX_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p inbox --test generative -- --nocapture
 
-lint: ## cargo fmt --check and cargo clippy --all-targets -- -D warnings
+lint: ## cargo fmt --check, cargo clippy --all-targets -- -D warnings, and the docs with -D warnings (broken links)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --locked
 
 bench: tools ## Run the end-to-end scenarios (relay, producer, inbox), then the criterion micro-benchmarks (see BENCHMARKS.md)
 	$(CARGO) run --release --locked -p bench -- relay-drain

@@ -6,7 +6,7 @@
 //! stdout; progress goes to stderr. Results and the exact commands are in `BENCHMARKS.md`.
 //!
 //! # Layout
-//! - [`env`]: the servers, a fresh migrated database per run, the durability report, the
+//! - [`env`](mod@env): the servers, a fresh migrated database per run, the durability report, the
 //!   streams, and the relay run in-process ([`env::RunningRelay`]).
 //! - [`drain`]: `relay-drain`, relay throughput against raw pipelined JetStream publishing.
 //! - [`latency`]: `relay-latency`, commit-to-receive latency at an offered rate.

@@ -5,7 +5,7 @@
 //! `demo_email`, then starts order-service, inventory-service and email-service and a `relay`
 //! sidecar for each service that publishes, waiting until each reports ready. Every process
 //! logs to `<dir>/logs/<name>.log`; emails land in `<dir>/mail` unless SMTP is configured.
-//! [`Stack::run_demo`] seeds the catalogue, places the demo's orders, waits until each is
+//! [`run_demo`] seeds the catalogue, places the demo's orders, waits until each is
 //! final, prints a summary and checks the saga's invariants.
 
 use std::collections::{BTreeMap, BTreeSet};

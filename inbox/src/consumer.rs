@@ -9,7 +9,7 @@
 //!
 //! `max_attempts` limits *handler attempts*: runs of the handler that failed with
 //! [`HandlerError::Retry`], panicked, ran past `handler_timeout`, returned `Ok` but left the
-//! transaction aborted (see [`check_not_aborted`]), or whose transaction's COMMIT the
+//! transaction aborted (checked with one `SELECT 1` before COMMIT), or whose transaction's COMMIT the
 //! database refused. The
 //! count is kept in `inbox_attempt` (written in a short transaction of its own after a failed
 //! attempt, read in the handler's transaction only for a redelivery, deleted when the message
