@@ -140,13 +140,24 @@ enum StreamCommand {
     /// Create the stream if missing, or verify it captures the configured subjects.
     Ensure {
         /// Dedup window (the server default is 2m).
-        #[arg(long, env = "RELAY_DUPLICATE_WINDOW", value_parser = parse_duration, default_value = "2m")]
-        duplicate_window: Duration,
-        /// Replicas (3 in a cluster).
-        #[arg(long, env = "RELAY_STREAM_REPLICAS", default_value_t = 1)]
-        replicas: usize,
+        #[command(flatten)]
+        settings: StreamSettings,
     },
 }
+
+/// How `relay stream ensure` and `relay run --ensure-stream` create the stream.
+#[derive(Args, Debug, Clone, Copy)]
+struct StreamSettings {
+    /// Dedup window (the server default is 2m).
+    #[arg(long, env = "RELAY_DUPLICATE_WINDOW", default_value_t = Dur(DEFAULT_DUPLICATE_WINDOW))]
+    duplicate_window: Dur,
+    /// Replicas (3 in a cluster).
+    #[arg(long, env = "RELAY_STREAM_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+}
+
+/// The stream's duplicate window unless configured: the server's default.
+const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 #[derive(Args, Debug)]
 struct RunArgs {
@@ -166,51 +177,84 @@ struct RunArgs {
     #[arg(long, env = "RELAY_MAX_OPEN_CLAIMS", default_value_t = RelayConfig::default().max_open_claims)]
     max_open_claims: usize,
     /// PubAck timeout.
-    #[arg(long, env = "RELAY_PUBLISH_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
-    publish_timeout: Duration,
+    #[arg(long, env = "RELAY_PUBLISH_TIMEOUT", default_value_t = Dur(RelayConfig::default().publish_timeout))]
+    publish_timeout: Dur,
     /// Longest a claim transaction stays open (idle_in_transaction_session_timeout).
-    #[arg(long, env = "RELAY_CLAIM_TTL", value_parser = parse_duration, default_value = "30s")]
-    claim_ttl: Duration,
+    #[arg(long, env = "RELAY_CLAIM_TTL", default_value_t = Dur(RelayConfig::default().claim_ttl))]
+    claim_ttl: Dur,
     /// Longest wait for the database in one step (claim, commit, lease renewal) before it
     /// counts as unreachable.
-    #[arg(long, env = "RELAY_DB_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
-    db_timeout: Duration,
+    #[arg(long, env = "RELAY_DB_TIMEOUT", default_value_t = Dur(RelayConfig::default().db_timeout))]
+    db_timeout: Dur,
     /// Permanent failures before a row is dead-lettered.
     #[arg(long, env = "RELAY_MAX_PERMANENT_ATTEMPTS", default_value_t = RelayConfig::default().max_permanent_attempts)]
     max_permanent_attempts: u32,
     /// First retry delay.
-    #[arg(long, env = "RELAY_RETRY_MIN_DELAY", value_parser = parse_duration, default_value = "100ms")]
-    retry_min_delay: Duration,
+    #[arg(long, env = "RELAY_RETRY_MIN_DELAY", default_value_t = Dur(RelayConfig::default().retry_min_delay))]
+    retry_min_delay: Dur,
     /// Largest retry delay.
-    #[arg(long, env = "RELAY_RETRY_MAX_DELAY", value_parser = parse_duration, default_value = "30s")]
-    retry_max_delay: Duration,
+    #[arg(long, env = "RELAY_RETRY_MAX_DELAY", default_value_t = Dur(RelayConfig::default().retry_max_delay))]
+    retry_max_delay: Dur,
     /// Shortest idle poll interval.
-    #[arg(long, env = "RELAY_POLL_MIN", value_parser = parse_duration, default_value = "1ms")]
-    poll_min: Duration,
+    #[arg(long, env = "RELAY_POLL_MIN", default_value_t = Dur(RelayConfig::default().poll_min_interval))]
+    poll_min: Dur,
     /// Longest idle poll interval.
-    #[arg(long, env = "RELAY_POLL_MAX", value_parser = parse_duration, default_value = "100ms")]
-    poll_max: Duration,
+    #[arg(long, env = "RELAY_POLL_MAX", default_value_t = Dur(RelayConfig::default().poll_max_interval))]
+    poll_max: Dur,
     /// Also wake on LISTEN/NOTIFY.
     #[arg(long, env = "RELAY_LISTEN_NOTIFY")]
     listen_notify: bool,
     /// Partition lease / liveness TTL.
-    #[arg(long, env = "RELAY_LEASE_TTL", value_parser = parse_duration, default_value = "5s")]
-    lease_ttl: Duration,
+    #[arg(long, env = "RELAY_LEASE_TTL", default_value_t = Dur(RelayConfig::default().lease_ttl))]
+    lease_ttl: Dur,
     /// Lease renewal interval.
-    #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "1s")]
-    heartbeat_interval: Duration,
+    #[arg(long, env = "RELAY_HEARTBEAT_INTERVAL", default_value_t = Dur(RelayConfig::default().heartbeat_interval))]
+    heartbeat_interval: Dur,
     /// How long published rows are kept (0 deletes on PubAck).
-    #[arg(long, env = "RELAY_RETENTION", value_parser = parse_duration, default_value = "1h")]
-    retention: Duration,
+    #[arg(long, env = "RELAY_RETENTION", default_value_t = Dur(RelayConfig::default().retention))]
+    retention: Dur,
     /// How often to vacuum outbox_message (0 disables).
-    #[arg(long, env = "RELAY_VACUUM_INTERVAL", value_parser = parse_duration, default_value = "10s")]
-    vacuum_interval: Duration,
+    #[arg(long, env = "RELAY_VACUUM_INTERVAL", default_value_t = Dur(RelayConfig::default().vacuum_interval))]
+    vacuum_interval: Dur,
     /// Apply migrations before starting.
     #[arg(long, env = "RELAY_MIGRATE")]
     migrate: bool,
-    /// Create or verify the stream before starting.
+    /// Create or verify the stream before starting (with --duplicate-window, --replicas).
     #[arg(long, env = "RELAY_ENSURE_STREAM")]
     ensure_stream: bool,
+    #[command(flatten)]
+    stream: StreamSettings,
+}
+
+/// A duration flag: parsed by [`parse_duration`], shown in `--help` in the same units, so
+/// that the defaults come from [`RelayConfig::default`] alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Dur(Duration);
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_duration(text).map(Dur)
+    }
+}
+
+impl std::fmt::Display for Dur {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        if ms == 0 {
+            return write!(f, "0");
+        }
+        if !ms.is_multiple_of(1000) {
+            return write!(f, "{ms}ms");
+        }
+        let s = ms / 1000;
+        match s {
+            _ if s.is_multiple_of(86_400) => write!(f, "{}d", s / 86_400),
+            _ if s.is_multiple_of(3600) => write!(f, "{}h", s / 3600),
+            _ if s.is_multiple_of(60) => write!(f, "{}m", s / 60),
+            _ => write!(f, "{s}s"),
+        }
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -324,13 +368,10 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stream(StreamCommand::Ensure {
-            duplicate_window,
-            replicas,
-        }) => {
+        Command::Stream(StreamCommand::Ensure { settings }) => {
             let client = nats_config(global, None).connect().await?;
             let publisher = JetStreamPublisher::new(client, Duration::from_secs(5), 1);
-            let spec = stream_spec(global, duplicate_window, replicas);
+            let spec = stream_spec(global, settings.duplicate_window.0, settings.replicas);
             let outcome = tokio::time::timeout(
                 Duration::from_secs(30),
                 ensure_stream(publisher.context(), &spec),
@@ -460,19 +501,19 @@ async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
         batch_size: args.batch_size,
         max_in_flight: args.max_in_flight,
         max_open_claims: args.max_open_claims,
-        publish_timeout: args.publish_timeout,
-        claim_ttl: args.claim_ttl,
+        publish_timeout: args.publish_timeout.0,
+        claim_ttl: args.claim_ttl.0,
         max_permanent_attempts: args.max_permanent_attempts,
-        retry_min_delay: args.retry_min_delay,
-        retry_max_delay: args.retry_max_delay,
-        poll_min_interval: args.poll_min,
-        poll_max_interval: args.poll_max,
+        retry_min_delay: args.retry_min_delay.0,
+        retry_max_delay: args.retry_max_delay.0,
+        poll_min_interval: args.poll_min.0,
+        poll_max_interval: args.poll_max.0,
         listen_notify: args.listen_notify,
-        lease_ttl: args.lease_ttl,
-        heartbeat_interval: args.heartbeat_interval,
-        retention: args.retention,
-        vacuum_interval: args.vacuum_interval,
-        db_timeout: args.db_timeout,
+        lease_ttl: args.lease_ttl.0,
+        heartbeat_interval: args.heartbeat_interval.0,
+        retention: args.retention.0,
+        vacuum_interval: args.vacuum_interval.0,
+        db_timeout: args.db_timeout.0,
         ..RelayConfig::default()
     };
     config.validate()?;
@@ -485,7 +526,7 @@ async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
         .await?;
     let publisher = JetStreamPublisher::new(client, config.publish_timeout, config.max_in_flight);
     if args.ensure_stream {
-        let spec = stream_spec(global, Duration::from_secs(120), 1);
+        let spec = stream_spec(global, args.stream.duplicate_window.0, args.stream.replicas);
         ensure_stream(publisher.context(), &spec).await?;
     }
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -531,4 +572,80 @@ async fn shutdown_signal() {
         }
     }
     tracing::info!("shutdown requested");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations_show_in_the_units_they_parse_from() {
+        for text in [
+            "0", "1ms", "100ms", "1500ms", "5s", "90s", "2m", "1h", "36h", "2d",
+        ] {
+            let parsed: Dur = text.parse().expect(text);
+            let shown = parsed.to_string();
+            let again: Dur = shown.parse().expect(&shown);
+            assert_eq!(again, parsed, "{text} -> {shown}");
+        }
+        assert_eq!(Dur(Duration::from_secs(90)).to_string(), "90s");
+        assert_eq!(Dur(Duration::from_secs(3600)).to_string(), "1h");
+    }
+
+    /// The settings table of docs/operations.md gives the defaults `relay run` has.
+    #[test]
+    fn the_operations_table_shows_the_defaults() {
+        let docs = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operations.md"
+        ))
+        .expect("docs/operations.md");
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("run");
+        let default_of = |flag: &str| {
+            let arg = run
+                .get_arguments()
+                .chain(cli.get_arguments())
+                .find(|a| a.get_long() == Some(flag))
+                .unwrap_or_else(|| panic!("docs name --{flag}, which `relay run` does not have"));
+            let values: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            match values.as_slice() {
+                [] => "off".to_owned(),
+                [v] if v == "false" => "off".to_owned(),
+                [v] => v.clone(),
+                many => many.join(","),
+            }
+        };
+        let mut checked = 0;
+        for line in docs.lines().filter(|l| l.starts_with("| `--")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let flags: Vec<&str> = cells[1]
+                .split('`')
+                .filter_map(|part| part.strip_prefix("--"))
+                .collect();
+            let defaults: Vec<&str> = cells[2].split(" / ").map(str::trim).collect();
+            assert_eq!(
+                flags.len(),
+                defaults.len(),
+                "one default per flag in: {line}"
+            );
+            for (flag, documented) in flags.iter().zip(&defaults) {
+                assert_eq!(
+                    &default_of(flag),
+                    documented,
+                    "--{flag}: docs/operations.md says {documented}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 15,
+            "the table was found ({checked} flags checked)"
+        );
+    }
 }

@@ -369,3 +369,37 @@ async fn env_stream(env: &Env) -> async_nats::Client {
     .expect("recreate stream");
     client
 }
+
+/// `relay run --ensure-stream` creates the stream with the configured settings (it used to
+/// take a 2-minute window and 1 replica whatever was asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_ensure_stream_creates_the_stream_as_configured() {
+    let env = env().await;
+    let client = env.nats_client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let _ = js.delete_stream(STREAM).await;
+    let mut relay = spawn_relay(
+        &env,
+        "relay-ensure",
+        &[
+            "--ensure-stream",
+            "--duplicate-window",
+            "45s",
+            "--replicas",
+            "1",
+        ],
+    );
+    wait_until(Duration::from_secs(20), "the stream exists", || async {
+        js.get_stream(STREAM).await.is_ok()
+    })
+    .await
+    .expect("created by the relay");
+    let mut stream = js.get_stream(STREAM).await.expect("stream");
+    let info = stream.info().await.expect("info");
+    assert_eq!(info.config.duplicate_window, Duration::from_secs(45));
+    assert_eq!(info.config.num_replicas, 1);
+    let expected = enqueue(&env.pool, 50, 5).await;
+    wait_drained(&env, &client, expected.len(), Duration::from_secs(30)).await;
+    let _ = relay.child.kill();
+    let _ = relay.child.wait();
+}
