@@ -6,7 +6,7 @@ use connect::NatsConfig;
 use testkit::{NatsServer, wait_until};
 
 async fn server(args: &[&str]) -> NatsServer {
-    NatsServer::start_with(testkit::NatsConfig {
+    NatsServer::start_with(testkit::NatsServerConfig {
         extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
         ..Default::default()
     })

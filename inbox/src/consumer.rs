@@ -1300,7 +1300,7 @@ impl Consumer {
             &message_id,
             message.subject.as_str(),
             seq,
-            "dead_lettered",
+            store::Outcome::DeadLettered,
         )
         .await?
         {
@@ -1989,7 +1989,7 @@ async fn retry_letter(
             &letter.subject,
         ))
         .await?;
-    if outcome == "processed" {
+    if outcome == store::Outcome::Processed {
         // Processed meanwhile (by another instance, while this one parked it): running the
         // handler again would apply the message twice.
         consumer

@@ -4,6 +4,35 @@
 
 use sqlx::PgConnection;
 
+/// How a message was resolved, as its inbox row's `outcome` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its handler's effects committed with the row.
+    Processed,
+    /// It was parked in `dead_letter` (a `dlq retry` may still process it).
+    DeadLettered,
+}
+
+impl Outcome {
+    /// The column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Processed => "processed",
+            Outcome::DeadLettered => "dead_lettered",
+        }
+    }
+
+    fn from_column(value: &str) -> Result<Self, sqlx::Error> {
+        match value {
+            "processed" => Ok(Outcome::Processed),
+            "dead_lettered" => Ok(Outcome::DeadLettered),
+            other => Err(sqlx::Error::Decode(
+                format!("inbox_message.outcome {other:?} is not processed or dead_lettered").into(),
+            )),
+        }
+    }
+}
+
 /// Inserts the inbox row for `(consumer, message_id)` unless it exists. Returns true when the
 /// row is new (the handler must run), false for a redelivery (skip it). Call it in the
 /// handler's transaction: the row commits or rolls back with the handler's effects.
@@ -13,7 +42,7 @@ pub async fn insert_if_new(
     message_id: &str,
     subject: &str,
     stream_seq: Option<i64>,
-    outcome: &str,
+    outcome: Outcome,
 ) -> Result<bool, sqlx::Error> {
     let inserted = sqlx::query(
         "INSERT INTO inbox_message (consumer, message_id, subject, stream_seq, outcome)
@@ -24,7 +53,7 @@ pub async fn insert_if_new(
     .bind(message_id)
     .bind(subject)
     .bind(stream_seq)
-    .bind(outcome)
+    .bind(outcome.as_str())
     .execute(conn)
     .await?;
     Ok(inserted.rows_affected() == 1)
@@ -216,8 +245,8 @@ pub async fn lock_outcome(
     consumer: &str,
     message_id: &str,
     subject: &str,
-) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
+) -> Result<Outcome, sqlx::Error> {
+    let outcome: String = sqlx::query_scalar(
         "INSERT INTO inbox_message (consumer, message_id, subject, outcome)
          VALUES ($1, $2, $3, 'dead_lettered')
          ON CONFLICT (consumer, message_id) DO UPDATE SET outcome = inbox_message.outcome
@@ -227,7 +256,8 @@ pub async fn lock_outcome(
     .bind(message_id)
     .bind(subject)
     .fetch_one(conn)
-    .await
+    .await?;
+    Outcome::from_column(&outcome)
 }
 
 /// Closes retry request `id` whose message was processed already (see [`lock_outcome`]):

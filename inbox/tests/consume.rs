@@ -941,9 +941,16 @@ async fn the_inbox_cleaner_deletes_only_rows_past_the_retention() {
         .expect("seed");
     }
     assert!(
-        inbox::store::insert_if_new(&mut conn, "billing", "new", "s", None, "processed")
-            .await
-            .is_ok_and(|new| !new)
+        inbox::store::insert_if_new(
+            &mut conn,
+            "billing",
+            "new",
+            "s",
+            None,
+            inbox::store::Outcome::Processed,
+        )
+        .await
+        .is_ok_and(|new| !new)
     );
     let deleted =
         inbox::store::delete_older_than(&mut conn, "billing", Duration::from_secs(24 * 3600), 100)

@@ -19,6 +19,15 @@ use crate::{store, trace};
 /// returns. Messages of one partition key are published in the order their rows were
 /// inserted. An `Err` means this call wrote nothing.
 ///
+/// # Precondition for per-key order
+/// Insert order is *commit* order for a key only if the transactions that enqueue messages of
+/// that key are serialised: two transactions that insert rows of one key concurrently can
+/// commit in the opposite order of their inserts, and the relay publishes by `seq`, the
+/// insert order. Lock
+/// what the key stands for first (the aggregate's row, `SELECT ... FOR UPDATE`, or
+/// `pg_advisory_xact_lock` on the key) in every writer of that key, as an ordinary business
+/// update of the aggregate already does.
+///
 /// `Outbox` is cheap to clone and holds no connection.
 #[derive(Debug, Clone)]
 pub struct Outbox {

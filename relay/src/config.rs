@@ -188,7 +188,7 @@ impl RelayConfig {
     }
 
     /// Rows held in memory at most: the claim window.
-    pub(crate) fn max_held(&self) -> usize {
+    pub(crate) fn max_claimed_rows(&self) -> usize {
         self.max_in_flight * 2
     }
 }

@@ -15,11 +15,11 @@
 //! behind it. A key's queue is *given up* when its head fails, when its head waited so long
 //! that its claim could end before the ack, and on stop: its rows stay pending but stay
 //! locked until their batches end, and a claim meanwhile would skip them (`SKIP LOCKED`) and
-//! return the key's later rows. So a given-up key is *held back* by every open batch that
-//! holds one of its given-up rows: claims leave it out (`skip_keys`), rows of it that a claim
-//! returns anyway are left unqueued (their batch then holds the key too), and a claim that
-//! was already running when the last hold ended still treats the key as held (its snapshot
-//! may predate that commit). Once a failure is committed, the claim statement itself skips
+//! return the key's later rows. So a given-up key is *blocked* by every open batch that
+//! locks one of its given-up rows: claims leave it out (`skip_keys`), rows of it that a claim
+//! returns anyway are left unqueued (their batch then blocks the key too), and a claim that
+//! was already running when the last block ended still treats the key as blocked (its
+//! snapshot may predate that commit). Once a failure is committed, the claim statement itself skips
 //! the key while its head waits out the backoff. So no later message of a key overtakes an
 //! earlier one.
 //!
@@ -101,9 +101,9 @@ struct Batch {
     /// Rows not resolved yet (queued or in flight).
     open: usize,
     outcome: Outcome,
-    /// Keys held back until this batch ends (it locks rows of them it will not publish),
-    /// once per hold taken (see [`Dispatcher::hold`]).
-    holds_back: Vec<Arc<str>>,
+    /// Keys blocked until this batch ends (it locks rows of them it will not publish), once
+    /// per block taken (see [`Dispatcher::block_key`]).
+    blocks_keys: Vec<Arc<str>>,
 }
 
 /// A resolved PubAck.
@@ -147,7 +147,7 @@ pub(crate) struct Dispatcher<P> {
     wake: Arc<Notify>,
     queues: HashMap<Arc<str>, VecDeque<Row>>,
     /// Rows claimed and not yet resolved (queued or in flight).
-    held: usize,
+    claimed_rows: usize,
     in_flight: InFlight,
     /// Keys whose head is in flight.
     sending: HashSet<Arc<str>>,
@@ -158,12 +158,13 @@ pub(crate) struct Dispatcher<P> {
     batches: HashMap<u64, Batch>,
     next_batch: u64,
     finishing: Finishing,
-    /// Keys that open batches hold back, with how many holds (see the module docs).
-    held_back: HashMap<Arc<str>, usize>,
+    /// Keys that open batches block, with how many blocks (see the module docs).
+    blocked_keys: HashMap<Arc<str>, usize>,
     /// Whether a claim statement is running.
     claiming: bool,
-    /// Keys whose last hold ended while the running claim was under way: that claim's
-    /// snapshot may predate the commit that ended the hold, so it still treats them as held.
+    /// Keys whose last block ended while the running claim was under way: that claim's
+    /// snapshot may predate the commit that ended the block, so it still treats them as
+    /// blocked.
     released_during_claim: HashSet<Arc<str>>,
     /// PubAcks whose batch could not commit, to be written on their own; by id, so that a
     /// claim returning one of those rows marks it instead of publishing it again.
@@ -199,14 +200,14 @@ impl<P: Publisher> Dispatcher<P> {
             health,
             wake,
             queues: HashMap::new(),
-            held: 0,
+            claimed_rows: 0,
             in_flight: FuturesUnordered::new(),
             sending: HashSet::new(),
             ready: VecDeque::new(),
             batches: HashMap::new(),
             next_batch: 0,
             finishing: FuturesUnordered::new(),
-            held_back: HashMap::new(),
+            blocked_keys: HashMap::new(),
             claiming: false,
             released_during_claim: HashSet::new(),
             late_published: HashMap::new(),
@@ -230,8 +231,8 @@ impl<P: Publisher> Dispatcher<P> {
         let mut late_retry_at = Instant::now();
         loop {
             let now = Instant::now();
-            let room = self.held + self.config.batch_size.min(self.config.max_in_flight)
-                <= self.config.max_held();
+            let room = self.claimed_rows + self.config.batch_size.min(self.config.max_in_flight)
+                <= self.config.max_claimed_rows();
             let open = self.batches.len() + self.finishing.len();
             let can_claim =
                 !self.stopping && claim.is_none() && room && open < self.config.max_open_claims;
@@ -248,7 +249,7 @@ impl<P: Publisher> Dispatcher<P> {
             if self.stopping
                 && claim.is_none()
                 && self.in_flight.is_empty()
-                && self.held == 0
+                && self.claimed_rows == 0
                 && self.batches.is_empty()
                 && self.finishing.is_empty()
                 && late_write.is_none()
@@ -278,7 +279,7 @@ impl<P: Publisher> Dispatcher<P> {
             let late_timer = can_write_late && late_write.is_none();
             tokio::select! {
                 _ = stop.cancelled(), if !self.stopping => {
-                    tracing::info!(in_flight = self.in_flight.len(), held = self.held, "stopping: finishing in-flight messages and giving up the rest");
+                    tracing::info!(in_flight = self.in_flight.len(), claimed_rows = self.claimed_rows, "stopping: finishing in-flight messages and giving up the rest");
                     self.stopping = true;
                     self.stopping_since = Some(Instant::now());
                     self.give_up_all_queued();
@@ -311,10 +312,10 @@ impl<P: Publisher> Dispatcher<P> {
     fn spawn_claim(&self) -> JoinHandle<Claimed> {
         let pool = self.pool.clone();
         let owner = self.config.instance_id.clone();
-        let room = self.config.max_held() - self.held;
+        let room = self.config.max_claimed_rows() - self.claimed_rows;
         let limit = self.config.batch_size.min(room) as i64;
         let ttl = u64::try_from(self.config.claim_ttl.as_millis()).unwrap_or(u64::MAX);
-        let skip_keys: Vec<String> = self.held_back.keys().map(|k| k.to_string()).collect();
+        let skip_keys: Vec<String> = self.blocked_keys.keys().map(|k| k.to_string()).collect();
         let db_timeout = self.config.db_timeout;
         tokio::spawn(within(db_timeout, async move {
             let mut tx = outbox_store::begin_claim(&pool, ttl).await?;
@@ -373,7 +374,7 @@ impl<P: Publisher> Dispatcher<P> {
         let limit = self
             .config
             .batch_size
-            .min(self.config.max_held() - self.held);
+            .min(self.config.max_claimed_rows() - self.claimed_rows);
         if rows.len() >= limit {
             // A full batch: there is probably more right now.
             self.idle_delay = self.config.poll_min_interval;
@@ -391,7 +392,7 @@ impl<P: Publisher> Dispatcher<P> {
             tx,
             open: 0,
             outcome: Outcome::default(),
-            holds_back: Vec::new(),
+            blocks_keys: Vec::new(),
         };
         let mut fresh_keys = Vec::new();
         let mut holds = Vec::new();
@@ -407,7 +408,7 @@ impl<P: Publisher> Dispatcher<P> {
                 continue;
             }
             let key: Arc<str> = Arc::from(claimed.partition_key.as_str());
-            if self.held_back.contains_key(&key) || self.released_during_claim.contains(&key) {
+            if self.blocked_keys.contains_key(&key) || self.released_during_claim.contains(&key) {
                 // An earlier row of this key is given up and maybe still locked, or failed
                 // with a backoff not visible to this claim: this one must not overtake it.
                 // Left pending, but locked by this batch: it holds the key back too.
@@ -428,12 +429,12 @@ impl<P: Publisher> Dispatcher<P> {
                 claimed_at,
             });
             batch.open += 1;
-            self.held += 1;
+            self.claimed_rows += 1;
         }
         let empty = batch.open == 0;
         self.batches.insert(id, batch);
         for key in holds {
-            self.hold(id, key);
+            self.block_key(id, key);
         }
         if empty {
             self.finish(id);
@@ -442,11 +443,11 @@ impl<P: Publisher> Dispatcher<P> {
         self.pump().await;
     }
 
-    /// Holds `key` back until batch `batch` ends.
-    fn hold(&mut self, batch: u64, key: Arc<str>) {
+    /// Blocks `key` until batch `batch` ends.
+    fn block_key(&mut self, batch: u64, key: Arc<str>) {
         if let Some(open) = self.batches.get_mut(&batch) {
-            *self.held_back.entry(key.clone()).or_default() += 1;
-            open.holds_back.push(key);
+            *self.blocked_keys.entry(key.clone()).or_default() += 1;
+            open.blocks_keys.push(key);
         }
     }
 
@@ -473,21 +474,21 @@ impl<P: Publisher> Dispatcher<P> {
         let Batch {
             tx,
             outcome,
-            holds_back,
+            blocks_keys,
             ..
         } = batch;
         self.finishing.push(Box::pin(async move {
             let written = end_batch(tx, how, outcome, db_timeout).await;
-            (holds_back, written)
+            (blocks_keys, written)
         }));
     }
 
-    fn on_finished(&mut self, holds_back: Vec<Arc<str>>, result: Result<(), Unwritten>) {
-        for key in holds_back {
-            if let Some(count) = self.held_back.get_mut(&key) {
+    fn on_finished(&mut self, blocks_keys: Vec<Arc<str>>, result: Result<(), Unwritten>) {
+        for key in blocks_keys {
+            if let Some(count) = self.blocked_keys.get_mut(&key) {
                 *count -= 1;
                 if *count == 0 {
-                    self.held_back.remove(&key);
+                    self.blocked_keys.remove(&key);
                     if self.claiming {
                         self.released_during_claim.insert(key);
                     }
@@ -715,7 +716,7 @@ impl<P: Publisher> Dispatcher<P> {
         let queue = self.queues.get_mut(key)?;
         let row = queue.pop_front();
         if row.is_some() {
-            self.held -= 1;
+            self.claimed_rows -= 1;
         }
         if queue.is_empty() {
             self.queues.remove(key);
@@ -735,10 +736,10 @@ impl<P: Publisher> Dispatcher<P> {
     fn give_up_rows(&mut self, key: &Arc<str>, rows: impl IntoIterator<Item = Row>) {
         let mut last_batch = None;
         for row in rows {
-            self.held -= 1;
+            self.claimed_rows -= 1;
             if last_batch != Some(row.batch) {
                 // Taken before the row resolves: its batch may end right here.
-                self.hold(row.batch, key.clone());
+                self.block_key(row.batch, key.clone());
                 last_batch = Some(row.batch);
             }
             self.resolve(row.batch, |_| {});

@@ -111,7 +111,7 @@ async fn survives_a_broker_pause_longer_than_the_publish_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_rows_go_to_dead_letter_while_other_keys_flow() {
-    let env = env_with(testkit::NatsConfig {
+    let env = env_with(testkit::NatsServerConfig {
         max_payload: Some(8192),
         ..Default::default()
     })

@@ -1,18 +1,21 @@
-//! Test-only kit: real PostgreSQL and `nats-server -js` processes on free ports, one per test,
-//! with kill/stop/restart/pause controls for chaos tests, and a fault-injecting TCP proxy.
+//! Local servers and supervised processes for tests, benchmarks and the demo: real PostgreSQL
+//! and `nats-server -js` processes on free ports (one per test), any program as a child, with
+//! kill/stop/restart/pause controls for chaos runs, and a fault-injecting TCP proxy.
 //! Linux only. Nothing here is mocked, and a missing binary is an error naming the install
 //! command, never a silent skip.
 //!
 //! Layout:
 //! - `postgres`: [`Postgres`], [`PostgresConfig`] — initdb template cache, server process,
 //!   [`Postgres::fresh_database`]
-//! - `nats`: [`NatsServer`], [`NatsConfig`] — `nats-server -js` with a temp JetStream store
-//! - `child`: [`Process`], [`ProcessSpec`] — any program (a service, a relay) as a child that
-//!   can be SIGKILLed, SIGTERMed, paused and restarted
+//! - `nats`: [`NatsServer`], [`NatsServerConfig`] — `nats-server -js` with a temp JetStream store
+//! - `process`: [`Process`], [`ProcessSpec`] — any program (a service, a relay) as a child that
+//!   can be SIGKILLed, SIGTERMed, paused and restarted, and whether it listens on a port
 //! - `proxy`: [`TcpProxy`] — latency, stall and cut between a client and a server
 //! - `wait`: [`wait_until`] (poll a condition with a deadline) and [`free_port`]
 //! - `error`: [`Error`], the one error type, and [`Result`]
-//! - `process` (private): a server child and its process tree: log file, signals, kill on drop
+//! - `server_process` (private): a server child and its process tree: log file, signals, kill
+//!   on drop
+//! - `listening` (private): which process listens on a TCP port, from `/proc`
 //! - `sys` (private): the only `unsafe` — signals, `geteuid`, `PR_SET_PDEATHSIG`, reaping
 //!
 //! `DATABASE_URL` / `NATS_URL`, when set, make [`Postgres::start`] / [`NatsServer::start`] use
@@ -25,19 +28,19 @@
 //! first server started makes the test process a child subreaper, so the backends of a killed
 //! postmaster are reaped by testkit rather than left as zombies.
 
-mod child;
 mod error;
 mod listening;
 mod nats;
 mod postgres;
 mod process;
 mod proxy;
+mod server_process;
 mod sys;
 mod wait;
 
-pub use child::{Process, ProcessSpec};
 pub use error::{Error, Result};
-pub use nats::{NatsConfig, NatsServer, find_nats_server};
+pub use nats::{NatsServer, NatsServerConfig, find_nats_server};
 pub use postgres::{Postgres, PostgresConfig, find_postgres_bin_dir};
+pub use process::{Process, ProcessSpec};
 pub use proxy::TcpProxy;
 pub use wait::{free_port, wait_until};

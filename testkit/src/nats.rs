@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::postgres::is_executable;
-use crate::process::{ServerProcess, Spec};
+use crate::server_process::{ServerProcess, Spec};
 use crate::{Error, Result, free_port, sys};
 
 const SERVER: &str = "nats-server";
@@ -28,7 +28,7 @@ const START_ATTEMPTS: usize = 3;
 /// Options for a server started by [`NatsServer::start_with`]; the default is a plain
 /// `nats-server -js`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NatsConfig {
+pub struct NatsServerConfig {
     /// Largest payload in bytes the server accepts (written as `max_payload` to a config file;
     /// there is no flag for it). Defaults to `None`: the server's own 1 MiB.
     pub max_payload: Option<u32>,
@@ -61,9 +61,9 @@ struct Managed {
 }
 
 impl NatsServer {
-    /// [`start_with`](Self::start_with) the default [`NatsConfig`].
+    /// [`start_with`](Self::start_with) the default [`NatsServerConfig`].
     pub async fn start() -> Result<NatsServer> {
-        Self::start_with(NatsConfig::default()).await
+        Self::start_with(NatsServerConfig::default()).await
     }
 
     /// Starts `nats-server -js -a 127.0.0.1 -p <port> -m <monitor port> -sd <temp>/js` and
@@ -72,10 +72,10 @@ impl NatsServer {
     /// a non-default `config` then fails with [`Error::ExternalServer`]).
     ///
     /// Binary: see [`find_nats_server`]. Fails with the log tail if not ready within 30 s.
-    pub async fn start_with(config: NatsConfig) -> Result<NatsServer> {
+    pub async fn start_with(config: NatsServerConfig) -> Result<NatsServer> {
         match std::env::var(ENV_URL) {
             Ok(url) if !url.trim().is_empty() => {
-                if config != NatsConfig::default() {
+                if config != NatsServerConfig::default() {
                     return Err(Error::ExternalServer {
                         server: SERVER,
                         env: ENV_URL,
@@ -133,7 +133,7 @@ impl NatsServer {
             if !routes.is_empty() {
                 extra_args.extend(["--routes".into(), routes.join(",")]);
             }
-            Self::start_managed(NatsConfig {
+            Self::start_managed(NatsServerConfig {
                 max_payload: None,
                 extra_args,
             })
@@ -168,7 +168,7 @@ impl NatsServer {
         })
     }
 
-    async fn start_managed(config: NatsConfig) -> Result<NatsServer> {
+    async fn start_managed(config: NatsServerConfig) -> Result<NatsServer> {
         let bin =
             tokio::task::spawn_blocking(|| find_nats_server(std::env::var_os(ENV_BIN).as_deref()))
                 .await

@@ -16,7 +16,7 @@ use sqlx::{Connection, PgConnection};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
-use crate::process::{RunAs, ServerProcess, Spec};
+use crate::server_process::{RunAs, ServerProcess, Spec};
 use crate::{Error, Result, free_port, sys};
 
 const SERVER: &str = "postgres";

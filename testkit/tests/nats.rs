@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use testkit::{NatsConfig, NatsServer, wait_until};
+use testkit::{NatsServer, NatsServerConfig, wait_until};
 use tokio::time::timeout;
 
 async fn client(url: &str) -> async_nats::Client {
@@ -107,9 +107,9 @@ async fn a_publish_to_a_paused_server_is_acked_only_after_resume() {
 
 #[tokio::test]
 async fn config_sets_max_payload() {
-    let config = NatsConfig {
+    let config = NatsServerConfig {
         max_payload: Some(4096),
-        ..NatsConfig::default()
+        ..NatsServerConfig::default()
     };
     let nats = NatsServer::start_with(config)
         .await

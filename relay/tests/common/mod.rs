@@ -27,10 +27,10 @@ pub struct Env {
 }
 
 pub async fn env() -> Env {
-    env_with(testkit::NatsConfig::default()).await
+    env_with(testkit::NatsServerConfig::default()).await
 }
 
-pub async fn env_with(nats_config: testkit::NatsConfig) -> Env {
+pub async fn env_with(nats_config: testkit::NatsServerConfig) -> Env {
     let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start_with(nats_config));
     let (pg, nats) = (
         pg.expect("start PostgreSQL"),
