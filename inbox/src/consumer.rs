@@ -154,7 +154,7 @@ async fn within<T>(
 
 /// Whether `e` says the database could not be reached (a lost or silent connection, no
 /// connection from the pool), rather than that it answered with an error.
-fn unreachable(e: &sqlx::Error) -> bool {
+fn database_unreachable(e: &sqlx::Error) -> bool {
     matches!(
         e,
         sqlx::Error::Io(_)
@@ -444,7 +444,8 @@ impl Consumer {
     ///   quiet spell, and the one created anew starts at the stream's first message,
     ///   running handlers again for messages whose inbox rows were cleaned meanwhile.
     ///
-    /// The last two cannot be edited: the reason says to delete the durable instead.
+    /// The last two cannot be edited: the reason says how to recreate the durable so that it
+    /// resumes after its ack floor.
     ///
     /// [`Consumer::run`] calls this first and returns its error.
     pub async fn ensure(&self) -> Result<PullConsumer, Error> {
@@ -1863,7 +1864,7 @@ async fn dlq_retries(consumer: Arc<Consumer>, stop: CancellationToken) {
             ran = run_retry_requests(&consumer) => ran,
         };
         if let Err(e) = ran {
-            if unreachable(&e) {
+            if database_unreachable(&e) {
                 consumer.health.set_database(false);
             }
             tracing::warn!(consumer = %consumer.config.name, error = %e, "running dlq retries failed");
