@@ -47,6 +47,7 @@ type PullConsumer = async_nats::jetstream::consumer::Consumer<pull::Config>;
 use async_nats::jetstream::{self, AckKind};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::{FutureExt, StreamExt};
+use outbox::deadline::{is_timeout, within};
 use sqlx::pool::PoolConnection;
 use sqlx::{Acquire, PgConnection, PgPool, Postgres, Transaction};
 use tokio::sync::mpsc;
@@ -136,22 +137,6 @@ impl From<sqlx::Error> for Fault {
     }
 }
 
-/// Runs a database step with a deadline: past `limit` it fails as a timed-out I/O error
-/// (a [`Fault::Database`], like a lost connection) and is dropped; the lane then closes its
-/// connection.
-async fn within<T>(
-    limit: Duration,
-    step: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, sqlx::Error> {
-    match tokio::time::timeout(limit, step).await {
-        Ok(result) => result,
-        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer from the database within {limit:?}"),
-        ))),
-    }
-}
-
 /// Whether `e` says the database could not be reached (a lost or silent connection, no
 /// connection from the pool), rather than that it answered with an error.
 fn database_unreachable(e: &sqlx::Error) -> bool {
@@ -164,11 +149,6 @@ fn database_unreachable(e: &sqlx::Error) -> bool {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
     )
-}
-
-/// Whether `e` is [`within`]'s timeout.
-fn is_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 /// Commits `tx`, telling a COMMIT the database refused ([`Fault::Commit`]) from one lost

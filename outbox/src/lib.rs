@@ -24,6 +24,8 @@
 //!
 //! # Layout
 //! - [`config`]: [`OutboxConfig`], the producer settings, with `validate()`.
+//! - [`deadline`]: database steps with a deadline ([`deadline::within`]), for the relay and
+//!   the inbox.
 //! - [`message`]: [`Message`], a raw or typed message before validation.
 //! - [`outbox`](mod@outbox): [`Outbox`], validation and the enqueue API.
 //! - [`store`]: all SQL on `outbox_message` issued by producers.
@@ -31,6 +33,7 @@
 //! - [`error`]: [`Error`], one variant per cause.
 
 pub mod config;
+pub mod deadline;
 pub mod error;
 pub mod message;
 pub mod outbox;

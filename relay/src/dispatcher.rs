@@ -46,6 +46,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use envelope::Envelope;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use outbox::deadline::{is_timeout, within};
 use outbox::store::{self as outbox_store, ClaimedRow, Failure, Published};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
@@ -915,27 +916,6 @@ async fn dead_letter_one(conn: &mut sqlx::PgConnection, why: &Dead) -> Result<()
         metrics::counter!(m::DEAD_LETTERED, "reason" => why.reason).increment(1);
     }
     Ok(())
-}
-
-/// Runs a database step with a deadline: past `limit` it fails as a timed-out I/O error and
-/// is dropped (a transaction in it ends with its connection, which the pool drops or
-/// recovers).
-pub(crate) async fn within<T>(
-    limit: Duration,
-    step: impl Future<Output = Result<T, sqlx::Error>>,
-) -> Result<T, sqlx::Error> {
-    match tokio::time::timeout(limit, step).await {
-        Ok(result) => result,
-        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer from the database within {limit:?}"),
-        ))),
-    }
-}
-
-/// Whether `e` is [`within`]'s timeout.
-fn is_timeout(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 fn backoff(config: &RelayConfig) -> backon::ExponentialBackoff {

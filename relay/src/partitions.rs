@@ -28,7 +28,7 @@ pub(crate) async fn run(
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match crate::dispatcher::within(config.db_timeout, rebalance(&config, &pool)).await {
+        match outbox::deadline::within(config.db_timeout, rebalance(&config, &pool)).await {
             Ok(owned) => {
                 health.set_database(true);
                 health.set_partitions(owned);
