@@ -146,9 +146,14 @@ async fn a_migration_blocked_by_a_long_transaction_gives_up_without_holding_writ
         .expect("long transaction");
 
     let started = std::time::Instant::now();
-    let migrating = tokio::spawn({
-        let url = url.clone();
-        async move { migrate(&mut connect(&url).await).await }
+    let mut migrator = connect(&url).await;
+    let migrator_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut migrator)
+        .await
+        .expect("pid");
+    let migrating = tokio::spawn(async move {
+        let result = migrate(&mut migrator).await;
+        (result, migrator)
     });
     // A writer that comes while the migration waits is held at most LOCK_TIMEOUT per try.
     let mut writer = connect(&url).await;
@@ -171,6 +176,19 @@ async fn a_migration_blocked_by_a_long_transaction_gives_up_without_holding_writ
         .await
         .expect("migrate gives up in time")
         .expect("task");
+    let (result, _still_open) = result;
+    // The connection it kept holds no lock: its failed transaction has ended.
+    let locks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype <> 'virtualxid'",
+    )
+    .bind(migrator_pid)
+    .fetch_one(&mut writer)
+    .await
+    .expect("locks");
+    assert_eq!(
+        locks, 0,
+        "the migrator's connection still holds locks after giving up"
+    );
     match result {
         Err(Error::LockTimeout { version: 9, name }) => assert_eq!(name, "permanent_failures"),
         other => panic!("expected LockTimeout for migration 9, got {other:?}"),
