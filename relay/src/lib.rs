@@ -2,8 +2,8 @@
 //! by the broker (`Nats-Msg-Id`), in commit order per partition key, with backoff on failure.
 //!
 //! [`Relay::run`] (or [`run`]) drives everything until its shutdown future completes; the
-//! `relay` binary wraps it with flags, environment variables, signals, logging and the HTTP
-//! endpoints.
+//! `relay` binary (`src/main.rs`, its subcommands in `src/cli/`) wraps it with flags,
+//! environment variables, signals, logging and the HTTP endpoints.
 //!
 //! # Guarantees
 //! - Every committed outbox row is published at least once; a duplicate within the stream's
@@ -25,7 +25,9 @@
 //! - [`config`]: [`RelayConfig`] with defaults and `validate()`.
 //! - [`publisher`]: the [`Publisher`] seam, JetStream and in-memory implementations, stream
 //!   creation/verification.
-//! - `dispatcher` (private): claim, publish, mark, overlapped; per-key ordering.
+//! - `dispatcher` (private): the event loop: claim, publish, mark, overlapped; per-key
+//!   ordering. Its `outcome` half writes what a batch's rows came to: published marks,
+//!   failed attempts with their retry delay, dead letters.
 //! - `partitions` (private): partition leases shared among instances.
 //! - `maintenance` (private): cleaner, vacuum, backlog stats.
 //! - [`store`]: SQL on the relay's own tables (instances, partition leases).

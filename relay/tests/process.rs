@@ -378,7 +378,7 @@ async fn run_with_ensure_stream_creates_the_stream_as_configured() {
     let client = env.nats_client().await;
     let js = async_nats::jetstream::new(client.clone());
     let _ = js.delete_stream(STREAM).await;
-    let mut relay = spawn_relay(
+    let relay = spawn_relay(
         &env,
         "relay-ensure",
         &[
@@ -400,6 +400,5 @@ async fn run_with_ensure_stream_creates_the_stream_as_configured() {
     assert_eq!(info.config.num_replicas, 1);
     let expected = enqueue(&env.pool, 50, 5).await;
     wait_drained(&env, &client, expected.len(), Duration::from_secs(30)).await;
-    let _ = relay.child.kill();
-    let _ = relay.child.wait();
+    drop(relay);
 }

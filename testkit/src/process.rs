@@ -91,6 +91,33 @@ impl Process {
         self.inner.stop(sys::SIGTERM, deadline).await
     }
 
+    /// SIGTERM, then waits until it exits, like [`Process::terminate`], and returns how it
+    /// exited (for a test of a clean shutdown). SIGKILLs it after `deadline` and says so.
+    pub async fn terminate_with_status(&mut self, deadline: Duration) -> Result<ExitStatus> {
+        let pid = self.inner.pid()?;
+        let _ = self.inner.resume();
+        sys::signal(pid, sys::SIGTERM, false)
+            .map_err(crate::Error::io(format!("sending SIGTERM to {pid}")))?;
+        let mut status = None;
+        let waited = crate::wait_until(
+            deadline,
+            &format!("process {pid} to exit after SIGTERM"),
+            || {
+                status = status.or_else(|| self.inner.exit_status());
+                std::future::ready(status.is_some())
+            },
+        )
+        .await;
+        match (status, waited) {
+            (Some(status), _) => Ok(status),
+            (None, Err(timeout)) => {
+                self.inner.kill()?;
+                Err(timeout)
+            }
+            (None, Ok(())) => unreachable!("wait_until returns Ok once the condition holds"),
+        }
+    }
+
     /// SIGINT (what ctrl-c sends), then waits like [`Process::terminate`].
     pub async fn interrupt(&mut self, deadline: Duration) -> Result<()> {
         self.inner.stop(sys::SIGINT, deadline).await

@@ -59,7 +59,7 @@ impl JetStreamPublisher {
 impl Publisher for JetStreamPublisher {
     async fn publish(&self, envelope: &Envelope) -> Result<AckFuture, PublishError> {
         let headers = envelope::nats::to_headers(envelope)
-            .map_err(|e| PublishError::new(PublishErrorKind::Rejected, e.to_string()))?;
+            .map_err(|e| PublishError::with_source(PublishErrorKind::Rejected, e.to_string(), e))?;
         let message = PublishMessage::build()
             .headers(headers)
             .payload(envelope.payload.clone());
@@ -68,7 +68,7 @@ impl Publisher for JetStreamPublisher {
         let pending = match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(pending)) => pending,
             Ok(Err(e)) => {
-                let error = classify(&e);
+                let error = classify(e);
                 return Err(confirm(&self.context, &self.confirmations, &subject, error).await);
             }
             Err(_) => {
@@ -88,7 +88,7 @@ impl Publisher for JetStreamPublisher {
                     sequence: ack.sequence,
                     duplicate: ack.duplicate,
                 }),
-                Ok(Err(e)) => Err(confirm(&context, &confirmations, &subject, classify(&e)).await),
+                Ok(Err(e)) => Err(confirm(&context, &confirmations, &subject, classify(e)).await),
                 Err(_) => Err(PublishError::new(
                     PublishErrorKind::Timeout,
                     "no PubAck in time",
@@ -139,13 +139,11 @@ async fn confirm(
     if missing {
         error
     } else {
-        PublishError::new(
-            PublishErrorKind::Unavailable,
-            format!(
-                "{} (a stream captures the subject, or the JetStream API did not answer: leader election?)",
-                error.message
-            ),
-        )
+        let message = format!(
+            "{} (a stream captures the subject, or the JetStream API did not answer: leader election?)",
+            error.message
+        );
+        error.reclassified(PublishErrorKind::Unavailable, message)
     }
 }
 
@@ -165,10 +163,10 @@ async fn stream_is_missing(context: &jetstream::Context, subject: &str) -> bool 
     }
 }
 
-fn classify(e: &async_nats::jetstream::context::PublishError) -> PublishError {
+fn classify(e: async_nats::jetstream::context::PublishError) -> PublishError {
     let message = {
         let mut text = e.to_string();
-        if let Some(source) = std::error::Error::source(e) {
+        if let Some(source) = std::error::Error::source(&e) {
             text = format!("{text}: {source}");
         }
         text
@@ -179,7 +177,7 @@ fn classify(e: &async_nats::jetstream::context::PublishError) -> PublishError {
         NatsKind::TimedOut => PublishErrorKind::Timeout,
         NatsKind::BrokenPipe | NatsKind::MaxAckPending => PublishErrorKind::Unavailable,
         NatsKind::Other => {
-            let code = std::error::Error::source(e)
+            let code = std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
                 .map(|js| js.error_code());
             match code {
@@ -199,7 +197,7 @@ fn classify(e: &async_nats::jetstream::context::PublishError) -> PublishError {
         }
         _ => PublishErrorKind::Unavailable,
     };
-    PublishError::new(kind, message)
+    PublishError::with_source(kind, message, e)
 }
 
 /// What stream `relay stream ensure` creates or verifies.

@@ -10,6 +10,7 @@ pub mod memory;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use envelope::Envelope;
 
@@ -88,6 +89,10 @@ impl PublishErrorKind {
 }
 
 /// A failed publish, with its class and the broker's words.
+///
+/// [`std::error::Error::source`] gives the client's error behind it, when there is one (the
+/// connection's, or the envelope's when it cannot become NATS headers); `message` already
+/// holds its text.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{}: {message}", kind.as_str())]
 pub struct PublishError {
@@ -95,6 +100,9 @@ pub struct PublishError {
     pub kind: PublishErrorKind,
     /// Details from the client or server.
     pub message: String,
+    /// The error this one stems from (shared, so that the error stays `Clone`).
+    #[source]
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl PublishError {
@@ -103,6 +111,56 @@ impl PublishError {
         PublishError {
             kind,
             message: message.into(),
+            source: None,
         }
+    }
+
+    /// A new error caused by `source`; `message` should say what `source` says, since only
+    /// the message is shown and recorded.
+    pub fn with_source(
+        kind: PublishErrorKind,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        PublishError {
+            kind,
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The same error with another kind and message, keeping its source.
+    fn reclassified(self, kind: PublishErrorKind, message: String) -> Self {
+        PublishError {
+            kind,
+            message,
+            source: self.source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_publish_error_keeps_its_source_through_reclassification() {
+        let cause = std::io::Error::other("broken pipe");
+        let error = PublishError::with_source(PublishErrorKind::NoStream, cause.to_string(), cause);
+        assert_eq!(error.to_string(), "no_stream: broken pipe");
+        assert_eq!(
+            error.source().map(|s| s.to_string()).as_deref(),
+            Some("broken pipe")
+        );
+        let error = error.reclassified(PublishErrorKind::Unavailable, "later".into());
+        assert_eq!(error.to_string(), "unavailable: later");
+        assert!(error.source().is_some(), "the source survives");
+        assert!(
+            PublishError::new(PublishErrorKind::Timeout, "x")
+                .source()
+                .is_none()
+        );
     }
 }

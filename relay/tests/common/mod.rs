@@ -4,8 +4,10 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -13,7 +15,7 @@ use outbox::{Message, MessageId, Outbox};
 use relay::RelayConfig;
 use relay::publisher::jetstream::{JetStreamPublisher, NatsConfig, StreamSpec, ensure_stream};
 use sqlx::PgPool;
-use testkit::{NatsServer, Postgres, wait_until};
+use testkit::{NatsServer, Postgres, Process, ProcessSpec, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const STREAM: &str = "OUTBOX";
@@ -295,94 +297,105 @@ pub async fn wait_drained(env: &Env, client: &async_nats::Client, n: usize, dead
     .expect("drained");
 }
 
-/// The `relay` binary as a child process.
+/// The `relay` binary as a child process ([`testkit::Process`]), SIGKILLed on drop. Its
+/// output goes to a log file in the test's scratch directory, printed when a test fails.
 pub struct RelayProcess {
-    pub child: Child,
+    process: Process,
     pub http: SocketAddr,
     pub instance: String,
+    log: PathBuf,
 }
 
 pub fn spawn_relay(env: &Env, instance: &str, extra: &[&str]) -> RelayProcess {
     let port = testkit::free_port().expect("port");
     let http = SocketAddr::from(([127, 0, 0, 1], port));
-    let child = Command::new(env!("CARGO_BIN_EXE_relay"))
-        .args([
-            "run",
-            "--instance-id",
-            instance,
-            "--http-addr",
-            &http.to_string(),
-        ])
-        .args([
-            "--publish-timeout",
-            "1s",
-            "--claim-ttl",
-            "4s",
-            "--lease-ttl",
-            "2s",
-            "--heartbeat-interval",
-            "300ms",
-            "--retry-min-delay",
-            "20ms",
-            "--retry-max-delay",
-            "500ms",
-            "--poll-max",
-            "20ms",
-        ])
-        .args(extra)
-        .env("DATABASE_URL", &env.db_url)
-        .env("NATS_URL", env.nats.url())
-        .env("RELAY_STREAM", STREAM)
-        .env("RELAY_STREAM_SUBJECTS", "test.>")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn relay binary");
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let log = scratch.join(format!(
+        "relay-{instance}-{}-{port}.log",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&log);
+    let http_addr = http.to_string();
+    let args = [
+        "run",
+        "--instance-id",
+        instance,
+        "--http-addr",
+        &http_addr,
+        "--publish-timeout",
+        "1s",
+        "--claim-ttl",
+        "4s",
+        "--lease-ttl",
+        "2s",
+        "--heartbeat-interval",
+        "300ms",
+        "--retry-min-delay",
+        "20ms",
+        "--retry-max-delay",
+        "500ms",
+        "--poll-max",
+        "20ms",
+    ]
+    .iter()
+    .chain(extra)
+    .map(OsString::from)
+    .collect();
+    let vars = [
+        ("DATABASE_URL", env.db_url.as_str()),
+        ("NATS_URL", env.nats.url()),
+        ("RELAY_STREAM", STREAM),
+        ("RELAY_STREAM_SUBJECTS", "test.>"),
+        ("RUST_LOG", "warn"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+    .collect();
+    let process = Process::spawn(ProcessSpec {
+        name: "relay",
+        program: env!("CARGO_BIN_EXE_relay").into(),
+        args,
+        env: vars,
+        cwd: scratch,
+        log: log.clone(),
+    })
+    .expect("spawn relay binary");
     RelayProcess {
-        child,
+        process,
         http,
         instance: instance.to_owned(),
+        log,
     }
 }
 
 impl RelayProcess {
-    pub fn signal(&self, signal: i32) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) on our own child's pid with a valid signal number.
-        #[allow(unsafe_code)]
-        let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0, "kill({pid}, {signal})");
-    }
-
-    pub fn sigkill(&mut self) -> ExitStatus {
-        self.signal(libc::SIGKILL);
-        self.child.wait().expect("wait")
+    /// SIGKILL, and waits until it is gone.
+    pub fn sigkill(&mut self) {
+        self.process.kill().expect("SIGKILL the relay");
     }
 
     /// SIGTERM, then waits (up to `deadline`) for the process to exit.
     pub async fn sigterm(&mut self, deadline: Duration) -> ExitStatus {
-        self.signal(libc::SIGTERM);
-        let child = std::sync::Mutex::new(&mut self.child);
-        wait_until(deadline, "relay exits after SIGTERM", || {
-            let exited = child
-                .lock()
-                .expect("lock")
-                .try_wait()
-                .expect("try_wait")
-                .is_some();
-            async move { exited }
-        })
-        .await
-        .expect("relay exits after SIGTERM");
-        child.into_inner().expect("lock").wait().expect("wait")
+        self.process
+            .terminate_with_status(deadline)
+            .await
+            .expect("relay exits after SIGTERM")
     }
 }
 
 impl Drop for RelayProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.process.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "relay {} log ({}), last lines:\n{}",
+                self.instance,
+                self.log.display(),
+                self.process.log_tail()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
