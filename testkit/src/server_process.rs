@@ -198,6 +198,7 @@ impl ServerProcess {
                 return Err(Error::Timeout {
                     what: format!("{} processes to exit after SIGKILL", self.spec.server),
                     waited: KILL_DEADLINE,
+                    last_error: None,
                 });
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -223,6 +224,7 @@ impl ServerProcess {
                 return Err(Error::Timeout {
                     what: format!("{} to exit after signal {sig}", self.spec.server),
                     waited: deadline,
+                    last_error: None,
                 });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -246,6 +248,7 @@ impl ServerProcess {
         Err(Error::Timeout {
             what: format!("{} {pid} to stop after SIGSTOP", self.spec.server),
             waited: FREEZE_DEADLINE,
+            last_error: None,
         })
     }
 

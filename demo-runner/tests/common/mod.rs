@@ -9,33 +9,40 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use demo_runner::stack::{Stack, StackOptions};
 use demo_services::order::PaymentSimulation;
-use demo_services::stack::{Stack, StackOptions, wait_for};
 
-/// The directory of this package's binaries (order-service, ..., demo).
+/// The directory of the runner's binaries (`demo`, `chaos`), `target/<profile>/`, where the
+/// runner looks for the service binaries and the relay.
 pub fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_order-service"))
+    Path::new(env!("CARGO_BIN_EXE_demo"))
         .parent()
         .expect("binary directory")
         .to_path_buf()
 }
 
-/// The `relay` binary next to ours, built first if this test run did not build it (as when
-/// running `cargo test -p demo-services` alone).
+/// Builds the service binaries (`order-service`, `inventory-service`, `email-service`) and
+/// the `relay` binary into [`bin_dir`], once per test process: `cargo test` builds only this
+/// package's binaries, and the stack starts those of `demo-services` and `relay`. Returns the
+/// `relay` binary.
 pub fn relay_bin() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let relay = bin_dir().join("relay");
-            if !relay.exists() {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let status = Command::new(cargo)
-                    .args(["build", "-p", "relay", "--bin", "relay"])
-                    .status()
-                    .expect("run cargo build -p relay");
-                assert!(status.success(), "cargo build -p relay failed");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "-p", "demo-services", "-p", "relay", "--bins"]);
+            if bin_dir().file_name().is_some_and(|d| d == "release") {
+                build.arg("--release");
             }
-            relay
+            let status = build
+                .status()
+                .expect("run cargo build -p demo-services -p relay --bins");
+            assert!(
+                status.success(),
+                "cargo build -p demo-services -p relay --bins failed"
+            );
+            bin_dir().join("relay")
         })
         .clone()
 }
@@ -46,10 +53,11 @@ pub async fn start(
     smtp_url: Option<String>,
 ) -> (Stack, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
+    let relay_bin = relay_bin();
     let stack = Stack::start(StackOptions {
         dir: dir.path().to_path_buf(),
         bin_dir: bin_dir(),
-        relay_bin: relay_bin(),
+        relay_bin,
         ports: None,
         payment,
         smtp_url,
@@ -85,14 +93,14 @@ pub async fn wait_consumed(js: &jetstream::Context, consumer: &str) {
         .get_stream(demo_services::events::STREAM)
         .await
         .expect("stream");
-    wait_for(
+    testkit::wait_for(
         Duration::from_secs(60),
         &format!("{consumer} to ack everything"),
         || {
             let stream = stream.clone();
             async move {
                 let info = stream.consumer_info(consumer).await?;
-                Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+                anyhow::Ok((info.num_pending == 0 && info.num_ack_pending == 0).then_some(()))
             }
         },
     )

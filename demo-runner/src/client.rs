@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 JSON client over hyper: one connection per request, plain `http://`
-//! only. Enough for the demo runner and the end-to-end tests, without a TLS stack.
+//! The runner's one HTTP client (every request the runner and the end-to-end tests make goes
+//! through it): HTTP/1.1 JSON over hyper, one connection per request, plain `http://` only,
+//! without a TLS stack.
 
 use std::time::Duration;
 

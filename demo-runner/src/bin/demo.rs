@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use demo_runner::scenario;
+use demo_runner::stack::{Stack, StackOptions};
 use demo_services::order::PaymentSimulation;
-use demo_services::stack::{self, Stack, StackOptions};
 
 /// The order / inventory / email saga on the outbox toolkit.
 #[derive(Debug, Parser)]
@@ -18,7 +19,7 @@ struct Cli {
     #[arg(long, global = true, default_value = "target/demo")]
     dir: PathBuf,
     /// Seed of the simulated payments (the same seed gives the same outcomes).
-    #[arg(long, env = "PAYMENT_SEED", global = true, default_value_t = stack::DEMO_PAYMENT_SEED)]
+    #[arg(long, env = "PAYMENT_SEED", global = true, default_value_t = scenario::DEMO_PAYMENT_SEED)]
     payment_seed: u64,
     /// Share of payments that succeed, 0 to 1.
     #[arg(
@@ -102,7 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     match cli.command {
         Command::Run => {
-            let outcome = stack::run_demo(&stack).await;
+            let outcome = scenario::run_demo(&stack).await;
             let stopped = stack.stop().await;
             let summary = outcome?;
             print!("{summary}");
@@ -115,7 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = stack.stop().await;
                 return Err(e);
             }
-            println!("{}", stack::curl_examples(&stack.urls));
+            println!("{}", scenario::curl_examples(&stack.urls));
             println!("demo: running; ctrl-c stops everything");
             demo_services::platform::shutdown_signal().await;
             println!("demo: stopping");

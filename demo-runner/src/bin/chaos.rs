@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use demo_services::chaos::{self, ChaosOptions};
+use demo_runner::chaos::{self, ChaosOptions};
 
 /// Kill the broker, relays, services and PostgreSQL mid-flow; prove nothing is lost or
 /// applied twice, and that the streams hold every published outbox row once, in commit order

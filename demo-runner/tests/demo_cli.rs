@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use demo_services::client;
-use demo_services::stack::wait_for;
+use demo_runner::client;
+
 use serde_json::json;
 use testkit::{Process, ProcessSpec};
 
@@ -76,14 +76,18 @@ async fn demo_up_answers_the_readme_commands_and_stops_on_ctrl_c() {
         log: log.clone(),
     })
     .expect("start demo up");
-    wait_for(Duration::from_secs(90), "demo up to be running", || {
+    testkit::wait_for(Duration::from_secs(90), "demo up to be running", || {
         let log = log.clone();
         let exited = demo.exit_status();
         async move {
             if let Some(status) = exited {
                 anyhow::bail!("demo up exited ({status})");
             }
-            Ok(std::fs::read_to_string(&log)?.contains("demo: running"))
+            anyhow::Ok(
+                std::fs::read_to_string(&log)?
+                    .contains("demo: running")
+                    .then_some(()),
+            )
         }
     })
     .await
@@ -109,11 +113,12 @@ async fn demo_up_answers_the_readme_commands_and_stops_on_ctrl_c() {
         .await
         .expect("GET order");
     assert_eq!(r.status, 200);
-    wait_for(
+    testkit::wait_for(
         Duration::from_secs(30),
         "the order to be confirmed",
         || async {
-            Ok(client::get(&format!("{order}/orders/{id}")).await?.json["status"] == "CONFIRMED")
+            let order = client::get(&format!("{order}/orders/{id}")).await?;
+            anyhow::Ok((order.json["status"] == "CONFIRMED").then_some(()))
         },
     )
     .await
@@ -217,13 +222,13 @@ async fn start_smtp_server(dir: &Path) -> (Process, u16) {
         log: dir.join("smtp.log"),
     })
     .expect("start aiosmtpd");
-    wait_for(
+    testkit::wait_until(
         Duration::from_secs(30),
         "the SMTP server to listen",
         || async move {
-            Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
-                .is_ok())
+                .is_ok()
         },
     )
     .await
@@ -310,14 +315,13 @@ async fn email_service_killed_mid_send_sends_the_email_once_after_restart() {
         .await
         .expect("final");
     let email_db = stack.db.email.clone();
-    wait_for(
+    testkit::wait_for(
         Duration::from_secs(30),
         "the email to be recorded",
         || async {
-            Ok(
-                demo_services::email::store::counts(&mut *email_db.acquire().await?).await?
-                    == (0, 1),
-            )
+            let counts =
+                demo_services::email::store::counts(&mut *email_db.acquire().await?).await?;
+            anyhow::Ok((counts == (0, 1)).then_some(()))
         },
     )
     .await
@@ -331,8 +335,9 @@ async fn email_service_killed_mid_send_sends_the_email_once_after_restart() {
     proxy.unstall();
     stack.email.restart().expect("restart email-service");
 
-    wait_for(Duration::from_secs(60), "the email to be sent", || async {
-        Ok(demo_services::email::store::counts(&mut *email_db.acquire().await?).await? == (1, 0))
+    testkit::wait_for(Duration::from_secs(60), "the email to be sent", || async {
+        let counts = demo_services::email::store::counts(&mut *email_db.acquire().await?).await?;
+        anyhow::Ok((counts == (1, 0)).then_some(()))
     })
     .await
     .expect("sent");

@@ -6,10 +6,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use demo_services::client;
+use demo_runner::client;
+use demo_runner::stack::{SEED_PRODUCTS, Stack};
 use demo_services::events;
 use demo_services::order::PaymentSimulation;
-use demo_services::stack::{SEED_PRODUCTS, Stack, wait_for};
 use serde_json::{Value, json};
 
 async fn stock(stack: &Stack, product: &str) -> (i64, i64) {
@@ -94,15 +94,15 @@ async fn success_insufficient_stock_and_payment_failure_with_compensation() {
         ]
     );
     let declined_history = stack.history(&declined).await.expect("history");
-    wait_for(
+    testkit::wait_until(
         Duration::from_secs(30),
         "the release to reach the order's history",
         || async {
-            Ok(stack
+            stack
                 .history(&declined)
                 .await
                 .expect("history")
-                .contains(&"received inventory.released.v1".to_owned()))
+                .contains(&"received inventory.released.v1".to_owned())
         },
     )
     .await
@@ -191,15 +191,15 @@ async fn cancel_endpoint_releases_stock_and_refuses_final_orders() {
     stack.order_relay.resume().expect("resume relay");
 
     // Inventory sees order.created (reserves) then order.cancelled (releases), in that order.
-    wait_for(
+    testkit::wait_until(
         Duration::from_secs(30),
         "the release to reach the order's history",
         || async {
-            Ok(stack
+            stack
                 .history(&cancelled)
                 .await
                 .expect("history")
-                .contains(&"received inventory.released.v1".to_owned()))
+                .contains(&"received inventory.released.v1".to_owned())
         },
     )
     .await

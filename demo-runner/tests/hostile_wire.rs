@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use demo_services::events::{OrderCreated, OrderLine};
-use demo_services::stack::wait_for;
+
 use envelope::{Envelope, HeaderText};
 use uuid::Uuid;
 
@@ -99,8 +99,9 @@ async fn hostile_messages_are_dead_lettered_with_a_reason_and_change_nothing() {
         consumer: Some("inventory-service".into()),
         ..dlq::store::Filter::default()
     };
-    wait_for(Duration::from_secs(60), "five dead letters", || async {
-        Ok(dlq::store::count(&mut *pool.acquire().await?, &filter).await? == 5)
+    testkit::wait_for(Duration::from_secs(60), "five dead letters", || async {
+        let dead = dlq::store::count(&mut *pool.acquire().await?, &filter).await?;
+        anyhow::Ok((dead == 5).then_some(()))
     })
     .await
     .expect("dead-lettered");
@@ -122,7 +123,7 @@ async fn hostile_messages_are_dead_lettered_with_a_reason_and_change_nothing() {
     }
 
     // Nothing changed: no reservation was made, and the saga still works.
-    let stock = demo_services::client::get(&format!("{}/inventory/prod-001", stack.urls.inventory))
+    let stock = demo_runner::client::get(&format!("{}/inventory/prod-001", stack.urls.inventory))
         .await
         .expect("GET")
         .json;
@@ -173,7 +174,7 @@ async fn a_cancellation_that_overtakes_its_creation_leaves_no_stock_reserved() {
         .expect("ack");
     }
     common::wait_consumed(&js, "inventory-service").await;
-    let stock = demo_services::client::get(&format!("{}/inventory/prod-001", stack.urls.inventory))
+    let stock = demo_runner::client::get(&format!("{}/inventory/prod-001", stack.urls.inventory))
         .await
         .expect("GET")
         .json;
