@@ -4,7 +4,7 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
-.PHONY: help tools test lint fmt bench demo up chaos chaos-cluster fuzz
+.PHONY: help tools test test-containers lint fmt bench demo up chaos chaos-cluster fuzz
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -13,28 +13,41 @@ help: ## List the targets
 DEMO_NEEDS := $(if $(and $(DATABASE_URL),$(NATS_URL)),,tools)
 
 demo: $(DEMO_NEEDS) ## Build, start PostgreSQL, nats-server, the 3 services and 2 relays, run the saga, print what happened
-	$(CARGO) build --locked -q -p demo-services -p relay --bins
-	$(CARGO) run --locked -q -p demo-services --bin demo -- run
+	$(CARGO) build --locked -q -p demo-services -p demo-runner -p relay --bins
+	$(CARGO) run --locked -q -p demo-runner --bin demo -- run
 
 up: $(DEMO_NEEDS) ## Start the demo stack on ports 3001-3003 in the foreground (ctrl-c stops it)
-	$(CARGO) build --locked -q -p demo-services -p relay --bins
-	$(CARGO) run --locked -q -p demo-services --bin demo -- up
+	$(CARGO) build --locked -q -p demo-services -p demo-runner -p relay --bins
+	$(CARGO) run --locked -q -p demo-runner --bin demo -- up
 
 CHAOS_ARGS ?=
 
 chaos: tools ## Kill the broker, relays, services and PostgreSQL mid-flow under load; check nothing is lost, doubled or reordered, in the tables and the stream (CHAOS_ARGS="--seed 7 --orders 1000 --rate 20 --keys 1500 --hot 1500")
-	$(CARGO) build --locked -q -p demo-services -p relay --bins
-	$(CARGO) run --locked -q -p demo-services --bin chaos -- $(CHAOS_ARGS)
+	$(CARGO) build --locked -q -p demo-services -p demo-runner -p relay --bins
+	$(CARGO) run --locked -q -p demo-runner --bin chaos -- $(CHAOS_ARGS)
 
 chaos-cluster: tools ## The same on a 3-node JetStream cluster with an R3 stream: SIGKILL the stream leader, then a follower
-	$(CARGO) build --locked -q -p demo-services -p relay --bins
-	$(CARGO) run --locked -q -p demo-services --bin chaos -- --cluster --dir target/chaos-cluster $(CHAOS_ARGS)
+	$(CARGO) build --locked -q -p demo-services -p demo-runner -p relay --bins
+	$(CARGO) run --locked -q -p demo-runner --bin chaos -- --cluster --dir target/chaos-cluster $(CHAOS_ARGS)
 
 tools: ## Install what is missing: PostgreSQL (apt-get when root) and nats-server 2.15.1 into .tools/bin
 	@tools/install.sh
 
 test: tools ## Install what is missing, then run every test against real PostgreSQL and nats-server
 	$(CARGO) test --workspace --locked --no-fail-fast
+
+# The images test-containers runs: the local builds of tools/images.sh, or set these to images
+# Docker can pull (TESTKIT_POSTGRES_IMAGE=postgres:18 TESTKIT_NATS_IMAGE=nats:2.15.1).
+TESTKIT_POSTGRES_IMAGE ?= outbox-toolkit/postgres:15-bookworm
+TESTKIT_NATS_IMAGE ?= outbox-toolkit/nats:2.15.1
+CONTAINERS := TESTKIT_BACKEND=containers TESTKIT_POSTGRES_IMAGE=$(TESTKIT_POSTGRES_IMAGE) TESTKIT_NATS_IMAGE=$(TESTKIT_NATS_IMAGE)
+
+test-containers: tools ## Install Docker when missing (root), start dockerd, build the local images once, run the test kit, a relay and an inbox suite on containers
+	@tools/docker.sh
+	@TESTKIT_POSTGRES_IMAGE=$(TESTKIT_POSTGRES_IMAGE) TESTKIT_NATS_IMAGE=$(TESTKIT_NATS_IMAGE) tools/images.sh
+	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p testkit --features containers --lib --test containers --test postgres --test nats --test proxy
+	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p relay --features testkit/containers --test drain
+	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p inbox --features testkit/containers --test guarantees
 
 SEEDS ?= 200
 

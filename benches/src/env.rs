@@ -57,6 +57,7 @@ impl Servers {
             Postgres::start_with(PostgresConfig {
                 durable,
                 shared_buffers_mb: Some(SHARED_BUFFERS_MB),
+                ..PostgresConfig::default()
             }),
             NatsServer::start()
         );

@@ -78,13 +78,20 @@ pub enum Error {
         /// The last lines of the server log.
         log_tail: String,
     },
-    /// A condition polled by [`wait_until`](crate::wait_until) (or a shutdown) did not hold in time.
-    #[error("timed out after {waited:?} waiting for {what}")]
+    /// A condition polled by [`wait_until`](crate::wait_until) or [`wait_for`](crate::wait_for)
+    /// (or a shutdown) did not hold in time.
+    #[error(
+        "timed out after {waited:?} waiting for {what}{}",
+        .last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+    )]
     Timeout {
         /// What was awaited, as given by the caller.
         what: String,
         /// The deadline that passed.
         waited: Duration,
+        /// The error of the last evaluation of a [`wait_for`](crate::wait_for) condition that
+        /// failed, if any did (`None` for every other wait).
+        last_error: Option<String>,
     },
     /// A helper command (such as `initdb`) exited unsuccessfully.
     #[error("{what} failed ({status}):\n{output}")]
@@ -95,6 +102,22 @@ pub enum Error {
         status: String,
         /// Its stdout and stderr.
         output: String,
+    },
+    /// The backend asked for cannot be used: an unknown `TESTKIT_BACKEND`, or containers
+    /// without the `containers` feature.
+    #[error("{reason}")]
+    Backend {
+        /// One line naming the fix.
+        reason: String,
+    },
+    /// A Docker command of the container backend failed (no daemon, an image that cannot be
+    /// found or pulled, a container that exited).
+    #[error("{what}: {detail}")]
+    Container {
+        /// What testkit was doing, e.g. `"docker run outbox-toolkit/postgres:15-bookworm"`.
+        what: String,
+        /// What Docker said (its stderr), or the container's log tail.
+        detail: String,
     },
     /// An I/O operation failed.
     #[error("{what}: {source}")]

@@ -4,6 +4,13 @@
 //! Linux only. Nothing here is mocked, and a missing binary is an error naming the install
 //! command, never a silent skip.
 //!
+//! The same servers can run as Docker containers instead (feature `containers`, through the
+//! `testcontainers` crate): per call with [`PostgresConfig::backend`] /
+//! [`NatsServerConfig::backend`], or for a whole run with `TESTKIT_BACKEND=containers`; the
+//! controls are the same, and a restarted container may come back on another host port
+//! (read [`Postgres::url`] / [`NatsServer::url`] again). Images: `TESTKIT_POSTGRES_IMAGE`,
+//! `TESTKIT_NATS_IMAGE` (defaults `postgres:18`, `nats:2.15.1`).
+//!
 //! Layout:
 //! - `postgres`: [`Postgres`], [`PostgresConfig`] — initdb template cache, server process,
 //!   [`Postgres::fresh_database`]
@@ -11,7 +18,11 @@
 //! - `process`: [`Process`], [`ProcessSpec`] — any program (a service, a relay) as a child that
 //!   can be SIGKILLed, SIGTERMed, paused and restarted, and whether it listens on a port
 //! - `proxy`: [`TcpProxy`] — latency, stall and cut between a client and a server
-//! - `wait`: [`wait_until`] (poll a condition with a deadline) and [`free_port`]
+//! - `wait`: [`wait_until`] and [`wait_for`] (poll a condition, or a fallible one, with a
+//!   deadline) and [`free_port`]
+//! - `backend`: [`Backend`] (process or containers) and `TESTKIT_BACKEND`
+//! - `containers` (private, feature `containers`): a server as a container, its controls
+//!   through testcontainers and the `docker` CLI; PostgreSQL and nats-server images' settings
 //! - `error`: [`Error`], the one error type, and [`Result`]
 //! - `server_process` (private): a server child and its process tree: log file, signals, kill
 //!   on drop
@@ -28,6 +39,9 @@
 //! first server started makes the test process a child subreaper, so the backends of a killed
 //! postmaster are reaped by testkit rather than left as zombies.
 
+mod backend;
+#[cfg(feature = "containers")]
+mod containers;
 mod error;
 mod listening;
 mod nats;
@@ -38,9 +52,10 @@ mod server_process;
 mod sys;
 mod wait;
 
+pub use backend::{Backend, ENV_BACKEND};
 pub use error::{Error, Result};
 pub use nats::{NatsServer, NatsServerConfig, find_nats_server};
 pub use postgres::{Postgres, PostgresConfig, find_postgres_bin_dir};
 pub use process::{Process, ProcessSpec};
 pub use proxy::TcpProxy;
-pub use wait::{free_port, wait_until};
+pub use wait::{free_port, wait_for, wait_until};

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::postgres::is_executable;
 use crate::server_process::{ServerProcess, Spec};
-use crate::{Error, Result, free_port, sys};
+use crate::{Backend, Error, Result, free_port, sys};
 
 const SERVER: &str = "nats-server";
 const ENV_URL: &str = "NATS_URL";
@@ -34,6 +34,9 @@ pub struct NatsServerConfig {
     pub max_payload: Option<u32>,
     /// Extra `nats-server` command-line flags, appended after testkit's. Defaults to none.
     pub extra_args: Vec<String>,
+    /// Run the server as a process or a container; `None` (the default) leaves it to
+    /// `TESTKIT_BACKEND` (see [`Backend`]).
+    pub backend: Option<Backend>,
 }
 
 /// A `nats-server` with JetStream for one test: a child process on free ports, or the external
@@ -46,8 +49,13 @@ pub struct NatsServer {
 }
 
 enum Kind {
-    External { url: String, addr: SocketAddr },
+    External {
+        url: String,
+        addr: SocketAddr,
+    },
     Managed(Box<Managed>),
+    #[cfg(feature = "containers")]
+    Container(Box<crate::containers::NatsContainer>),
 }
 
 struct Managed {
@@ -75,7 +83,11 @@ impl NatsServer {
     pub async fn start_with(config: NatsServerConfig) -> Result<NatsServer> {
         match std::env::var(ENV_URL) {
             Ok(url) if !url.trim().is_empty() => {
-                if config != NatsServerConfig::default() {
+                let settings = NatsServerConfig {
+                    backend: None,
+                    ..config
+                };
+                if settings != NatsServerConfig::default() {
                     return Err(Error::ExternalServer {
                         server: SERVER,
                         env: ENV_URL,
@@ -83,14 +95,25 @@ impl NatsServer {
                 }
                 Self::external(url).await
             }
-            _ => Self::start_managed(config).await,
+            _ => match Backend::resolve(config.backend)? {
+                Backend::Process => Self::start_managed(config).await,
+                #[cfg(feature = "containers")]
+                Backend::Containers => Ok(NatsServer {
+                    kind: Kind::Container(Box::new(
+                        crate::containers::NatsContainer::start(&config).await?,
+                    )),
+                }),
+                #[cfg(not(feature = "containers"))]
+                Backend::Containers => unreachable!("Backend::resolve refuses containers"),
+            },
         }
     }
 
     /// Starts a JetStream cluster of `nodes` servers on loopback (routes between all of them,
     /// cluster name `testkit`), all at once since none is healthy before a quorum exists.
     /// Each node can be killed, paused and restarted like a single server; it rejoins on
-    /// restart. Not available with `NATS_URL` set.
+    /// restart. Not available with `NATS_URL` set. Always processes, whatever
+    /// `TESTKIT_BACKEND` says: the nodes route to each other on loopback ports.
     pub async fn start_cluster(nodes: usize) -> Result<Vec<NatsServer>> {
         if std::env::var(ENV_URL).is_ok_and(|u| !u.trim().is_empty()) {
             return Err(Error::ExternalServer {
@@ -134,8 +157,8 @@ impl NatsServer {
                 extra_args.extend(["--routes".into(), routes.join(",")]);
             }
             Self::start_managed(NatsServerConfig {
-                max_payload: None,
                 extra_args,
+                ..NatsServerConfig::default()
             })
         });
         // If one node fails, the started ones are dropped, which kills them.
@@ -145,11 +168,13 @@ impl NatsServer {
             .collect()
     }
 
-    /// The server's name (`testkit-<port>`), as JetStream reports stream leaders and
+    /// The server's name (`testkit-<port>`, or `testkit-<uuid>` in a container), as JetStream reports stream leaders and
     /// replicas; `None` for an external server.
     pub fn server_name(&self) -> Option<String> {
         match &self.kind {
             Kind::Managed(m) => Some(format!("testkit-{}", m.addr.port())),
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => Some(c.name().to_owned()),
             Kind::External { .. } => None,
         }
     }
@@ -246,15 +271,20 @@ impl NatsServer {
         match &self.kind {
             Kind::External { url, .. } => url,
             Kind::Managed(m) => &m.url,
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => c.url(),
         }
     }
 
-    /// The client listener's address (stable across [`restart`](Self::restart)); e.g. the
-    /// upstream of a [`TcpProxy`](crate::TcpProxy).
+    /// The client listener's address; e.g. the upstream of a [`TcpProxy`](crate::TcpProxy).
+    /// Stable across [`restart`](Self::restart) for a process; a container may be published
+    /// on another host port after a restart, so read it (and [`url`](Self::url)) again.
     pub fn addr(&self) -> SocketAddr {
         match &self.kind {
             Kind::External { addr, .. } => *addr,
             Kind::Managed(m) => m.addr,
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => c.addr(),
         }
     }
 
@@ -263,71 +293,105 @@ impl NatsServer {
         self.addr().port()
     }
 
-    /// The JetStream store directory (`-sd`), kept across restarts; `None` when external.
+    /// The JetStream store directory (`-sd`), kept across restarts (a container's is mounted
+    /// from the host); `None` when external.
     pub fn store_dir(&self) -> Option<&Path> {
         match &self.kind {
             Kind::External { .. } => None,
             Kind::Managed(m) => Some(&m.store_dir),
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => Some(c.store_dir()),
         }
     }
 
     /// SIGKILLs the server; returns once it is gone. Clients see the connection drop.
     pub fn kill(&mut self) -> Result<()> {
-        self.managed()?.process.kill()
+        match self.controlled()? {
+            Controlled::Process(m) => m.process.kill(),
+            #[cfg(feature = "containers")]
+            Controlled::Container(c) => c.kill(),
+        }
     }
 
     /// Graceful stop (SIGTERM); returns once the process has exited (SIGKILLs it after 30 s
     /// and fails).
     pub async fn stop(&mut self) -> Result<()> {
-        self.managed()?
-            .process
-            .stop(sys::SIGTERM, STOP_DEADLINE)
-            .await
+        match self.controlled()? {
+            Controlled::Process(m) => m.process.stop(sys::SIGTERM, STOP_DEADLINE).await,
+            #[cfg(feature = "containers")]
+            Controlled::Container(c) => c.stop(STOP_DEADLINE).await,
+        }
     }
 
     /// Starts the server again with the same ports, flags and store directory (a running one
     /// is stopped first) and waits until `/healthz` answers 200 (30 s deadline). Clients with
-    /// reconnect enabled (async-nats' default) reconnect by themselves.
+    /// reconnect enabled (async-nats' default) reconnect by themselves. A container is started
+    /// again with its store and looked up again: its ports may change, and clients must then
+    /// be given the new [`url`](Self::url).
     pub async fn restart(&mut self) -> Result<()> {
-        let m = self.managed()?;
-        if m.process.is_running() {
-            m.process.stop(sys::SIGTERM, STOP_DEADLINE).await?;
-        } else {
-            let _ = m.process.kill();
+        match self.controlled()? {
+            Controlled::Process(m) => m.restart().await,
+            #[cfg(feature = "containers")]
+            Controlled::Container(c) => c.restart(STOP_DEADLINE).await,
         }
-        m.process.respawn()?;
-        wait_healthy(&mut m.process, m.monitor_port).await
     }
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered until
     /// [`resume`](Self::resume).
     pub fn pause(&self) -> Result<()> {
-        self.managed_ref()?.process.pause()
+        match &self.kind {
+            Kind::Managed(m) => m.process.pause(),
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => c.pause(),
+            Kind::External { .. } => Err(external()),
+        }
     }
 
     /// Continues a paused server (SIGCONT).
     pub fn resume(&self) -> Result<()> {
-        self.managed_ref()?.process.resume()
-    }
-
-    fn managed(&mut self) -> Result<&mut Managed> {
-        match &mut self.kind {
-            Kind::Managed(m) => Ok(m),
-            Kind::External { .. } => Err(Error::ExternalServer {
-                server: SERVER,
-                env: ENV_URL,
-            }),
-        }
-    }
-
-    fn managed_ref(&self) -> Result<&Managed> {
         match &self.kind {
-            Kind::Managed(m) => Ok(m),
-            Kind::External { .. } => Err(Error::ExternalServer {
-                server: SERVER,
-                env: ENV_URL,
-            }),
+            Kind::Managed(m) => m.process.resume(),
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => c.resume(),
+            Kind::External { .. } => Err(external()),
         }
+    }
+
+    fn controlled(&mut self) -> Result<Controlled<'_>> {
+        match &mut self.kind {
+            Kind::Managed(m) => Ok(Controlled::Process(m)),
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => Ok(Controlled::Container(c)),
+            Kind::External { .. } => Err(external()),
+        }
+    }
+}
+
+impl Managed {
+    /// [`NatsServer::restart`] for a process: stop (or clean up after a kill), respawn, wait
+    /// for `/healthz`.
+    async fn restart(&mut self) -> Result<()> {
+        if self.process.is_running() {
+            self.process.stop(sys::SIGTERM, STOP_DEADLINE).await?;
+        } else {
+            let _ = self.process.kill();
+        }
+        self.process.respawn()?;
+        wait_healthy(&mut self.process, self.monitor_port).await
+    }
+}
+
+/// A server this kit started, with the controls of its backend.
+enum Controlled<'a> {
+    Process(&'a mut Managed),
+    #[cfg(feature = "containers")]
+    Container(&'a mut crate::containers::NatsContainer),
+}
+
+fn external() -> Error {
+    Error::ExternalServer {
+        server: SERVER,
+        env: ENV_URL,
     }
 }
 
@@ -427,7 +491,7 @@ async fn wait_healthy(process: &mut ServerProcess, monitor_port: u16) -> Result<
 }
 
 /// One raw HTTP/1.0 `GET /healthz`; true on status 200.
-async fn healthz(monitor_port: u16) -> bool {
+pub(crate) async fn healthz(monitor_port: u16) -> bool {
     let request = async {
         let mut stream = TcpStream::connect(("127.0.0.1", monitor_port)).await?;
         stream

@@ -17,7 +17,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 use crate::server_process::{RunAs, ServerProcess, Spec};
-use crate::{Error, Result, free_port, sys};
+use crate::{Backend, Error, Result, free_port, sys};
 
 const SERVER: &str = "postgres";
 const ENV_URL: &str = "DATABASE_URL";
@@ -47,6 +47,9 @@ pub struct PostgresConfig {
     /// `shared_buffers` in megabytes; `None` keeps the kit's 32 MB (small, because tests
     /// start many servers at once). Benchmarks give it a production-like size.
     pub shared_buffers_mb: Option<u32>,
+    /// Run the server as a process or a container; `None` (the default) leaves it to
+    /// `TESTKIT_BACKEND` (see [`Backend`]).
+    pub backend: Option<Backend>,
 }
 
 /// A PostgreSQL server for one test: a child process on a free port, or the external server
@@ -63,8 +66,13 @@ pub struct Postgres {
 }
 
 enum Kind {
-    External { url: String, addr: SocketAddr },
+    External {
+        url: String,
+        addr: SocketAddr,
+    },
     Managed(Box<Managed>),
+    #[cfg(feature = "containers")]
+    Container(Box<crate::containers::PgContainer>),
 }
 
 struct Managed {
@@ -94,7 +102,17 @@ impl Postgres {
     pub async fn start_with(config: PostgresConfig) -> Result<Postgres> {
         match std::env::var(ENV_URL) {
             Ok(url) if !url.trim().is_empty() => Self::external(url).await,
-            _ => Self::start_managed(config).await,
+            _ => match Backend::resolve(config.backend)? {
+                Backend::Process => Self::start_managed(config).await,
+                #[cfg(feature = "containers")]
+                Backend::Containers => Ok(Postgres {
+                    kind: Kind::Container(Box::new(
+                        crate::containers::PgContainer::start(&config).await?,
+                    )),
+                }),
+                #[cfg(not(feature = "containers"))]
+                Backend::Containers => unreachable!("Backend::resolve refuses containers"),
+            },
         }
     }
 
@@ -175,15 +193,20 @@ impl Postgres {
         match &self.kind {
             Kind::External { url, .. } => url,
             Kind::Managed(m) => &m.url,
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => c.url(),
         }
     }
 
-    /// The server's TCP address (stable across [`restart`](Self::restart)); e.g. the upstream
-    /// of a [`TcpProxy`](crate::TcpProxy).
+    /// The server's TCP address; e.g. the upstream of a [`TcpProxy`](crate::TcpProxy).
+    /// Stable across [`restart`](Self::restart) for a process; a container may be published
+    /// on another host port after a restart, so read it (and [`url`](Self::url)) again.
     pub fn addr(&self) -> SocketAddr {
         match &self.kind {
             Kind::External { addr, .. } => *addr,
             Kind::Managed(m) => m.addr,
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => c.addr(),
         }
     }
 
@@ -212,44 +235,92 @@ impl Postgres {
     /// PostgreSQL: open connections break and new ones are refused. Returns when
     /// all its processes are gone. Committed data survives ([`restart`](Self::restart)).
     pub fn kill(&mut self) -> Result<()> {
-        self.managed()?.process.kill()
+        match self.controlled()? {
+            Controlled::Process(m) => m.process.kill(),
+            #[cfg(feature = "containers")]
+            Controlled::Container(c) => c.kill(),
+        }
     }
 
     /// Fast shutdown (SIGINT: backends are terminated, a checkpoint is written); returns when
     /// all processes have exited (SIGKILLs them after 30 s and fails).
     pub async fn stop(&mut self) -> Result<()> {
-        self.managed()?
-            .process
-            .stop(sys::SIGINT, STOP_DEADLINE)
-            .await
+        match self.controlled()? {
+            Controlled::Process(m) => m.process.stop(sys::SIGINT, STOP_DEADLINE).await,
+            #[cfg(feature = "containers")]
+            Controlled::Container(c) => c.stop("SIGINT", STOP_DEADLINE).await,
+        }
     }
 
     /// Immediate shutdown (SIGQUIT: no checkpoint, crash recovery on restart); returns when all
     /// processes have exited.
     pub async fn stop_immediate(&mut self) -> Result<()> {
-        self.managed()?
-            .process
-            .stop(sys::SIGQUIT, STOP_DEADLINE)
-            .await
+        match self.controlled()? {
+            Controlled::Process(m) => m.process.stop(sys::SIGQUIT, STOP_DEADLINE).await,
+            #[cfg(feature = "containers")]
+            Controlled::Container(c) => c.stop("SIGQUIT", STOP_DEADLINE).await,
+        }
     }
 
     /// Starts the server again on the same data directory and port, and waits until it
     /// answers `SELECT 1` (30 s deadline). A running server is first stopped fast; after
     /// [`kill`](Self::kill) the stale lock files are removed (all old processes are gone by
-    /// then) so that PostgreSQL cannot mistake a reused pid for a live postmaster.
+    /// then) so that PostgreSQL cannot mistake a reused pid for a live postmaster. A container
+    /// is started again with its file system and looked up again: its port may change.
     pub async fn restart(&mut self) -> Result<()> {
-        let m = self.managed()?;
-        if m.process.is_running() {
-            m.process.stop(sys::SIGINT, STOP_DEADLINE).await?;
+        match self.controlled()? {
+            Controlled::Process(m) => m.restart().await,
+            #[cfg(feature = "containers")]
+            Controlled::Container(c) => c.restart(STOP_DEADLINE).await,
+        }
+    }
+
+    /// Freezes the postmaster and all backends (SIGSTOP, postmaster first): connections
+    /// stay open, queries and new connections hang until [`resume`](Self::resume).
+    pub fn pause(&self) -> Result<()> {
+        match &self.kind {
+            Kind::Managed(m) => m.process.pause(),
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => c.pause(),
+            Kind::External { .. } => Err(external()),
+        }
+    }
+
+    /// Continues a paused server (SIGCONT to the backends and the postmaster).
+    pub fn resume(&self) -> Result<()> {
+        match &self.kind {
+            Kind::Managed(m) => m.process.resume(),
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => c.resume(),
+            Kind::External { .. } => Err(external()),
+        }
+    }
+
+    fn controlled(&mut self) -> Result<Controlled<'_>> {
+        match &mut self.kind {
+            Kind::Managed(m) => Ok(Controlled::Process(m)),
+            #[cfg(feature = "containers")]
+            Kind::Container(c) => Ok(Controlled::Container(c)),
+            Kind::External { .. } => Err(external()),
+        }
+    }
+}
+
+impl Managed {
+    /// [`Postgres::restart`] for a process: stop (or clean up after a kill), remove stale
+    /// lock files, respawn, wait for `SELECT 1`.
+    async fn restart(&mut self) -> Result<()> {
+        if self.process.is_running() {
+            self.process.stop(sys::SIGINT, STOP_DEADLINE).await?;
         } else {
             // Exited by itself: make sure nothing of the old server is left.
-            let _ = m.process.kill();
+            let _ = self.process.kill();
         }
-        let port = m.addr.port();
+        let port = self.addr.port();
         for stale in [
-            m.data_dir.join("postmaster.pid"),
-            m.socket_dir.join(format!(".s.PGSQL.{port}.lock")),
-            m.socket_dir.join(format!(".s.PGSQL.{port}")),
+            self.data_dir.join("postmaster.pid"),
+            self.socket_dir.join(format!(".s.PGSQL.{port}.lock")),
+            self.socket_dir.join(format!(".s.PGSQL.{port}")),
         ] {
             match fs::remove_file(&stale) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -258,39 +329,22 @@ impl Postgres {
                 _ => {}
             }
         }
-        m.process.respawn()?;
-        wait_ready(&mut m.process, &m.url).await
+        self.process.respawn()?;
+        wait_ready(&mut self.process, &self.url).await
     }
+}
 
-    /// Freezes the postmaster and all backends (SIGSTOP, postmaster first): connections
-    /// stay open, queries and new connections hang until [`resume`](Self::resume).
-    pub fn pause(&self) -> Result<()> {
-        self.managed_ref()?.process.pause()
-    }
+/// A server this kit started, with the controls of its backend.
+enum Controlled<'a> {
+    Process(&'a mut Managed),
+    #[cfg(feature = "containers")]
+    Container(&'a mut crate::containers::PgContainer),
+}
 
-    /// Continues a paused server (SIGCONT to the backends and the postmaster).
-    pub fn resume(&self) -> Result<()> {
-        self.managed_ref()?.process.resume()
-    }
-
-    fn managed(&mut self) -> Result<&mut Managed> {
-        match &mut self.kind {
-            Kind::Managed(m) => Ok(m),
-            Kind::External { .. } => Err(Error::ExternalServer {
-                server: SERVER,
-                env: ENV_URL,
-            }),
-        }
-    }
-
-    fn managed_ref(&self) -> Result<&Managed> {
-        match &self.kind {
-            Kind::Managed(m) => Ok(m),
-            Kind::External { .. } => Err(Error::ExternalServer {
-                server: SERVER,
-                env: ENV_URL,
-            }),
-        }
+fn external() -> Error {
+    Error::ExternalServer {
+        server: SERVER,
+        env: ENV_URL,
     }
 }
 
@@ -406,7 +460,7 @@ async fn wait_ready(process: &mut ServerProcess, url: &str) -> Result<()> {
     }
 }
 
-async fn select_one(url: &str) -> bool {
+pub(crate) async fn select_one(url: &str) -> bool {
     let attempt = async {
         let mut conn = PgConnection::connect(url).await?;
         sqlx::query("SELECT 1").execute(&mut conn).await?;

@@ -1,0 +1,339 @@
+//! The container backend (feature `containers`): one server as one Docker container.
+//!
+//! Containers are started, stopped and removed through testcontainers' `clients::Cli` (see the
+//! pin in Cargo.toml for why that client), which drives the `docker` CLI; the controls it lacks
+//! (SIGKILL, other signals, pause, the host port after a restart, logs) use the same CLI.
+//! Each port is published on a free host port the kit picks (all interfaces, as testcontainers
+//! does; the kit connects through 127.0.0.1), so that Docker binds the same one again when the
+//! container is started after a kill or stop and clients that reconnect find it; the kit still
+//! reads the port back from Docker after every start.
+//!
+//! - [`postgres`]: [`PgContainer`], PostgreSQL in a container with the kit's settings
+//! - [`nats`]: [`NatsContainer`], `nats-server -js` in a container
+
+mod nats;
+mod postgres;
+
+pub(crate) use nats::NatsContainer;
+pub(crate) use postgres::PgContainer;
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use testcontainers::GenericImage;
+use testcontainers::clients::Cli;
+use testcontainers::core::WaitFor;
+use testcontainers::{Container, RunnableImage};
+use tokio::time::Instant;
+
+use crate::{Error, Result, free_port};
+
+/// What a server container is made of.
+pub(crate) struct Spec {
+    /// `name:tag` (a missing tag means `latest`).
+    pub(crate) image: String,
+    /// `"postgres"` or `"nats-server"`, for errors.
+    pub(crate) server: &'static str,
+    /// The container name's prefix; a UUID is appended.
+    pub(crate) name_prefix: &'static str,
+    /// The ports the server listens on inside the container, each published on a free host port.
+    pub(crate) ports: Vec<u16>,
+    pub(crate) env: Vec<(String, String)>,
+    /// Bind mounts: host path, container path.
+    pub(crate) volumes: Vec<(String, String)>,
+    /// The command (the image's entrypoint gets these as arguments).
+    pub(crate) args: Vec<String>,
+}
+
+/// A running (or killed, stopped, paused) server container; dropping it removes the
+/// container (`docker rm -f -v`).
+pub(crate) struct ServerContainer {
+    container: Container<'static, GenericImage>,
+    server: &'static str,
+    image: String,
+}
+
+/// Attempts with new host ports when a chosen one was taken meanwhile.
+const START_ATTEMPTS: usize = 3;
+
+/// One `docker run` of `spec` on freshly picked host ports.
+fn run_once(spec: &Spec) -> Result<Container<'static, GenericImage>> {
+    let (name, tag) = match spec
+        .image
+        .rsplit_once(':')
+        .filter(|(_, t)| !t.contains('/'))
+    {
+        Some((name, tag)) => (name.to_owned(), tag.to_owned()),
+        None => (spec.image.clone(), "latest".to_owned()),
+    };
+    let generic = GenericImage::new(name, tag).with_wait_for(WaitFor::Nothing);
+    let container_name = format!("{}-{}", spec.name_prefix, uuid::Uuid::now_v7().simple());
+    let mut runnable = RunnableImage::from((generic, spec.args.clone()))
+        .with_container_name(container_name.clone());
+    let mut taken = Vec::new();
+    for inside in &spec.ports {
+        let mut host = free_port()?;
+        while taken.contains(&host) {
+            host = free_port()?;
+        }
+        taken.push(host);
+        runnable = runnable.with_mapped_port((host, *inside));
+    }
+    for (key, value) in &spec.env {
+        runnable = runnable.with_env_var((key.clone(), value.clone()));
+    }
+    for (host, inside) in &spec.volumes {
+        runnable = runnable.with_volume((host.clone(), inside.clone()));
+    }
+    // testcontainers 0.15 panics when `docker run` fails, with Docker's words only in its log.
+    // The container was created but not started: starting it again tells why.
+    std::panic::catch_unwind(AssertUnwindSafe(|| cli().run(runnable))).map_err(|panic| {
+        let detail = match docker(&["start", &container_name]) {
+            Err(Error::Container { detail, .. }) if !detail.is_empty() => detail,
+            _ => panic_text(&*panic),
+        };
+        let _ = docker(&["rm", "-f", "-v", &container_name]);
+        Error::Container {
+            what: format!("docker run {}", spec.image),
+            detail,
+        }
+    })
+}
+
+fn is_port_conflict(e: &Error) -> bool {
+    matches!(e, Error::Container { detail, .. }
+        if detail.contains("port is already allocated") || detail.contains("address already in use"))
+}
+
+fn cli() -> &'static Cli {
+    static CLI: OnceLock<Cli> = OnceLock::new();
+    CLI.get_or_init(Cli::default)
+}
+
+impl ServerContainer {
+    /// Runs `spec` detached. The image is pulled first when it is not present, so that a
+    /// registry that cannot be reached is one readable error rather than a panic.
+    pub(crate) async fn run(spec: Spec) -> Result<ServerContainer> {
+        let image = spec.image.clone();
+        tokio::task::spawn_blocking(move || -> Result<ServerContainer> {
+            docker(&["info", "--format", "{{.ServerVersion}}"]).map_err(|e| Error::Container {
+                what: "asking Docker for its version".into(),
+                detail: format!(
+                    "{e} (is a Docker daemon running? `make test-containers` installs and starts one)"
+                ),
+            })?;
+            if docker(&["image", "inspect", "--format", "{{.Id}}", &spec.image]).is_err() {
+                docker(&["pull", "--quiet", &spec.image]).map_err(|e| Error::Container {
+                    what: format!("pulling {}", spec.image),
+                    detail: format!(
+                        "{e} (without a registry, build local images with `make test-containers` or point TESTKIT_POSTGRES_IMAGE / TESTKIT_NATS_IMAGE at images you have)"
+                    ),
+                })?;
+            }
+            let mut last_error = None;
+            for _ in 0..START_ATTEMPTS {
+                match run_once(&spec) {
+                    Ok(container) => {
+                        return Ok(ServerContainer {
+                            container,
+                            server: spec.server,
+                            image: spec.image,
+                        });
+                    }
+                    Err(e) if is_port_conflict(&e) => last_error = Some(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(last_error.unwrap_or(Error::NotRunning {
+                server: spec.server,
+            }))
+        })
+        .await
+        .map_err(|e| Error::Container {
+            what: format!("starting a {image} container"),
+            detail: e.to_string(),
+        })?
+    }
+
+    fn id(&self) -> &str {
+        self.container.id()
+    }
+
+    /// The host port `port` (inside) is published on now: looked up each time, because
+    /// Docker picks new host ports when a container is started again.
+    pub(crate) fn host_port(&self, port: u16) -> Result<u16> {
+        let out = docker(&["port", self.id(), &format!("{port}/tcp")])?;
+        out.lines()
+            .filter_map(|line| line.rsplit_once(':'))
+            .find_map(|(_, p)| p.trim().parse().ok())
+            .ok_or_else(|| Error::Container {
+                what: format!("looking up the host port of {port}/tcp in {}", self.image),
+                detail: format!("docker port printed {out:?}"),
+            })
+    }
+
+    /// True while the container's main process runs (also while it is paused).
+    pub(crate) fn is_running(&self) -> Result<bool> {
+        let out = docker(&["inspect", "--format", "{{.State.Running}}", self.id()])?;
+        Ok(out.trim() == "true")
+    }
+
+    /// SIGKILLs the container's processes; returns once the container has stopped.
+    pub(crate) fn kill(&self) -> Result<()> {
+        if self.is_running()? {
+            // A paused container cannot be killed by signal: unfreeze it first.
+            let _ = docker(&["unpause", self.id()]);
+            // It may have exited meanwhile: only the wait below must succeed.
+            let _ = docker(&["kill", self.id()]);
+        }
+        docker(&["wait", self.id()]).map(drop)
+    }
+
+    /// Sends `signal` (e.g. `SIGINT`) to the container's main process and waits until it has
+    /// exited; SIGKILLs it after `deadline` and fails.
+    pub(crate) async fn stop(&self, signal: &str, deadline: Duration) -> Result<()> {
+        if !self.is_running()? {
+            return Ok(());
+        }
+        docker(&["kill", "--signal", signal, self.id()])?;
+        let start = Instant::now();
+        while self.is_running()? {
+            if start.elapsed() > deadline {
+                self.kill()?;
+                return Err(Error::Timeout {
+                    what: format!("{} to exit after {signal}", self.image),
+                    waited: deadline,
+                    last_error: None,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped container again (same file system, maybe new host ports).
+    pub(crate) fn start(&self) -> Result<()> {
+        // testcontainers' start() waits for `docker start` but does not say whether it worked.
+        self.container.start();
+        if self.is_running()? {
+            Ok(())
+        } else {
+            Err(self.exited_error())
+        }
+    }
+
+    /// Freezes every process of the container (`docker pause`, the cgroup freezer).
+    pub(crate) fn pause(&self) -> Result<()> {
+        docker(&["pause", self.id()]).map(drop)
+    }
+
+    /// Thaws a paused container.
+    pub(crate) fn resume(&self) -> Result<()> {
+        docker(&["unpause", self.id()]).map(drop)
+    }
+
+    /// The error for a container that stopped while the kit waited for it.
+    pub(crate) fn exited_error(&self) -> Error {
+        let status = docker(&[
+            "inspect",
+            "--format",
+            "exit code {{.State.ExitCode}}",
+            self.id(),
+        ])
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| e.to_string());
+        Error::Exited {
+            server: self.server,
+            status: format!("container of {} stopped, {status}", self.image),
+            log_tail: self.log_tail(),
+        }
+    }
+
+    /// The last 40 lines the container printed (stdout and stderr).
+    pub(crate) fn log_tail(&self) -> String {
+        match Command::new("docker")
+            .args(["logs", "--tail", "40", self.id()])
+            .output()
+        {
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => format!("(docker logs failed: {e})"),
+        }
+    }
+}
+
+/// Runs `docker <args>`; its stdout, or [`Error::Container`] with its stderr.
+fn docker(args: &[&str]) -> Result<String> {
+    let what = format!("docker {}", args.join(" "));
+    let output: Output =
+        Command::new("docker")
+            .args(args)
+            .output()
+            .map_err(|e| Error::Container {
+                what: what.clone(),
+                detail: format!(
+                    "{e} (is the docker CLI installed? `make test-containers` installs it)"
+                ),
+            })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(Error::Container {
+            what,
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn panic_text(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "testcontainers panicked".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_image_that_cannot_be_had_is_one_readable_error_and_leaves_nothing() {
+        let image = "outbox-toolkit/no-such-image:0";
+        let Err(error) = ServerContainer::run(Spec {
+            image: image.into(),
+            server: "postgres",
+            name_prefix: "testkit-missing",
+            ports: vec![5432],
+            env: Vec::new(),
+            volumes: Vec::new(),
+            args: Vec::new(),
+        })
+        .await
+        else {
+            panic!("a container started from an image that does not exist");
+        };
+        let text = error.to_string();
+        assert!(
+            text.starts_with(&format!("pulling {image}: "))
+                && text.contains("TESTKIT_POSTGRES_IMAGE"),
+            "{text}"
+        );
+        let left = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            "name=testkit-missing",
+            "--format",
+            "{{.Names}}",
+        ])
+        .expect("docker ps");
+        assert_eq!(left.trim(), "", "no container is left behind");
+    }
+}
