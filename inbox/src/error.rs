@@ -7,15 +7,45 @@ pub enum Error {
     /// A setting is unusable; the message names it and why.
     #[error("invalid consumer configuration: {0}")]
     Config(String),
-    /// The JetStream consumer could not be created, or exists with settings the inbox cannot
-    /// work with (see [`crate::Consumer::ensure`]): the reason names each setting, the value
-    /// found, the value required, and how to fix it.
+    /// The JetStream consumer exists with settings the inbox cannot work with (see
+    /// [`crate::Consumer::ensure`]): the reason names each setting, the value found, the
+    /// value required, and how to fix it.
     #[error("JetStream consumer {consumer}: {reason}")]
     JetStream {
         /// The durable name.
         consumer: String,
         /// What failed.
         reason: String,
+    },
+    /// [`crate::Consumer::ensure`] could not look up the stream (it does not exist, or the
+    /// broker did not answer).
+    #[error("JetStream consumer {consumer}: stream {stream}: {source}")]
+    Stream {
+        /// The durable name.
+        consumer: String,
+        /// The stream's name.
+        stream: String,
+        /// What the broker answered.
+        #[source]
+        source: async_nats::jetstream::context::GetStreamError,
+    },
+    /// [`crate::Consumer::ensure`] could not create or look up the durable.
+    #[error("JetStream consumer {consumer}: {source}")]
+    CreateConsumer {
+        /// The durable name.
+        consumer: String,
+        /// What the broker answered.
+        #[source]
+        source: async_nats::jetstream::stream::ConsumerError,
+    },
+    /// [`crate::Consumer::ensure`] could not read the durable's settings to check them.
+    #[error("JetStream consumer {consumer}: {source}")]
+    ConsumerInfo {
+        /// The durable name.
+        consumer: String,
+        /// What the broker answered.
+        #[source]
+        source: async_nats::jetstream::context::ConsumerInfoError,
     },
     /// A task of the running consumer (a lane, the inbox cleaner or the `dlq retry` runner)
     /// ended without being asked to, for instance by panicking outside a handler (a handler's

@@ -36,7 +36,22 @@
 //!   [`typed_batch`] for handlers that take a whole batch at once.
 //! - [`router`]: [`Router`], one consumer dispatching several event types to typed handlers.
 //! - [`layer`]: composable handler middleware ([`Layer`]): logging, timing, rate limiting.
-//! - [`consumer`]: [`Consumer`], the runtime (strict and batched modes, lanes, shutdown).
+//! - [`consumer`]: [`Consumer`], the runtime (strict and batched modes, lanes, shutdown):
+//!   - `consumer/mod.rs`: [`Consumer`]'s constructors and settings, and [`Consumer::run`],
+//!     which starts the tasks and stops them;
+//!   - `provision.rs`: [`Consumer::ensure`], creating or checking the durable;
+//!   - `pull.rs`: the reader, pulling messages and routing each to a lane by partition key;
+//!   - `supervised.rs`: the consumer's tasks by name, and why one ended;
+//!   - `lane.rs`: lanes, their connection, progress acks and replies to the broker;
+//!   - `transaction.rs`: one message in a transaction: reading it, its inbox row, COMMIT;
+//!   - `batch.rs`: batched mode: the fast path, and a savepoint per message;
+//!   - `call.rs`: calling a handler: timeout, panic, span, latency;
+//!   - `failure.rs`: why an attempt failed, error classification, retry or park;
+//!   - `dead_letter.rs`: parking a message in `dead_letter`, in a savepoint;
+//!   - `trace.rs`: the handler span, continuing the producer's trace;
+//!   - `maintenance/cleaner.rs`: deleting old inbox and attempt rows;
+//!   - `maintenance/dlq_retry.rs`: running `dlq retry` requests from the parked bytes;
+//!   - `maintenance/connection.rs`: their connection, closed unless its last step succeeded.
 //! - [`store`]: all SQL on `inbox_message` and `inbox_attempt`.
 //! - [`health`]: [`Health`], what readiness reports (consuming, database and broker up).
 //! - [`metrics`]: metric names.

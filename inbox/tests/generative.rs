@@ -51,7 +51,7 @@
 //!
 //! `make test` runs the fixed seeds below; `make fuzz SEEDS=200` runs that many more from a
 //! random start (`INBOX_FUZZ_SEEDS=N`, `INBOX_FUZZ_START=s`). A failure prints its seed:
-//! `INBOX_FUZZ_SEED=<seed> cargo test -p inbox --test generative -- --nocapture` replays it
+//! `INBOX_FUZZ_SEED=<seed> cargo test -p outbox-toolkit-inbox --test generative -- --nocapture` replays it
 //! (the same scenario, publications, scripts and fault schedule; the interleaving still
 //! depends on timing).
 
@@ -1500,7 +1500,7 @@ async fn generated_histories_take_effect_once_and_park_what_must_fail() {
     if let Some((seed, failure)) = failed.first() {
         let all: Vec<String> = failed.iter().map(|(s, _)| s.to_string()).collect();
         panic!(
-            "inbox fuzz: {} of {} seeds failed ({}); first: seed {seed} (replay: INBOX_FUZZ_SEED={seed} cargo test -p inbox --test generative -- --nocapture)\n  {failure}",
+            "inbox fuzz: {} of {} seeds failed ({}); first: seed {seed} (replay: INBOX_FUZZ_SEED={seed} cargo test -p outbox-toolkit-inbox --test generative -- --nocapture)\n  {failure}",
             failed.len(),
             seeds.len(),
             all.join(", ")

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // Each test binary uses a part.
 
+pub(crate) mod consume;
+
 use std::time::Duration;
 
 use async_nats::jetstream;
