@@ -5,6 +5,7 @@
 //! - [`store`]: all SQL on `dead_letter`; [`store::record`] parks a message, in the caller's
 //!   transaction, so that moving a message here and removing it from where it was commit
 //!   together.
+//! - [`reason`]: the `dead_letter.reason` values the toolkit writes, as constants.
 //! - [`DeadLetter`]: a parked message as written; [`Source`]: who parked it.
 //! - [`retry_to_outbox`]: a relay dead letter goes back to the outbox.
 //!
@@ -14,6 +15,7 @@
 //! new status; no other consumer sees it again, however long after the original publish);
 //! a relay dead letter returns to the outbox with its original id.
 
+pub mod reason;
 pub mod store;
 
 use serde::Serialize;
@@ -56,8 +58,8 @@ pub struct DeadLetter {
     pub headers: serde_json::Map<String, serde_json::Value>,
     /// The original payload bytes.
     pub payload: Vec<u8>,
-    /// A short machine-readable cause, e.g. `no_stream`, `payload_too_large`, `decode`,
-    /// `handler`, `attempts_exhausted`.
+    /// A short machine-readable cause: one of [`reason`]'s constants (e.g. `no_stream`,
+    /// `decode`, `attempts_exhausted`) or a handler's own.
     pub reason: String,
     /// The error and its causes, outermost first.
     pub error_chain: Vec<String>,

@@ -238,37 +238,23 @@ const EARLIEST: OffsetDateTime = datetime!(0001-01-01 0:00 UTC);
 
 /// Why an age such as `2h` was refused.
 enum AgeError {
-    /// Not digits followed by s, m, h or d.
+    /// Not a duration ([`outbox::duration::parse`]: digits and ms, s, m, h or d).
     Malformed,
     /// Well formed, but reaching back before [`EARLIEST`] (or overflowing on the way).
     TooFar,
 }
 
-/// The time `text` (digits and a unit: s, m, h or d) before now. Never panics: the
-/// multiplication and the subtraction are checked.
+/// The time `text` (a duration as the relay's flags take it: `30m`, `2h`, `7d`) before now.
+/// Never panics: the conversion and the subtraction are checked.
 fn age_ago(text: &str) -> Result<OffsetDateTime, AgeError> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let unit_secs: u64 = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(AgeError::Malformed),
-    };
-    if digits.is_empty() {
-        return Err(AgeError::Malformed);
-    }
-    // All ASCII digits: parsing fails only when the number is too large for a u64.
-    let n: u64 = digits.parse().map_err(|_| AgeError::TooFar)?;
-    let secs = n
-        .checked_mul(unit_secs)
-        .and_then(|s| i64::try_from(s).ok())
-        .ok_or(AgeError::TooFar)?;
+    use outbox::duration::{DurationError, parse};
+    let age = parse(text).map_err(|e| match e {
+        DurationError::TooLarge { .. } => AgeError::TooFar,
+        _ => AgeError::Malformed,
+    })?;
+    let age = time::Duration::try_from(age).map_err(|_| AgeError::TooFar)?;
     OffsetDateTime::now_utc()
-        .checked_sub(time::Duration::seconds(secs))
+        .checked_sub(age)
         .filter(|t| *t >= EARLIEST)
         .ok_or(AgeError::TooFar)
 }

@@ -79,7 +79,7 @@ impl HandlerError {
     /// Dead-letter now with reason `handler`.
     pub fn permanent(error: impl Into<BoxError>) -> Self {
         HandlerError::Permanent {
-            reason: "handler".into(),
+            reason: dlq::reason::HANDLER.into(),
             error: error.into(),
         }
     }
@@ -172,7 +172,7 @@ fn decode<E: Event>(delivery: &Delivery) -> Result<E, HandlerError> {
     delivery
         .envelope
         .decode_event::<E>()
-        .map_err(|e| HandlerError::permanent_because("decode", e))
+        .map_err(|e| HandlerError::permanent_because(dlq::reason::DECODE, e))
 }
 
 struct Typed<E, H> {

@@ -112,7 +112,7 @@ impl RawHandler for Router {
                 let event_type = delivery.envelope.event_type.to_string();
                 Box::pin(async move {
                     Err(HandlerError::permanent_because(
-                        "unrouted",
+                        dlq::reason::UNROUTED,
                         format!("no handler for event type {event_type}"),
                     ))
                 })

@@ -23,17 +23,22 @@
 //! ```
 //!
 //! # Layout
+//! - [`backoff`]: retry delays (exponential with jitter), for the relay and the inbox.
 //! - [`config`]: [`OutboxConfig`], the producer settings, with `validate()`.
 //! - [`deadline`]: database steps with a deadline ([`deadline::within`]), for the relay and
 //!   the inbox.
+//! - [`duration`]: durations as operators write them (`5s`, `2m`, `7d`), for the relay's
+//!   flags and the `dlq` CLI.
 //! - [`message`]: [`Message`], a raw or typed message before validation.
 //! - [`outbox`](mod@outbox): [`Outbox`], validation and the enqueue API.
 //! - [`store`]: all SQL on `outbox_message` issued by producers.
 //! - [`trace`]: capture of the current span's W3C trace context.
 //! - [`error`]: [`Error`], one variant per cause.
 
+pub mod backoff;
 pub mod config;
 pub mod deadline;
+pub mod duration;
 pub mod error;
 pub mod message;
 pub mod outbox;

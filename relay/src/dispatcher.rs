@@ -544,7 +544,7 @@ impl<P: Publisher> Dispatcher<P> {
                 Err(e) => {
                     let dead = Dead {
                         id: row.claimed.id,
-                        reason: "invalid_row",
+                        reason: dlq::reason::INVALID_ROW,
                         error: e.to_string(),
                         attempts: row.claimed.attempts.saturating_add(1),
                     };

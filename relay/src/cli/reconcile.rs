@@ -51,5 +51,9 @@ fn parse_since(text: &str) -> anyhow::Result<time::OffsetDateTime> {
     }
     let age = parse_duration(text)
         .map_err(|e| anyhow::anyhow!("--since: {e}; or give an RFC 3339 time"))?;
-    Ok(time::OffsetDateTime::now_utc() - age)
+    // Checked: an age from the command line must not overflow into a panic.
+    time::Duration::try_from(age)
+        .ok()
+        .and_then(|age| time::OffsetDateTime::now_utc().checked_sub(age))
+        .ok_or_else(|| anyhow::anyhow!("--since {text:?} reaches back too far"))
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use envelope::nats::{CE_PARTITIONKEY, CE_SOURCE, CE_TYPE};
 use outbox::deadline::{is_timeout, within};
 use outbox::store::{self as outbox_store, Failure, Published};
 use sqlx::PgPool;
@@ -194,9 +194,9 @@ async fn dead_letter_one(conn: &mut sqlx::PgConnection, why: &Dead) -> Result<()
             _ => {
                 let mut headers = row.headers.as_object().cloned().unwrap_or_default();
                 for (name, value) in [
-                    ("ce-type", Some(row.event_type.clone())),
-                    ("ce-source", Some(row.source.clone())),
-                    ("ce-partitionkey", Some(row.partition_key.clone())),
+                    (CE_TYPE, Some(row.event_type.clone())),
+                    (CE_SOURCE, Some(row.source.clone())),
+                    (CE_PARTITIONKEY, Some(row.partition_key.clone())),
                 ] {
                     if let Some(value) = value {
                         headers.insert(name.to_owned(), serde_json::Value::String(value));
@@ -232,21 +232,15 @@ async fn dead_letter_one(conn: &mut sqlx::PgConnection, why: &Dead) -> Result<()
 }
 
 /// The backoff of the relay's retries: `retry_min_delay` doubling up to `retry_max_delay`,
-/// with jitter, without end.
+/// with jitter, without end ([`outbox::backoff::exponential`]).
 pub(super) fn backoff(config: &RelayConfig) -> backon::ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(config.retry_min_delay)
-        .with_max_delay(config.retry_max_delay)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
+    outbox::backoff::exponential(config.retry_min_delay, config.retry_max_delay)
 }
 
-/// The delay before retry `attempts` (1-based) of one row: exponential with jitter.
+/// The delay before retry `attempts` (1-based) of one row ([`outbox::backoff::delay`]).
 pub(super) fn retry_delay(config: &RelayConfig, attempts: i32) -> Duration {
-    let n = usize::try_from(attempts.max(1) - 1).unwrap_or(0).min(64);
-    backoff(config).nth(n).unwrap_or(config.retry_max_delay)
+    let attempt = u32::try_from(attempts).unwrap_or(1);
+    outbox::backoff::delay(config.retry_min_delay, config.retry_max_delay, attempt)
 }
 
 #[cfg(test)]

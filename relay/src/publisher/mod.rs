@@ -79,11 +79,11 @@ impl PublishErrorKind {
     /// `payload_too_large`, `rejected`.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Unavailable => "unavailable",
-            Self::Timeout => "timeout",
-            Self::NoStream => "no_stream",
-            Self::TooLarge => "payload_too_large",
-            Self::Rejected => "rejected",
+            Self::Unavailable => dlq::reason::UNAVAILABLE,
+            Self::Timeout => dlq::reason::TIMEOUT,
+            Self::NoStream => dlq::reason::NO_STREAM,
+            Self::TooLarge => dlq::reason::PAYLOAD_TOO_LARGE,
+            Self::Rejected => dlq::reason::REJECTED,
         }
     }
 }
