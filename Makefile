@@ -13,21 +13,21 @@ help: ## List the targets
 DEMO_NEEDS := $(if $(and $(DATABASE_URL),$(NATS_URL)),,tools)
 
 demo: $(DEMO_NEEDS) ## Build, start PostgreSQL, nats-server, the 3 services and 2 relays, run the saga, print what happened
-	$(CARGO) build --locked -q -p demo-services -p demo-runner -p relay --bins
+	$(CARGO) build --locked -q -p demo-services -p demo-runner -p outbox-toolkit-relay --bins
 	$(CARGO) run --locked -q -p demo-runner --bin demo -- run
 
 up: $(DEMO_NEEDS) ## Start the demo stack on ports 3001-3003 in the foreground (ctrl-c stops it)
-	$(CARGO) build --locked -q -p demo-services -p demo-runner -p relay --bins
+	$(CARGO) build --locked -q -p demo-services -p demo-runner -p outbox-toolkit-relay --bins
 	$(CARGO) run --locked -q -p demo-runner --bin demo -- up
 
 CHAOS_ARGS ?=
 
 chaos: tools ## Kill the broker, relays, services and PostgreSQL mid-flow under load; check nothing is lost, doubled or reordered, in the tables and the stream (CHAOS_ARGS="--seed 7 --orders 1000 --rate 20 --keys 1500 --hot 1500")
-	$(CARGO) build --locked -q -p demo-services -p demo-runner -p relay --bins
+	$(CARGO) build --locked -q -p demo-services -p demo-runner -p outbox-toolkit-relay --bins
 	$(CARGO) run --locked -q -p demo-runner --bin chaos -- $(CHAOS_ARGS)
 
 chaos-cluster: tools ## The same on a 3-node JetStream cluster with an R3 stream: SIGKILL the stream leader, then a follower
-	$(CARGO) build --locked -q -p demo-services -p demo-runner -p relay --bins
+	$(CARGO) build --locked -q -p demo-services -p demo-runner -p outbox-toolkit-relay --bins
 	$(CARGO) run --locked -q -p demo-runner --bin chaos -- --cluster --dir target/chaos-cluster $(CHAOS_ARGS)
 
 tools: ## Install what is missing: PostgreSQL (apt-get when root) and nats-server 2.15.1 into .tools/bin
@@ -45,15 +45,15 @@ CONTAINERS := TESTKIT_BACKEND=containers TESTKIT_POSTGRES_IMAGE=$(TESTKIT_POSTGR
 test-containers: tools ## Install Docker when missing (root), start dockerd, build the local images once, run the test kit, a relay and an inbox suite on containers
 	@tools/docker.sh
 	@TESTKIT_POSTGRES_IMAGE=$(TESTKIT_POSTGRES_IMAGE) TESTKIT_NATS_IMAGE=$(TESTKIT_NATS_IMAGE) tools/images.sh
-	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p testkit --features containers --lib --test containers --test postgres --test nats --test proxy
-	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p relay --features testkit/containers --test drain
-	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p inbox --features testkit/containers --test guarantees
+	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p outbox-toolkit-testkit --features containers --lib --test containers --test postgres --test nats --test proxy
+	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p outbox-toolkit-relay --features testkit/containers --test drain
+	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p outbox-toolkit-inbox --features testkit/containers --test guarantees
 
 SEEDS ?= 200
 
 fuzz: tools ## Run the generative suites on SEEDS random seeds (default 200); a failure prints its seed to replay (RELAY_FUZZ_SEED=N, INBOX_FUZZ_SEED=N)
-	RELAY_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p relay --test generative -- --nocapture
-	INBOX_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p inbox --test generative -- --nocapture
+	RELAY_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p outbox-toolkit-relay --test generative -- --nocapture
+	INBOX_FUZZ_SEEDS=$(SEEDS) $(CARGO) test --locked -p outbox-toolkit-inbox --test generative -- --nocapture
 
 lint: ## cargo fmt --check, cargo clippy --all-targets -- -D warnings, and the docs with -D warnings (broken links)
 	$(CARGO) fmt --all -- --check

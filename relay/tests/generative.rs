@@ -20,7 +20,7 @@
 //!   the broker did not inject (no spurious timeouts, no attempts on rows never failed).
 //!
 //! `make test` runs the fixed seeds below; `make fuzz SEEDS=200` runs that many more from a
-//! random start. A failure prints its seed: `RELAY_FUZZ_SEED=<seed> cargo test -p relay --test
+//! random start. A failure prints its seed: `RELAY_FUZZ_SEED=<seed> cargo test -p outbox-toolkit-relay --test
 //! generative -- --nocapture` replays it.
 
 use std::collections::{HashMap, HashSet};
@@ -929,7 +929,7 @@ async fn generated_histories_are_exactly_once_in_key_order_and_make_progress() {
     if let Some((seed, failure)) = failed.first() {
         let all: Vec<String> = failed.iter().map(|(s, _)| s.to_string()).collect();
         panic!(
-            "relay fuzz: {} of {} seeds failed ({}); first: seed {seed} (replay: RELAY_FUZZ_SEED={seed} cargo test -p relay --test generative -- --nocapture)\n  {failure}",
+            "relay fuzz: {} of {} seeds failed ({}); first: seed {seed} (replay: RELAY_FUZZ_SEED={seed} cargo test -p outbox-toolkit-relay --test generative -- --nocapture)\n  {failure}",
             failed.len(),
             seeds.len(),
             all.join(", ")
@@ -1109,7 +1109,7 @@ async fn generated_histories_on_the_real_broker() {
     }
     if let Some((seed, failure)) = failed.first() {
         panic!(
-            "relay fuzz on the real broker: {} of {} seeds failed; first: seed {seed} (replay: RELAY_FUZZ_SEED={seed} cargo test -p relay --test generative generated_histories_on_the_real_broker -- --nocapture)\n  {failure}",
+            "relay fuzz on the real broker: {} of {} seeds failed; first: seed {seed} (replay: RELAY_FUZZ_SEED={seed} cargo test -p outbox-toolkit-relay --test generative generated_histories_on_the_real_broker -- --nocapture)\n  {failure}",
             failed.len(),
             seeds.len()
         );

@@ -213,7 +213,7 @@ impl Stack {
         }
         if !options.relay_bin.exists() {
             bail!(
-                "{} is missing: run `cargo build -p relay`",
+                "{} is missing: run `cargo build -p outbox-toolkit-relay`",
                 options.relay_bin.display()
             );
         }

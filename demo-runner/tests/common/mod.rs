@@ -31,16 +31,16 @@ pub fn relay_bin() -> PathBuf {
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut build = Command::new(cargo);
-            build.args(["build", "-p", "demo-services", "-p", "relay", "--bins"]);
+            build.args(["build", "-p", "demo-services", "-p", "outbox-toolkit-relay", "--bins"]);
             if bin_dir().file_name().is_some_and(|d| d == "release") {
                 build.arg("--release");
             }
             let status = build
                 .status()
-                .expect("run cargo build -p demo-services -p relay --bins");
+                .expect("run cargo build -p demo-services -p outbox-toolkit-relay --bins");
             assert!(
                 status.success(),
-                "cargo build -p demo-services -p relay --bins failed"
+                "cargo build -p demo-services -p outbox-toolkit-relay --bins failed"
             );
             bin_dir().join("relay")
         })
