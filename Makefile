@@ -40,7 +40,8 @@ test: tools ## Install what is missing, then run every test against real Postgre
 # Docker can pull (TESTKIT_POSTGRES_IMAGE=postgres:18 TESTKIT_NATS_IMAGE=nats:2.15.1).
 TESTKIT_POSTGRES_IMAGE ?= outbox-toolkit/postgres:15-bookworm
 TESTKIT_NATS_IMAGE ?= outbox-toolkit/nats:2.15.1
-CONTAINERS := TESTKIT_BACKEND=containers TESTKIT_POSTGRES_IMAGE=$(TESTKIT_POSTGRES_IMAGE) TESTKIT_NATS_IMAGE=$(TESTKIT_NATS_IMAGE)
+# DATABASE_URL / NATS_URL would win over the backend: unset them here.
+CONTAINERS := env -u DATABASE_URL -u NATS_URL TESTKIT_BACKEND=containers TESTKIT_POSTGRES_IMAGE=$(TESTKIT_POSTGRES_IMAGE) TESTKIT_NATS_IMAGE=$(TESTKIT_NATS_IMAGE)
 
 test-containers: tools ## Install Docker when missing (root), start dockerd, build the local images once, run the test kit, a relay and an inbox suite on containers
 	@tools/docker.sh

@@ -35,7 +35,12 @@ if [ -z "$want_pg" ] && [ -z "$want_nats" ]; then
     exit 0
 fi
 [ "$(id -u)" -eq 0 ] || fail "building the local images needs root (debootstrap): run \`sudo make test-containers\`, or set TESTKIT_POSTGRES_IMAGE / TESTKIT_NATS_IMAGE to images you can pull"
-command -v debootstrap >/dev/null 2>&1 || fail "debootstrap is missing: run tools/docker.sh first"
+if ! command -v debootstrap >/dev/null 2>&1; then
+    say "installing debootstrap with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends debootstrap >/dev/null
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -20,8 +20,8 @@ pub enum Backend {
     Process,
     /// Docker containers through the `testcontainers` crate (feature `containers`), from the
     /// images named by `TESTKIT_POSTGRES_IMAGE` / `TESTKIT_NATS_IMAGE` (defaults: the official
-    /// `postgres:18` and `nats:2.15.1` images). Ports are published on loopback and looked up
-    /// again after a restart, where they may change.
+    /// `postgres:18` and `nats:2.15.1` images). Each port is published on a free host port
+    /// that stays the same across restarts.
     Containers,
 }
 
@@ -36,7 +36,7 @@ impl Backend {
         };
         if backend == Backend::Containers && !cfg!(feature = "containers") {
             return Err(Error::Backend {
-                reason: "the container backend needs testkit's `containers` feature (cargo test --features testkit/containers)".into(),
+                reason: "the container backend needs the `containers` feature of outbox-toolkit-testkit (e.g. `cargo test --features outbox-toolkit-testkit/containers`)".into(),
             });
         }
         Ok(backend)

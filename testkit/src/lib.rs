@@ -7,8 +7,8 @@
 //! The same servers can run as Docker containers instead (feature `containers`, through the
 //! `testcontainers` crate): per call with [`PostgresConfig::backend`] /
 //! [`NatsServerConfig::backend`], or for a whole run with `TESTKIT_BACKEND=containers`; the
-//! controls are the same, and a restarted container may come back on another host port
-//! (read [`Postgres::url`] / [`NatsServer::url`] again). Images: `TESTKIT_POSTGRES_IMAGE`,
+//! controls are the same, and a container keeps its host ports across restarts. Images:
+//! `TESTKIT_POSTGRES_IMAGE`,
 //! `TESTKIT_NATS_IMAGE` (defaults `postgres:18`, `nats:2.15.1`).
 //!
 //! Layout:
@@ -18,8 +18,8 @@
 //! - `process`: [`Process`], [`ProcessSpec`] — any program (a service, a relay) as a child that
 //!   can be SIGKILLed, SIGTERMed, paused and restarted, and whether it listens on a port
 //! - `proxy`: [`TcpProxy`] — latency, stall and cut between a client and a server
-//! - `wait`: [`wait_until`] and [`wait_for`] (poll a condition, or a fallible one, with a
-//!   deadline) and [`free_port`]
+//! - `wait`: [`wait_until`], [`wait_for`] and [`wait_for_every`] (poll a condition, or a
+//!   fallible one, with a deadline) and [`free_port`]
 //! - `backend`: [`Backend`] (process or containers) and `TESTKIT_BACKEND`
 //! - `containers` (private, feature `containers`): a server as a container, its controls
 //!   through testcontainers and the `docker` CLI; PostgreSQL and nats-server images' settings
@@ -58,4 +58,4 @@ pub use nats::{NatsServer, NatsServerConfig, find_nats_server};
 pub use postgres::{Postgres, PostgresConfig, find_postgres_bin_dir};
 pub use process::{Process, ProcessSpec};
 pub use proxy::TcpProxy;
-pub use wait::{free_port, wait_for, wait_until};
+pub use wait::{free_port, wait_for, wait_for_every, wait_until};

@@ -277,8 +277,7 @@ impl NatsServer {
     }
 
     /// The client listener's address; e.g. the upstream of a [`TcpProxy`](crate::TcpProxy).
-    /// Stable across [`restart`](Self::restart) for a process; a container may be published
-    /// on another host port after a restart, so read it (and [`url`](Self::url)) again.
+    /// Stable across [`restart`](Self::restart), for a process and a container alike.
     pub fn addr(&self) -> SocketAddr {
         match &self.kind {
             Kind::External { addr, .. } => *addr,
@@ -326,8 +325,7 @@ impl NatsServer {
     /// Starts the server again with the same ports, flags and store directory (a running one
     /// is stopped first) and waits until `/healthz` answers 200 (30 s deadline). Clients with
     /// reconnect enabled (async-nats' default) reconnect by themselves. A container is started
-    /// again with its store and looked up again: its ports may change, and clients must then
-    /// be given the new [`url`](Self::url).
+    /// again with its store on the same host ports.
     pub async fn restart(&mut self) -> Result<()> {
         match self.controlled()? {
             Controlled::Process(m) => m.restart().await,

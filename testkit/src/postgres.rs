@@ -199,8 +199,7 @@ impl Postgres {
     }
 
     /// The server's TCP address; e.g. the upstream of a [`TcpProxy`](crate::TcpProxy).
-    /// Stable across [`restart`](Self::restart) for a process; a container may be published
-    /// on another host port after a restart, so read it (and [`url`](Self::url)) again.
+    /// Stable across [`restart`](Self::restart), for a process and a container alike.
     pub fn addr(&self) -> SocketAddr {
         match &self.kind {
             Kind::External { addr, .. } => *addr,
@@ -266,7 +265,7 @@ impl Postgres {
     /// answers `SELECT 1` (30 s deadline). A running server is first stopped fast; after
     /// [`kill`](Self::kill) the stale lock files are removed (all old processes are gone by
     /// then) so that PostgreSQL cannot mistake a reused pid for a live postmaster. A container
-    /// is started again with its file system and looked up again: its port may change.
+    /// is started again with its file system on the same host port.
     pub async fn restart(&mut self) -> Result<()> {
         match self.controlled()? {
             Controlled::Process(m) => m.restart().await,

@@ -42,14 +42,55 @@ where
 /// `condition` is evaluated at least once, and once more close to the deadline before giving
 /// up; between evaluations it waits 5 ms, doubling up to 100 ms; it uses tokio time, so it also
 /// works (in virtual time) under `tokio::time::pause()`.
-pub async fn wait_for<T, E, F, Fut>(deadline: Duration, what: &str, mut condition: F) -> Result<T>
+pub async fn wait_for<T, E, F, Fut>(deadline: Duration, what: &str, condition: F) -> Result<T>
+where
+    E: Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, E>>,
+{
+    poll(
+        deadline,
+        what,
+        Duration::from_millis(5),
+        MAX_DELAY,
+        condition,
+    )
+    .await
+}
+
+/// [`wait_for`] with a fixed pause of `every` between evaluations instead of the growing
+/// one: for a condition that costs the thing awaited something each time (an HTTP request
+/// to a service under faults, a new connection), so that waiting does not add load.
+pub async fn wait_for_every<T, E, F, Fut>(
+    deadline: Duration,
+    every: Duration,
+    what: &str,
+    condition: F,
+) -> Result<T>
+where
+    E: Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>, E>>,
+{
+    poll(deadline, what, every, every, condition).await
+}
+
+const MAX_DELAY: Duration = Duration::from_millis(100);
+
+async fn poll<T, E, F, Fut>(
+    deadline: Duration,
+    what: &str,
+    first_delay: Duration,
+    max_delay: Duration,
+    mut condition: F,
+) -> Result<T>
 where
     E: Display,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, E>>,
 {
     let start = Instant::now();
-    let mut delay = Duration::from_millis(5);
+    let mut delay = first_delay;
     let mut last_error = None;
     loop {
         match condition().await {
@@ -66,7 +107,7 @@ where
             });
         }
         tokio::time::sleep(delay.min(deadline - elapsed)).await;
-        delay = (delay * 2).min(Duration::from_millis(100));
+        delay = (delay * 2).min(max_delay);
     }
 }
 

@@ -38,7 +38,7 @@ async fn a_postgres_container_keeps_its_data_through_kill_and_restart_and_goes_o
         .expect("start a postgres container");
     let names = containers_publishing(pg.port());
     assert!(
-        names.len() == 1 && names[0].starts_with("testkit-postgres-"),
+        names.len() == 1 && names[0].starts_with("testkit-postgres."),
         "one testkit container publishes port {}: {names:?}",
         pg.port()
     );
@@ -121,7 +121,7 @@ async fn a_nats_container_serves_jetstream_and_honours_max_payload() {
     .expect("start a nats container");
     let names = containers_publishing(nats.port());
     assert!(
-        names.len() == 1 && names[0].starts_with("testkit-nats-"),
+        names.len() == 1 && names[0].starts_with("testkit-nats."),
         "one testkit container publishes port {}: {names:?}",
         nats.port()
     );

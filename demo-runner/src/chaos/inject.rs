@@ -11,8 +11,9 @@ use crate::stack::Stack;
 /// The names of the saga stream's leader and followers, as the cluster reports them
 /// (asking again for up to 30 s while a new leader is being elected).
 async fn stream_placement(stack: &Stack) -> anyhow::Result<(String, Vec<String>)> {
-    let placement = testkit::wait_for(
+    let placement = testkit::wait_for_every(
         Duration::from_secs(30),
+        Duration::from_millis(500),
         "the cluster to report the stream's placement",
         || async { try_stream_placement(stack).await.map(Some) },
     )

@@ -42,8 +42,9 @@ async fn place(
     });
     let url = format!("{}/orders", urls.order);
     let remaining = deadline.saturating_duration_since(Instant::now());
-    testkit::wait_for(
+    testkit::wait_for_every(
         remaining,
+        Duration::from_millis(250),
         &format!("the order of {user} to be accepted"),
         || async {
             match client::post_json(&url, &body).await {

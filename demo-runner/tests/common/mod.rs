@@ -31,7 +31,14 @@ pub fn relay_bin() -> PathBuf {
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut build = Command::new(cargo);
-            build.args(["build", "-p", "demo-services", "-p", "outbox-toolkit-relay", "--bins"]);
+            build.args([
+                "build",
+                "-p",
+                "demo-services",
+                "-p",
+                "outbox-toolkit-relay",
+                "--bins",
+            ]);
             if bin_dir().file_name().is_some_and(|d| d == "release") {
                 build.arg("--release");
             }

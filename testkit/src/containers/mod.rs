@@ -3,14 +3,17 @@
 //! Containers are started, stopped and removed through testcontainers' `clients::Cli` (see the
 //! pin in Cargo.toml for why that client), which drives the `docker` CLI; the controls it lacks
 //! (SIGKILL, other signals, pause, the host port after a restart, logs) use the same CLI.
-//! Each port is published on a free host port the kit picks (all interfaces, as testcontainers
-//! does; the kit connects through 127.0.0.1), so that Docker binds the same one again when the
-//! container is started after a kill or stop and clients that reconnect find it; the kit still
-//! reads the port back from Docker after every start.
+//! Each port is published on a free host port the kit picks (on every interface unless the
+//! daemon's default bind address says otherwise: tools/docker.sh starts it with
+//! `--ip=127.0.0.1`), so that Docker binds the same one again when the container is started
+//! after a kill or stop and clients that reconnect find it; the kit reads the port back from
+//! Docker after every start.
 //!
+//! - [`docker`]: the `docker` CLI, container names, removal of orphans
 //! - [`postgres`]: [`PgContainer`], PostgreSQL in a container with the kit's settings
 //! - [`nats`]: [`NatsContainer`], `nats-server -js` in a container
 
+mod docker;
 mod nats;
 mod postgres;
 
@@ -18,8 +21,8 @@ pub(crate) use nats::NatsContainer;
 pub(crate) use postgres::PgContainer;
 
 use std::any::Any;
+use std::mem::ManuallyDrop;
 use std::panic::AssertUnwindSafe;
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -29,6 +32,7 @@ use testcontainers::core::WaitFor;
 use testcontainers::{Container, RunnableImage};
 use tokio::time::Instant;
 
+use self::docker::{container_name, docker, docker_async, remove_orphans};
 use crate::{Error, Result, free_port};
 
 /// What a server container is made of.
@@ -37,7 +41,7 @@ pub(crate) struct Spec {
     pub(crate) image: String,
     /// `"postgres"` or `"nats-server"`, for errors.
     pub(crate) server: &'static str,
-    /// The container name's prefix; a UUID is appended.
+    /// The container name's prefix (`testkit-...`); the owner and a UUID are appended.
     pub(crate) name_prefix: &'static str,
     /// The ports the server listens on inside the container, each published on a free host port.
     pub(crate) ports: Vec<u16>,
@@ -49,11 +53,19 @@ pub(crate) struct Spec {
 }
 
 /// A running (or killed, stopped, paused) server container; dropping it removes the
-/// container (`docker rm -f -v`).
+/// container (`docker rm -f -v`, errors ignored: a drop never panics).
 pub(crate) struct ServerContainer {
-    container: Container<'static, GenericImage>,
+    /// Never dropped: testcontainers 0.15 asserts in its Drop that the removal worked, which
+    /// would abort a test that is already unwinding; ours ignores a failed removal.
+    container: ManuallyDrop<Container<'static, GenericImage>>,
     server: &'static str,
     image: String,
+}
+
+impl Drop for ServerContainer {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", "-v", self.container.id()]);
+    }
 }
 
 /// Attempts with new host ports when a chosen one was taken meanwhile.
@@ -70,7 +82,7 @@ fn run_once(spec: &Spec) -> Result<Container<'static, GenericImage>> {
         None => (spec.image.clone(), "latest".to_owned()),
     };
     let generic = GenericImage::new(name, tag).with_wait_for(WaitFor::Nothing);
-    let container_name = format!("{}-{}", spec.name_prefix, uuid::Uuid::now_v7().simple());
+    let container_name = container_name(spec.name_prefix);
     let mut runnable = RunnableImage::from((generic, spec.args.clone()))
         .with_container_name(container_name.clone());
     let mut taken = Vec::new();
@@ -125,6 +137,7 @@ impl ServerContainer {
                     "{e} (is a Docker daemon running? `make test-containers` installs and starts one)"
                 ),
             })?;
+            remove_orphans();
             if docker(&["image", "inspect", "--format", "{{.Id}}", &spec.image]).is_err() {
                 docker(&["pull", "--quiet", &spec.image]).map_err(|e| Error::Container {
                     what: format!("pulling {}", spec.image),
@@ -138,7 +151,7 @@ impl ServerContainer {
                 match run_once(&spec) {
                     Ok(container) => {
                         return Ok(ServerContainer {
-                            container,
+                            container: ManuallyDrop::new(container),
                             server: spec.server,
                             image: spec.image,
                         });
@@ -162,10 +175,10 @@ impl ServerContainer {
         self.container.id()
     }
 
-    /// The host port `port` (inside) is published on now: looked up each time, because
-    /// Docker picks new host ports when a container is started again.
-    pub(crate) fn host_port(&self, port: u16) -> Result<u16> {
-        let out = docker(&["port", self.id(), &format!("{port}/tcp")])?;
+    /// The host port `port` (inside) is published on, read back from Docker: the one the
+    /// kit picked at `docker run`, which Docker binds again on every start.
+    pub(crate) async fn host_port(&self, port: u16) -> Result<u16> {
+        let out = docker_async(&["port", self.id(), &format!("{port}/tcp")]).await?;
         out.lines()
             .filter_map(|line| line.rsplit_once(':'))
             .find_map(|(_, p)| p.trim().parse().ok())
@@ -176,31 +189,28 @@ impl ServerContainer {
     }
 
     /// True while the container's main process runs (also while it is paused).
-    pub(crate) fn is_running(&self) -> Result<bool> {
-        let out = docker(&["inspect", "--format", "{{.State.Running}}", self.id()])?;
+    pub(crate) async fn is_running(&self) -> Result<bool> {
+        let out = docker_async(&["inspect", "--format", "{{.State.Running}}", self.id()]).await?;
         Ok(out.trim() == "true")
     }
 
-    /// SIGKILLs the container's processes; returns once the container has stopped.
+    /// SIGKILLs the container's processes (a paused container too, without letting it run
+    /// first); returns once the container has stopped.
     pub(crate) fn kill(&self) -> Result<()> {
-        if self.is_running()? {
-            // A paused container cannot be killed by signal: unfreeze it first.
-            let _ = docker(&["unpause", self.id()]);
-            // It may have exited meanwhile: only the wait below must succeed.
-            let _ = docker(&["kill", self.id()]);
-        }
+        // It may have exited meanwhile: only the wait below must succeed.
+        let _ = docker(&["kill", self.id()]);
         docker(&["wait", self.id()]).map(drop)
     }
 
     /// Sends `signal` (e.g. `SIGINT`) to the container's main process and waits until it has
     /// exited; SIGKILLs it after `deadline` and fails.
     pub(crate) async fn stop(&self, signal: &str, deadline: Duration) -> Result<()> {
-        if !self.is_running()? {
+        if !self.is_running().await? {
             return Ok(());
         }
-        docker(&["kill", "--signal", signal, self.id()])?;
+        docker_async(&["kill", "--signal", signal, self.id()]).await?;
         let start = Instant::now();
-        while self.is_running()? {
+        while self.is_running().await? {
             if start.elapsed() > deadline {
                 self.kill()?;
                 return Err(Error::Timeout {
@@ -214,15 +224,10 @@ impl ServerContainer {
         Ok(())
     }
 
-    /// Starts a stopped container again (same file system, maybe new host ports).
-    pub(crate) fn start(&self) -> Result<()> {
-        // testcontainers' start() waits for `docker start` but does not say whether it worked.
-        self.container.start();
-        if self.is_running()? {
-            Ok(())
-        } else {
-            Err(self.exited_error())
-        }
+    /// Starts a stopped container again (same file system, same host ports); fails with
+    /// Docker's words when it cannot (e.g. another process took a host port meanwhile).
+    pub(crate) async fn start(&self) -> Result<()> {
+        docker_async(&["start", self.id()]).await.map(drop)
     }
 
     /// Freezes every process of the container (`docker pause`, the cgroup freezer).
@@ -236,27 +241,29 @@ impl ServerContainer {
     }
 
     /// The error for a container that stopped while the kit waited for it.
-    pub(crate) fn exited_error(&self) -> Error {
-        let status = docker(&[
+    pub(crate) async fn exited_error(&self) -> Error {
+        let status = docker_async(&[
             "inspect",
             "--format",
             "exit code {{.State.ExitCode}}",
             self.id(),
         ])
+        .await
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|e| e.to_string());
         Error::Exited {
             server: self.server,
             status: format!("container of {} stopped, {status}", self.image),
-            log_tail: self.log_tail(),
+            log_tail: self.log_tail().await,
         }
     }
 
     /// The last 40 lines the container printed (stdout and stderr).
-    pub(crate) fn log_tail(&self) -> String {
-        match Command::new("docker")
+    pub(crate) async fn log_tail(&self) -> String {
+        match tokio::process::Command::new("docker")
             .args(["logs", "--tail", "40", self.id()])
             .output()
+            .await
         {
             Ok(out) => format!(
                 "{}{}",
@@ -265,29 +272,6 @@ impl ServerContainer {
             ),
             Err(e) => format!("(docker logs failed: {e})"),
         }
-    }
-}
-
-/// Runs `docker <args>`; its stdout, or [`Error::Container`] with its stderr.
-fn docker(args: &[&str]) -> Result<String> {
-    let what = format!("docker {}", args.join(" "));
-    let output: Output =
-        Command::new("docker")
-            .args(args)
-            .output()
-            .map_err(|e| Error::Container {
-                what: what.clone(),
-                detail: format!(
-                    "{e} (is the docker CLI installed? `make test-containers` installs it)"
-                ),
-            })?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(Error::Container {
-            what,
-            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        })
     }
 }
 

@@ -118,11 +118,11 @@ impl NatsContainer {
         self.server.stop("SIGTERM", deadline).await
     }
 
-    /// Graceful stop when running, start (same store, inside the container), look the host
-    /// ports up again, wait for `/healthz`.
+    /// Graceful stop when running, start (same store, same host ports), read the ports back,
+    /// wait for `/healthz`.
     pub(crate) async fn restart(&mut self, deadline: Duration) -> Result<()> {
         self.server.stop("SIGTERM", deadline).await?;
-        self.server.start()?;
+        self.server.start().await?;
         self.wait_healthy().await
     }
 
@@ -136,13 +136,13 @@ impl NatsContainer {
 
     async fn wait_healthy(&mut self) -> Result<()> {
         let start = Instant::now();
-        let port = self.server.host_port(CLIENT_PORT)?;
-        self.monitor_port = self.server.host_port(MONITOR_PORT)?;
+        let port = self.server.host_port(CLIENT_PORT).await?;
+        self.monitor_port = self.server.host_port(MONITOR_PORT).await?;
         self.addr = SocketAddr::from(([127, 0, 0, 1], port));
         self.url = format!("nats://127.0.0.1:{port}");
         loop {
-            if !self.server.is_running()? {
-                return Err(self.server.exited_error());
+            if !self.server.is_running().await? {
+                return Err(self.server.exited_error().await);
             }
             if healthz(self.monitor_port).await {
                 return Ok(());
@@ -151,7 +151,7 @@ impl NatsContainer {
                 return Err(Error::NotReady {
                     server: "nats-server",
                     waited: READY_DEADLINE,
-                    log_tail: self.server.log_tail(),
+                    log_tail: self.server.log_tail().await,
                 });
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

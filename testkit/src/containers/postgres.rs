@@ -75,10 +75,11 @@ impl PgContainer {
         self.server.stop(signal, deadline).await
     }
 
-    /// Fast shutdown when running, start, look the host port up again, wait for `SELECT 1`.
+    /// Fast shutdown when running, start (same host port), read the port back, wait for
+    /// `SELECT 1`.
     pub(crate) async fn restart(&mut self, deadline: Duration) -> Result<()> {
         self.server.stop("SIGINT", deadline).await?;
-        self.server.start()?;
+        self.server.start().await?;
         self.wait_ready().await
     }
 
@@ -94,12 +95,12 @@ impl PgContainer {
     /// the container's log when it stops.
     async fn wait_ready(&mut self) -> Result<()> {
         let start = Instant::now();
-        let port = self.server.host_port(PORT)?;
+        let port = self.server.host_port(PORT).await?;
         self.addr = SocketAddr::from(([127, 0, 0, 1], port));
         self.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         loop {
-            if !self.server.is_running()? {
-                return Err(self.server.exited_error());
+            if !self.server.is_running().await? {
+                return Err(self.server.exited_error().await);
             }
             if select_one(&self.url).await {
                 return Ok(());
@@ -108,7 +109,7 @@ impl PgContainer {
                 return Err(Error::NotReady {
                     server: "postgres",
                     waited: READY_DEADLINE,
-                    log_tail: self.server.log_tail(),
+                    log_tail: self.server.log_tail().await,
                 });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
