@@ -4,7 +4,7 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
-.PHONY: help tools test test-containers lint fmt bench demo up chaos chaos-cluster fuzz
+.PHONY: help tools test test-containers package lint fmt bench demo up chaos chaos-cluster fuzz
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -49,6 +49,11 @@ test-containers: tools ## Install Docker when missing (root), start dockerd, bui
 	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p outbox-toolkit-testkit --features containers --lib --test containers --test postgres --test nats --test proxy
 	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p outbox-toolkit-relay --features testkit/containers --test drain
 	$(CONTAINERS) $(CARGO) test --locked --no-fail-fast -p outbox-toolkit-inbox --features testkit/containers --test guarantees
+
+LIBRARIES := envelope outbox migrations connect dlq relay inbox testkit
+
+package: ## Package every library crate as the registry would (cargo package: builds each from its own tarball)
+	$(CARGO) package --locked $(addprefix -p outbox-toolkit-,$(LIBRARIES))
 
 SEEDS ?= 200
 
