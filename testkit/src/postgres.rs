@@ -47,6 +47,11 @@ pub struct PostgresConfig {
     /// `shared_buffers` in megabytes; `None` keeps the kit's 32 MB (small, because tests
     /// start many servers at once). Benchmarks give it a production-like size.
     pub shared_buffers_mb: Option<u32>,
+    /// Start with `wal_level=logical` (and room for replication slots and WAL senders), so
+    /// that logical decoding works: replication slots, `pg_logical_emit_message`, a relay
+    /// that reads the write-ahead log. An external server (`DATABASE_URL`) keeps its own
+    /// settings. Defaults to false (`wal_level=replica`, PostgreSQL's default).
+    pub logical_decoding: bool,
     /// Run the server as a process or a container; `None` (the default) leaves it to
     /// `TESTKIT_BACKEND` (see [`Backend`]).
     pub backend: Option<Backend>,
@@ -439,7 +444,23 @@ fn server_args(
     }
     let buffers = config.shared_buffers_mb.unwrap_or(32);
     args.extend(["-c".into(), format!("shared_buffers={buffers}MB").into()]);
+    for setting in logical_decoding_settings(config) {
+        args.extend(["-c".into(), setting.into()]);
+    }
     args
+}
+
+/// The settings [`PostgresConfig::logical_decoding`] adds (none when it is off).
+pub(crate) fn logical_decoding_settings(config: &PostgresConfig) -> &'static [&'static str] {
+    if config.logical_decoding {
+        &[
+            "wal_level=logical",
+            "max_replication_slots=16",
+            "max_wal_senders=16",
+        ]
+    } else {
+        &[]
+    }
 }
 
 /// Polls until the server answers `SELECT 1`; fails early if it exits.

@@ -185,3 +185,59 @@ async fn a_durable_server_keeps_fsync_and_full_page_writes_on() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_logical_decoding_server_decodes_committed_messages_only() {
+    let (logical, plain) = tokio::join!(
+        Postgres::start_with(PostgresConfig {
+            logical_decoding: true,
+            ..PostgresConfig::default()
+        }),
+        Postgres::start()
+    );
+    let (logical, plain) = (
+        logical.expect("start postgres with wal_level=logical"),
+        plain.expect("start postgres"),
+    );
+    let mut conn = connect(&logical.fresh_database().await.expect("database")).await;
+    let level: String = sqlx::query_scalar("SHOW wal_level")
+        .fetch_one(&mut conn)
+        .await
+        .expect("wal_level");
+    assert_eq!(level, "logical");
+    sqlx::query("SELECT pg_create_logical_replication_slot('kit', 'test_decoding')")
+        .execute(&mut conn)
+        .await
+        .expect("a logical slot");
+    for (content, commit) in [("kept", true), ("rolled back", false)] {
+        let mut tx = conn.begin().await.expect("begin");
+        sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', $1)")
+            .bind(content)
+            .execute(&mut *tx)
+            .await
+            .expect("emit");
+        if commit {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+        }
+    }
+    let changes: Vec<String> =
+        sqlx::query_scalar("SELECT data FROM pg_logical_slot_get_changes('kit', NULL, NULL)")
+            .fetch_all(&mut conn)
+            .await
+            .expect("changes");
+    let messages: Vec<&String> = changes
+        .iter()
+        .filter(|c| c.starts_with("message:"))
+        .collect();
+    assert_eq!(messages.len(), 1, "{changes:?}");
+    assert!(messages[0].ends_with("content:kept"), "{changes:?}");
+
+    let mut conn = connect(plain.url()).await;
+    let level: String = sqlx::query_scalar("SHOW wal_level")
+        .fetch_one(&mut conn)
+        .await
+        .expect("wal_level");
+    assert_eq!(level, "replica", "the default keeps PostgreSQL's wal_level");
+}

@@ -39,6 +39,9 @@ impl PgContainer {
         }
         let buffers = config.shared_buffers_mb.unwrap_or(32);
         args.extend(["-c".to_owned(), format!("shared_buffers={buffers}MB")]);
+        for setting in crate::postgres::logical_decoding_settings(config) {
+            args.extend(["-c".to_owned(), (*setting).to_owned()]);
+        }
         let server = ServerContainer::run(Spec {
             image,
             server: "postgres",
