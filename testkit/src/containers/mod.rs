@@ -21,6 +21,7 @@ pub(crate) use nats::NatsContainer;
 pub(crate) use postgres::PgContainer;
 
 use std::any::Any;
+use std::future::Future;
 use std::mem::ManuallyDrop;
 use std::panic::AssertUnwindSafe;
 use std::sync::OnceLock;
@@ -240,6 +241,32 @@ impl ServerContainer {
         docker(&["unpause", self.id()]).map(drop)
     }
 
+    /// Polls `ready` until it holds; fails early, with the container's log, when the
+    /// container stops, and with [`Error::NotReady`] after `deadline`.
+    pub(crate) async fn wait_ready<F, Fut>(&self, deadline: Duration, mut ready: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let start = Instant::now();
+        loop {
+            if !self.is_running().await? {
+                return Err(self.exited_error().await);
+            }
+            if ready().await {
+                return Ok(());
+            }
+            if start.elapsed() > deadline {
+                return Err(Error::NotReady {
+                    server: self.server,
+                    waited: deadline,
+                    log_tail: self.log_tail().await,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// The error for a container that stopped while the kit waited for it.
     pub(crate) async fn exited_error(&self) -> Error {
         let status = docker_async(&[
@@ -286,6 +313,36 @@ fn panic_text(panic: &(dyn Any + Send)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_container_that_exits_while_awaited_fails_at_once_with_its_log() {
+        let image = std::env::var(nats::ENV_IMAGE).unwrap_or_else(|_| nats::DEFAULT_IMAGE.into());
+        let server = ServerContainer::run(Spec {
+            image,
+            server: "nats-server",
+            name_prefix: "testkit-exiting",
+            ports: vec![4222],
+            env: Vec::new(),
+            volumes: Vec::new(),
+            args: vec!["--no-such-flag".into()],
+        })
+        .await
+        .expect("docker run of a container whose server refuses its flags");
+        let started = Instant::now();
+        let error = server
+            .wait_ready(Duration::from_secs(30), || async { false })
+            .await
+            .expect_err("a stopped container is never ready");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            matches!(&error, Error::Exited { log_tail, .. } if !log_tail.trim().is_empty()),
+            "{error}"
+        );
+    }
 
     #[tokio::test]
     async fn an_image_that_cannot_be_had_is_one_readable_error_and_leaves_nothing() {

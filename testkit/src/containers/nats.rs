@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tempfile::TempDir;
-use tokio::time::Instant;
 
 use super::{ServerContainer, Spec};
 use crate::nats::healthz;
@@ -14,7 +13,7 @@ use crate::{Error, NatsServerConfig, Result};
 
 /// The image to run unless `TESTKIT_NATS_IMAGE` names another.
 pub(crate) const DEFAULT_IMAGE: &str = "nats:2.15.1";
-const ENV_IMAGE: &str = "TESTKIT_NATS_IMAGE";
+pub(crate) const ENV_IMAGE: &str = "TESTKIT_NATS_IMAGE";
 const CLIENT_PORT: u16 = 4222;
 const MONITOR_PORT: u16 = 8222;
 const READY_DEADLINE: Duration = Duration::from_secs(30);
@@ -134,27 +133,16 @@ impl NatsContainer {
         self.server.resume()
     }
 
+    /// Reads the published ports, then polls `/healthz` until it answers 200; fails early
+    /// with the container's log when it stops.
     async fn wait_healthy(&mut self) -> Result<()> {
-        let start = Instant::now();
         let port = self.server.host_port(CLIENT_PORT).await?;
         self.monitor_port = self.server.host_port(MONITOR_PORT).await?;
         self.addr = SocketAddr::from(([127, 0, 0, 1], port));
         self.url = format!("nats://127.0.0.1:{port}");
-        loop {
-            if !self.server.is_running().await? {
-                return Err(self.server.exited_error().await);
-            }
-            if healthz(self.monitor_port).await {
-                return Ok(());
-            }
-            if start.elapsed() > READY_DEADLINE {
-                return Err(Error::NotReady {
-                    server: "nats-server",
-                    waited: READY_DEADLINE,
-                    log_tail: self.server.log_tail().await,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let monitor_port = self.monitor_port;
+        self.server
+            .wait_ready(READY_DEADLINE, || healthz(monitor_port))
+            .await
     }
 }

@@ -4,11 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use super::{ServerContainer, Spec};
 use crate::postgres::select_one;
-use crate::{Error, PostgresConfig, Result};
+use crate::{PostgresConfig, Result};
 
 /// The image to run unless `TESTKIT_POSTGRES_IMAGE` names another.
 pub(crate) const DEFAULT_IMAGE: &str = "postgres:18";
@@ -97,25 +95,12 @@ impl PgContainer {
     /// Reads the published port, then polls `SELECT 1` until it answers; fails early with
     /// the container's log when it stops.
     async fn wait_ready(&mut self) -> Result<()> {
-        let start = Instant::now();
         let port = self.server.host_port(PORT).await?;
         self.addr = SocketAddr::from(([127, 0, 0, 1], port));
         self.url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
-        loop {
-            if !self.server.is_running().await? {
-                return Err(self.server.exited_error().await);
-            }
-            if select_one(&self.url).await {
-                return Ok(());
-            }
-            if start.elapsed() > READY_DEADLINE {
-                return Err(Error::NotReady {
-                    server: "postgres",
-                    waited: READY_DEADLINE,
-                    log_tail: self.server.log_tail().await,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let url = &self.url;
+        self.server
+            .wait_ready(READY_DEADLINE, || select_one(url))
+            .await
     }
 }
