@@ -72,6 +72,8 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>, E>>,
 {
+    // A zero pause would never yield to tokio's (paused) clock.
+    let every = every.max(Duration::from_millis(1));
     poll(deadline, what, every, every, condition).await
 }
 

@@ -205,7 +205,10 @@ async fn a_logical_decoding_server_decodes_committed_messages_only() {
         .await
         .expect("wal_level");
     assert_eq!(level, "logical");
-    sqlx::query("SELECT pg_create_logical_replication_slot('kit', 'test_decoding')")
+    // Temporary: dropped with the session, also on an external server.
+    let slot = format!("kit_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding', true)")
+        .bind(&slot)
         .execute(&mut conn)
         .await
         .expect("a logical slot");
@@ -223,7 +226,8 @@ async fn a_logical_decoding_server_decodes_committed_messages_only() {
         }
     }
     let changes: Vec<String> =
-        sqlx::query_scalar("SELECT data FROM pg_logical_slot_get_changes('kit', NULL, NULL)")
+        sqlx::query_scalar("SELECT data FROM pg_logical_slot_get_changes($1, NULL, NULL)")
+            .bind(&slot)
             .fetch_all(&mut conn)
             .await
             .expect("changes");

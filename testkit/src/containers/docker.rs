@@ -38,22 +38,26 @@ fn outcome(args: &[&str], output: std::io::Result<Output>) -> Result<String> {
     }
 }
 
-/// `<prefix>.<host>.<pid>.<uuid>`: unique, and telling which test process owns it.
+/// `<prefix>.<owner>.<pid>.<uuid>`: unique, and telling which test process owns it.
 pub(super) fn container_name(prefix: &str) -> String {
     format!(
         "{prefix}.{}.{}.{}",
-        host(),
+        owner(),
         std::process::id(),
         uuid::Uuid::now_v7().simple()
     )
 }
 
-/// This machine's name as container names allow it (`[a-zA-Z0-9_-]`).
-fn host() -> String {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let name: String = name
-        .trim()
-        .chars()
+/// Who can tell whether a pid is alive: this machine's name, the pid namespace and the user,
+/// as container names allow them (`[a-zA-Z0-9_-]`). Sandboxes sharing a daemon and a
+/// hostname, or other users (whose pids `/proc` may hide), get another owner.
+fn owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let namespace = std::fs::read_link("/proc/self/ns/pid")
+        .map(|link| link.display().to_string())
+        .unwrap_or_default();
+    let raw = format!("{}_{namespace}_{}", host.trim(), crate::sys::euid());
+    raw.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
                 c
@@ -61,8 +65,7 @@ fn host() -> String {
                 '_'
             }
         })
-        .collect();
-    if name.is_empty() { "host".into() } else { name }
+        .collect()
 }
 
 /// Once per test process: removes the kit's containers whose test process on this machine is
@@ -81,9 +84,9 @@ pub(super) fn remove_orphans() {
         ]) else {
             return;
         };
-        let host = host();
+        let owner = owner();
         for name in names.lines() {
-            if let Some(pid) = orphan_pid(name, &host)
+            if let Some(pid) = orphan_pid(name, &owner)
                 && !std::path::Path::new(&format!("/proc/{pid}")).exists()
             {
                 let _ = docker(&["rm", "-f", "-v", name]);
@@ -92,12 +95,12 @@ pub(super) fn remove_orphans() {
     });
 }
 
-/// The owner pid in a name made by [`container_name`] on `host`.
-fn orphan_pid(name: &str, host: &str) -> Option<u32> {
+/// The pid in a name made by [`container_name`] for `owner`.
+fn orphan_pid(name: &str, owner: &str) -> Option<u32> {
     let mut parts = name.rsplitn(4, '.');
-    let (_uuid, pid, name_host, prefix) =
+    let (_uuid, pid, name_owner, prefix) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    (prefix.starts_with("testkit-") && name_host == host)
+    (prefix.starts_with("testkit-") && name_owner == owner)
         .then(|| pid.parse().ok())
         .flatten()
         .filter(|pid| *pid != std::process::id())
@@ -112,12 +115,12 @@ mod tests {
         let name = container_name("testkit-postgres");
         assert!(name.starts_with("testkit-postgres."), "{name}");
         assert_eq!(
-            orphan_pid(&name, &host()),
+            orphan_pid(&name, &owner()),
             None,
             "our own container is no orphan"
         );
-        let other = format!("testkit-nats.{}.1.0190", host());
-        assert_eq!(orphan_pid(&other, &host()), Some(1));
+        let other = format!("testkit-nats.{}.1.0190", owner());
+        assert_eq!(orphan_pid(&other, &owner()), Some(1));
         assert_eq!(orphan_pid(&other, "elsewhere"), None);
         assert_eq!(orphan_pid("someone-elses.box.1.x", "box"), None);
     }

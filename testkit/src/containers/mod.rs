@@ -198,8 +198,14 @@ impl ServerContainer {
     /// SIGKILLs the container's processes (a paused container too, without letting it run
     /// first); returns once the container has stopped.
     pub(crate) fn kill(&self) -> Result<()> {
-        // It may have exited meanwhile: only the wait below must succeed.
-        let _ = docker(&["kill", self.id()]);
+        if let Err(e) = docker(&["kill", self.id()]) {
+            // Exited meanwhile is fine; refused while it still runs is not (and `docker wait`
+            // would then block for ever).
+            let out = docker(&["inspect", "--format", "{{.State.Running}}", self.id()])?;
+            if out.trim() == "true" {
+                return Err(e);
+            }
+        }
         docker(&["wait", self.id()]).map(drop)
     }
 
@@ -209,7 +215,14 @@ impl ServerContainer {
         if !self.is_running().await? {
             return Ok(());
         }
-        docker_async(&["kill", "--signal", signal, self.id()]).await?;
+        if let Err(e) = docker_async(&["kill", "--signal", signal, self.id()]).await {
+            // It may have exited between the look and the signal.
+            return if self.is_running().await? {
+                Err(e)
+            } else {
+                Ok(())
+            };
+        }
         let start = Instant::now();
         while self.is_running().await? {
             if start.elapsed() > deadline {
