@@ -165,7 +165,7 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
 
 /// Publishes every envelope with at most `window` acks outstanding; returns the time from the
 /// first send to the last ack. Headers are encoded in the loop, as the relay's publisher does.
-async fn publish_raw(
+pub(crate) async fn publish_raw(
     client: async_nats::Client,
     envelopes: &[Envelope],
     window: usize,

@@ -52,11 +52,21 @@ impl Servers {
     /// Starts both servers (or uses `DATABASE_URL` / `NATS_URL`). PostgreSQL keeps `fsync` on
     /// unless `fast_unsafe_db`, with [`SHARED_BUFFERS_MB`] of shared buffers.
     pub async fn start(fast_unsafe_db: bool) -> anyhow::Result<Servers> {
+        Servers::start_with(fast_unsafe_db, false).await
+    }
+
+    /// As [`Servers::start`], with `wal_level=logical` when `logical_decoding` (replication
+    /// slots and WAL senders for a logical replication reader).
+    pub async fn start_with(
+        fast_unsafe_db: bool,
+        logical_decoding: bool,
+    ) -> anyhow::Result<Servers> {
         let durable = !fast_unsafe_db;
         let (pg, nats) = tokio::join!(
             Postgres::start_with(PostgresConfig {
                 durable,
                 shared_buffers_mb: Some(SHARED_BUFFERS_MB),
+                logical_decoding,
                 ..PostgresConfig::default()
             }),
             NatsServer::start()

@@ -13,6 +13,7 @@
 //! - [`producer`]: `producer-overhead`, business transactions with and without an enqueue.
 //! - [`backlog`]: `relay-backlog`, drain rate with a large backlog against a small one.
 //! - [`inbox`]: `inbox-consume`, the inbox consumer against raw pull consumption.
+//! - [`wal_read`]: `wal-read`, a logical replication reader against raw JetStream publishing.
 //! - [`stats`]: rates, percentiles and number formatting.
 
 pub mod backlog;
@@ -22,6 +23,7 @@ pub mod inbox;
 pub mod latency;
 pub mod producer;
 pub mod stats;
+pub mod wal_read;
 
 /// The event type of every outbox row the scenarios write.
 pub const EVENT_TYPE: &str = "bench.event.v1";

@@ -6,6 +6,7 @@
 //! cargo run --release -p bench -- producer-overhead --seconds 10 --concurrency 8
 //! cargo run --release -p bench -- relay-backlog --events 1000000
 //! cargo run --release -p bench -- inbox-consume --mode strict|batched --events 100000
+//! cargo run --release -p bench -- wal-read --events 100000 --per-txn 1 --rate 1000
 //! ```
 //!
 //! Progress and the durability settings go to stderr. On failure it prints one line,
@@ -18,6 +19,7 @@ use bench::drain::DrainConfig;
 use bench::inbox::InboxConfig;
 use bench::latency::LatencyConfig;
 use bench::producer::ProducerConfig;
+use bench::wal_read::WalReadConfig;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 
@@ -47,6 +49,31 @@ enum Scenario {
     RelayBacklog(BacklogArgs),
     /// The inbox consumer against raw pull consumption and single-row commits.
     InboxConsume(InboxArgs),
+    /// A logical replication reader streaming emitted messages and table INSERTs, against
+    /// raw JetStream publishing, with the walsender's CPU and live commit-to-receive latency.
+    WalRead(WalReadArgs),
+}
+
+#[derive(Args)]
+struct WalReadArgs {
+    /// Messages of the raw, emit and insert phases.
+    #[arg(long, default_value_t = WalReadConfig::default().events)]
+    events: usize,
+    /// Payload bytes per message (at least 8).
+    #[arg(long, default_value_t = WalReadConfig::default().payload)]
+    payload: usize,
+    /// Messages per transaction when filling the slots.
+    #[arg(long, default_value_t = WalReadConfig::default().per_txn)]
+    per_txn: usize,
+    /// PubAcks in flight in the raw baseline (at least 256).
+    #[arg(long, default_value_t = WalReadConfig::default().window)]
+    window: usize,
+    /// Offered transactions per second of the live latency phase.
+    #[arg(long, default_value_t = WalReadConfig::default().rate)]
+    rate: u32,
+    /// How long the live phase's producer runs.
+    #[arg(long, default_value_t = WalReadConfig::default().seconds)]
+    seconds: u64,
 }
 
 #[derive(Args)]
@@ -231,6 +258,17 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 concurrency: a.concurrency,
             };
             bench::producer::run(&config, fast).await
+        }
+        Scenario::WalRead(a) => {
+            let config = WalReadConfig {
+                events: a.events,
+                payload: a.payload,
+                per_txn: a.per_txn,
+                window: a.window,
+                rate: a.rate,
+                seconds: a.seconds,
+            };
+            bench::wal_read::run(&config, fast).await
         }
         Scenario::RelayBacklog(a) => {
             let config = BacklogConfig {
