@@ -17,7 +17,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use outbox::{Envelope, Message, Outbox};
 
-use crate::env::{self, Poll, RunningRelay, Servers};
+use crate::env::{self, Poll, RunningRelay};
 use crate::stats;
 
 /// What `relay-drain` measures.
@@ -52,17 +52,7 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
     if config.events == 0 || config.keys == 0 || config.window < 256 {
         bail!("relay-drain needs --events >= 1, --keys >= 1 and --window >= 256");
     }
-    let servers = Servers::start(fast_unsafe_db).await?;
-    let db = servers.database().await?;
-    let admin = servers.nats_client("bench-admin").await?;
-    let js = jetstream::new(admin);
-    servers
-        .ensure_stream(&js, env::STREAM, env::STREAM_SUBJECTS)
-        .await?;
-    servers
-        .ensure_stream(&js, env::RAW_STREAM, env::RAW_STREAM_SUBJECTS)
-        .await?;
-    servers.report_durability(&db, &js).await?;
+    let (servers, db, js) = env::start_with_both_streams(fast_unsafe_db, false).await?;
     eprintln!(
         "relay-drain: {} messages, {} B payload, {} keys, raw window {}",
         config.events, config.payload, config.keys, config.window

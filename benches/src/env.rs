@@ -235,6 +235,24 @@ async fn pool(url: &str, connections: u32) -> anyhow::Result<PgPool> {
         .context("connecting to PostgreSQL")
 }
 
+/// Starts the servers ([`Servers::start_with`]), a fresh database, the relay's stream
+/// [`STREAM`] and the raw baseline's [`RAW_STREAM`], and reports the durability settings:
+/// the setup of the scenarios that compare the relay with raw publishing.
+pub async fn start_with_both_streams(
+    fast_unsafe_db: bool,
+    logical_decoding: bool,
+) -> anyhow::Result<(Servers, Database, jetstream::Context)> {
+    let servers = Servers::start_with(fast_unsafe_db, logical_decoding).await?;
+    let db = servers.database().await?;
+    let js = jetstream::new(servers.nats_client("bench-admin").await?);
+    servers.ensure_stream(&js, STREAM, STREAM_SUBJECTS).await?;
+    servers
+        .ensure_stream(&js, RAW_STREAM, RAW_STREAM_SUBJECTS)
+        .await?;
+    servers.report_durability(&db, &js).await?;
+    Ok((servers, db, js))
+}
+
 /// The number of messages the stream `name` holds now (one `STREAM.INFO` request).
 pub async fn stream_messages(js: &jetstream::Context, name: &str) -> anyhow::Result<u64> {
     let stream = js

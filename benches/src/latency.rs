@@ -214,25 +214,14 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
         ),
     }
 
-    let mut early = 0usize;
-    let mut latencies: Vec<Duration> = committed
-        .iter()
-        .filter_map(|(id, commit)| {
-            let receive = received.get(id)?;
-            if receive < commit {
-                // Delivered before COMMIT returned to the producer: count it as zero.
-                early += 1;
-            }
-            Some(receive.saturating_duration_since(*commit))
-        })
-        .collect();
+    // A message delivered before COMMIT returned to the producer counts as zero.
+    let (latencies, early) = stats::latencies(&committed, &received);
     if latencies.len() as u64 != total {
         bail!(
             "matched {} of {total} committed messages with a receipt",
             latencies.len()
         );
     }
-    latencies.sort_unstable();
     report_over_time(&committed, &received, start, config.seconds);
     let p = |q| stats::percentile(&latencies, q).unwrap_or_default();
     eprintln!(

@@ -1,6 +1,8 @@
 //! Rates, ratios and percentiles, formatted as the final lines print them.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
 
 /// Events per second.
 pub fn per_second(events: u64, elapsed: Duration) -> f64 {
@@ -19,6 +21,27 @@ pub fn ratio(numerator: f64, denominator: f64) -> f64 {
     } else {
         0.0
     }
+}
+
+/// Receive minus commit for every committed id that was received, ascending, and how many
+/// were received before their commit returned (counted as zero).
+pub fn latencies<K: Eq + Hash>(
+    committed: &HashMap<K, Instant>,
+    received: &HashMap<K, Instant>,
+) -> (Vec<Duration>, usize) {
+    let mut early = 0usize;
+    let mut latencies: Vec<Duration> = committed
+        .iter()
+        .filter_map(|(id, commit)| {
+            let receive = received.get(id)?;
+            if receive < commit {
+                early += 1;
+            }
+            Some(receive.saturating_duration_since(*commit))
+        })
+        .collect();
+    latencies.sort_unstable();
+    (latencies, early)
 }
 
 /// The nearest-rank percentile `q` (0 < q <= 100) of an ascending slice; `None` when empty.

@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use async_nats::jetstream;
 use bytes::Bytes;
 use outbox::{Message, Outbox};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
@@ -30,7 +29,7 @@ use sqlx::PgPool;
 use tokio::time::MissedTickBehavior;
 use tokio_util::task::TaskTracker;
 
-use crate::env::{self, Servers};
+use crate::env;
 use crate::stats;
 
 /// What `wal-read` measures.
@@ -76,17 +75,7 @@ pub async fn run(config: &WalReadConfig, fast_unsafe_db: bool) -> anyhow::Result
     if config.rate == 0 || config.seconds == 0 || config.payload < 8 {
         bail!("wal-read needs --rate and --seconds above 0 and --payload >= 8");
     }
-    let servers = Servers::start_with(fast_unsafe_db, true).await?;
-    let db = servers.database().await?;
-    let admin = servers.nats_client("bench-admin").await?;
-    let js = jetstream::new(admin);
-    servers
-        .ensure_stream(&js, env::STREAM, env::STREAM_SUBJECTS)
-        .await?;
-    servers
-        .ensure_stream(&js, env::RAW_STREAM, env::RAW_STREAM_SUBJECTS)
-        .await?;
-    servers.report_durability(&db, &js).await?;
+    let (servers, db, _js) = env::start_with_both_streams(fast_unsafe_db, true).await?;
     let wal_level: String = sqlx::query_scalar("SHOW wal_level")
         .fetch_one(&db.pool)
         .await
@@ -487,14 +476,10 @@ async fn live_latency(
     producers.close().await;
     let committed = committed.lock().unwrap_or_else(PoisonError::into_inner);
     let received = received.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut latencies: Vec<Duration> = committed
-        .iter()
-        .filter_map(|(id, at)| received.get(id).map(|r| r.saturating_duration_since(*at)))
-        .collect();
+    let (latencies, _) = stats::latencies(&committed, &received);
     if latencies.len() as u64 != total {
         bail!("{} of {total} live messages were received", latencies.len());
     }
-    latencies.sort_unstable();
     let pick = |q| stats::percentile(&latencies, q).unwrap_or_default();
     let (p50, p99, max) = (pick(50.0), pick(99.0), pick(100.0));
     eprintln!(
