@@ -74,6 +74,13 @@ pub enum Error {
         /// The refused value, truncated to 80 characters.
         value: String,
     },
+    /// A message read from the write-ahead log is not in the outbox's log format
+    /// (see [`crate::wal`]).
+    #[error("invalid outbox log message: {reason}")]
+    InvalidLogMessage {
+        /// What is wrong, with offsets and lengths.
+        reason: String,
+    },
     /// A payload could not be encoded to JSON.
     #[error("payload could not be encoded as JSON: {0}")]
     Encode(String),

@@ -104,6 +104,35 @@ impl Headers {
     pub fn as_map(&self) -> &BTreeMap<String, String> {
         &self.0
     }
+
+    /// The headers as a JSON object of strings: the form the outbox table's `headers` column
+    /// and the log format store.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::Value::Object(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect(),
+        )
+    }
+
+    /// Reads what [`Headers::to_json`] writes, validating every entry as [`Headers::insert`]
+    /// does; refuses anything but an object of strings.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, Error> {
+        let map = value.as_object().ok_or_else(|| Error::InvalidText {
+            field: "headers".to_owned(),
+            reason: "stored value is not a JSON object",
+        })?;
+        let mut headers = Headers::new();
+        for (name, value) in map {
+            let value = value.as_str().ok_or_else(|| Error::InvalidText {
+                field: format!("header {:?}", excerpt(name)),
+                reason: "stored value is not a string",
+            })?;
+            headers.insert(name.clone(), value)?;
+        }
+        Ok(headers)
+    }
 }
 
 impl TryFrom<BTreeMap<String, String>> for Headers {

@@ -16,6 +16,8 @@
 //! - [`event`]: the [`Event`] trait tying a Rust type to its type name, version and subject.
 //! - [`envelope`](mod@envelope): [`Envelope`] itself and JSON payload helpers.
 //! - [`nats`]: the codec to and from NATS headers (CloudEvents binary mode, `Nats-Msg-Id`).
+//! - [`wal`]: the versioned byte format of an envelope written to the write-ahead log
+//!   (`pg_logical_emit_message`), for the log storage and the WAL relay.
 //! - [`error`]: [`Error`], one variant per cause.
 
 pub mod envelope;
@@ -27,6 +29,7 @@ pub mod nats;
 pub mod subject;
 pub mod text;
 pub mod trace;
+pub mod wal;
 
 pub use envelope::Envelope;
 pub use error::Error;

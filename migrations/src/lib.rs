@@ -94,6 +94,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "inbox_attempt",
         sql: include_str!("../sql/0010_inbox_attempt.sql"),
     },
+    Migration {
+        version: 11,
+        name: "outbox_emit",
+        sql: include_str!("../sql/0011_outbox_emit.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

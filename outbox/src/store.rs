@@ -40,7 +40,7 @@ pub async fn insert(conn: &mut PgConnection, env: &Envelope) -> Result<(), sqlx:
         .bind(env.trace.as_ref().map(|t| t.traceparent()))
         .bind(env.trace.as_ref().and_then(|t| t.tracestate()))
         .bind(env.content_type.as_ref().map(|c| c.as_str()))
-        .bind(headers_json(env))
+        .bind(env.headers.to_json())
         .bind(env.payload.as_ref())
         .execute(conn)
         .await?;
@@ -75,7 +75,7 @@ pub async fn insert_many(conn: &mut PgConnection, envs: &[Envelope]) -> Result<(
         parents.push(env.trace.as_ref().map(|t| t.traceparent()));
         states.push(env.trace.as_ref().and_then(|t| t.tracestate()));
         content_types.push(env.content_type.as_ref().map(|c| c.as_str()));
-        headers.push(headers_json(env));
+        headers.push(env.headers.to_json());
         payloads.push(env.payload.as_ref());
     }
     sqlx::query(INSERT_MANY)
@@ -95,15 +95,6 @@ pub async fn insert_many(conn: &mut PgConnection, envs: &[Envelope]) -> Result<(
         .execute(conn)
         .await?;
     Ok(())
-}
-
-fn headers_json(env: &Envelope) -> serde_json::Value {
-    serde_json::Value::Object(
-        env.headers
-            .iter()
-            .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v.to_owned())))
-            .collect(),
-    )
 }
 
 /// Maps an insert failure to the crate error: a primary-key violation names the duplicate id.
@@ -185,21 +176,7 @@ impl ClaimedRow {
     /// the outbox API (plain SQL) can fail here; such a row can never be published.
     pub fn to_envelope(&self) -> Result<Envelope, envelope::Error> {
         use envelope::{EventType, HeaderText, Headers, PartitionKey, Subject, TraceContext};
-        let mut headers = Headers::new();
-        let map = self
-            .headers
-            .as_object()
-            .ok_or_else(|| envelope::Error::InvalidText {
-                field: "headers".to_owned(),
-                reason: "stored value is not a JSON object",
-            })?;
-        for (name, value) in map {
-            let value = value.as_str().ok_or_else(|| envelope::Error::InvalidText {
-                field: format!("header {name:?}"),
-                reason: "stored value is not a string",
-            })?;
-            headers.insert(name.clone(), value)?;
-        }
+        let headers = Headers::from_json(&self.headers)?;
         Ok(Envelope {
             id: MessageId::from_uuid(self.id),
             subject: Subject::new(self.subject.clone())?,
