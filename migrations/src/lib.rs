@@ -99,6 +99,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_emit",
         sql: include_str!("../sql/0011_outbox_emit.sql"),
     },
+    Migration {
+        version: 12,
+        name: "outbox_emit_guard",
+        sql: include_str!("../sql/0012_outbox_emit_guard.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -2,38 +2,7 @@
 
 use bytes::Bytes;
 use sqlx::{Connection, PgConnection};
-use testkit::{Postgres, PostgresConfig};
-
-/// The content of every `pgoutput` logical message (`'M'`) of a binary change set.
-fn messages(changes: &[Vec<u8>]) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for data in changes {
-        if data.first() != Some(&b'M') {
-            continue;
-        }
-        // 'M', flags (1), lsn (8), prefix (NUL-terminated), length (4), content.
-        let rest = &data[10..];
-        let nul = rest
-            .iter()
-            .position(|&b| b == 0)
-            .expect("prefix terminator");
-        let prefix = String::from_utf8(rest[..nul].to_vec()).expect("prefix");
-        let len_at = nul + 1;
-        let len = u32::from_be_bytes(rest[len_at..len_at + 4].try_into().expect("len")) as usize;
-        out.push((prefix, rest[len_at + 4..len_at + 4 + len].to_vec()));
-    }
-    out
-}
-
-async fn changes(conn: &mut PgConnection) -> Vec<Vec<u8>> {
-    sqlx::query_scalar(
-        "SELECT data FROM pg_logical_slot_get_binary_changes('emit_test', NULL, NULL,
-            'proto_version', '1', 'publication_names', 'emit_test', 'messages', 'true')",
-    )
-    .fetch_all(conn)
-    .await
-    .expect("changes")
-}
+use testkit::{Postgres, PostgresConfig, logical};
 
 /// A server with `wal_level=logical` (kept alive by the first value) and a connection to a
 /// fresh migrated database on it.
@@ -53,13 +22,9 @@ async fn migrated_logical_database() -> (Postgres, PgConnection) {
 #[tokio::test]
 async fn outbox_emit_writes_what_the_envelope_decodes() {
     let (_pg, mut conn) = migrated_logical_database().await;
-    // Two statements: a slot cannot be created in a transaction that has written.
-    for sql in [
-        "CREATE PUBLICATION emit_test",
-        "SELECT pg_create_logical_replication_slot('emit_test', 'pgoutput')",
-    ] {
-        sqlx::query(sql).execute(&mut conn).await.expect(sql);
-    }
+    logical::create_message_slot(&mut conn, "emit_test")
+        .await
+        .expect("slot");
 
     // Every field, hostile bytes in the payload, a header, a rolled-back message.
     let payload: &[u8] = b"{\"a\":1}\x00\xff'; DROP TABLE outbox_message; --";
@@ -90,7 +55,9 @@ async fn outbox_emit_writes_what_the_envelope_decodes() {
         .await
         .expect("outbox_emit with defaults");
 
-    let got = messages(&changes(&mut conn).await);
+    let got = logical::take_messages(&mut conn, "emit_test")
+        .await
+        .expect("messages");
     assert_eq!(
         got.len(),
         2,
@@ -156,4 +123,48 @@ async fn outbox_emit_refuses_nulls_and_non_object_headers() {
             .to_string();
         assert!(err.contains("outbox_emit:"), "{call}: {err}");
     }
+}
+
+/// A message written where no slot could decode it would never be published: outbox_emit
+/// refuses it and the caller's transaction aborts.
+#[tokio::test]
+async fn outbox_emit_refuses_what_no_relay_could_read() {
+    // wal_level = logical, but no slot yet.
+    let (_pg, mut conn) = migrated_logical_database().await;
+    let call = "SELECT outbox_emit('a.b', 'order.created.v1', 's', 'k', '')";
+    let err = sqlx::query(call)
+        .execute(&mut conn)
+        .await
+        .expect_err("no slot")
+        .to_string();
+    assert!(
+        err.contains("no logical replication slot reads database"),
+        "{err}"
+    );
+    logical::create_message_slot(&mut conn, "late")
+        .await
+        .expect("slot");
+    sqlx::query(call)
+        .execute(&mut conn)
+        .await
+        .expect("with a slot");
+    let got = logical::take_messages(&mut conn, "late")
+        .await
+        .expect("read");
+    assert_eq!(got.len(), 1, "only the message written after the slot");
+
+    // PostgreSQL's default wal_level = replica: nothing can decode it.
+    let pg = Postgres::start().await.expect("start PostgreSQL");
+    let url = pg.fresh_database().await.expect("db");
+    let mut conn = PgConnection::connect(&url).await.expect("connect");
+    migrations::migrate(&mut conn).await.expect("migrate");
+    let err = sqlx::query(call)
+        .execute(&mut conn)
+        .await
+        .expect_err("wal_level = replica")
+        .to_string();
+    assert!(
+        err.contains("log storage needs wal_level = logical, this server has wal_level = replica"),
+        "{err}"
+    );
 }

@@ -21,6 +21,32 @@ pub struct OutboxConfig {
     /// does not carry one. Needs the `opentelemetry` feature and a `tracing-opentelemetry`
     /// layer in the subscriber; without them nothing is captured. Defaults to true.
     pub capture_trace_context: bool,
+    /// Where enqueued messages are written: rows of `outbox_message` (the default) or
+    /// logical decoding messages in the write-ahead log. See [`Storage`].
+    pub storage: Storage,
+}
+
+/// Where an [`Outbox`](crate::Outbox) writes the messages it enqueues. Both are written in
+/// the caller's transaction and become visible exactly when it commits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Storage {
+    /// One row of `outbox_message` per message: read by the polling relay (`relay run`) or
+    /// by the WAL relay (`relay run --source wal`). Caller-chosen ids are checked unique
+    /// at enqueue ([`Error::DuplicateId`](crate::Error::DuplicateId)).
+    #[default]
+    Table,
+    /// One transactional logical decoding message per message
+    /// (`pg_logical_emit_message(true, 'outbox', ..)` through the SQL function
+    /// `outbox_emit_encoded`, in the format of [`envelope::wal`]): no row, no index, nothing
+    /// to mark, delete or vacuum. Only the WAL relay (`relay run --source wal`) reads it.
+    ///
+    /// Needs `wal_level = logical` and the relay's replication slot created *before* the
+    /// first enqueue (`relay slot create`): a message written while no slot exists would
+    /// never be published, so enqueue refuses it with a database error naming the cause.
+    /// Ids are not checked unique at enqueue; the broker's duplicate window drops a reused
+    /// id that it still remembers.
+    Log,
 }
 
 impl Default for OutboxConfig {
@@ -30,6 +56,7 @@ impl Default for OutboxConfig {
             subject_prefix: None,
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
             capture_trace_context: true,
+            storage: Storage::Table,
         }
     }
 }

@@ -22,16 +22,44 @@
 //! # Ok(()) }
 //! ```
 //!
+//!
+//! [`Outbox::begin`] saves the enqueue's round trip: messages are validated at once, buffered,
+//! and sent with `COMMIT` in one simple query, as base64 literals.
+//!
+//! ```no_run
+//! # use outbox::{Outbox, Event};
+//! # use serde::{Serialize, Deserialize};
+//! # #[derive(Serialize, Deserialize)] struct OrderCreated { order_id: String }
+//! # impl Event for OrderCreated {
+//! #     const NAME: &'static str = "order.created";
+//! #     const VERSION: u32 = 1;
+//! #     fn partition_key(&self) -> String { self.order_id.clone() }
+//! # }
+//! # async fn place(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+//! let outbox = Outbox::new("order-service")?;
+//! let mut tx = outbox.begin(&pool).await?;
+//! sqlx::query("INSERT INTO orders (id) VALUES ($1)").bind("o-1").execute(&mut *tx).await?;
+//! tx.enqueue(&OrderCreated { order_id: "o-1".into() })?; // validated, buffered
+//! tx.commit().await?; // the INSERT of the event and COMMIT: one round trip
+//! # Ok(()) }
+//! ```
+//!
+//! With [`Storage::Log`] in [`OutboxConfig::storage`], messages go to the write-ahead log
+//! instead of a table (`relay run --source wal` reads them).
+//!
 //! # Layout
 //! - [`backoff`]: retry delays (exponential with jitter), for the relay and the inbox.
-//! - [`config`]: [`OutboxConfig`], the producer settings, with `validate()`.
+//! - [`config`]: [`OutboxConfig`], the producer settings, with `validate()`, and [`Storage`]
+//!   (table rows or the write-ahead log).
 //! - [`deadline`]: database steps with a deadline ([`deadline::within`]), for the relay and
 //!   the inbox.
 //! - [`duration`]: durations as operators write them (`5s`, `2m`, `7d`), for the relay's
 //!   flags and the `dlq` CLI.
 //! - [`message`]: [`Message`], a raw or typed message before validation.
 //! - [`outbox`](mod@outbox): [`Outbox`], validation and the enqueue API.
-//! - [`store`]: all SQL on `outbox_message` issued by producers.
+//! - [`store`]: all SQL producers issue: rows of `outbox_message`, log messages, and the
+//!   transaction of [`OutboxTransaction`] (`store::literal`: statements with literal values).
+//! - [`transaction`]: [`OutboxTransaction`], enqueues that ride with `COMMIT`.
 //! - [`trace`]: capture of the current span's W3C trace context.
 //! - [`error`]: [`Error`], one variant per cause.
 
@@ -44,9 +72,11 @@ pub mod message;
 pub mod outbox;
 pub mod store;
 pub mod trace;
+pub mod transaction;
 
-pub use config::OutboxConfig;
+pub use config::{OutboxConfig, Storage};
 pub use envelope::{Envelope, Event, MessageId, TraceContext};
 pub use error::{Error, ErrorKind};
 pub use message::Message;
 pub use outbox::Outbox;
+pub use transaction::OutboxTransaction;

@@ -4,18 +4,18 @@ use envelope::{Envelope, Event, EventType, HeaderText, Headers, MessageId, Parti
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 
-use crate::config::OutboxConfig;
+use crate::config::{OutboxConfig, Storage};
 use crate::error::Error;
 use crate::message::{self, Message};
 use crate::{store, trace};
 
-/// The producer side: validates messages and inserts them into `outbox_message` through the
-/// caller's connection.
+/// The producer side: validates messages and writes them through the caller's connection,
+/// as rows of `outbox_message` or, with [`Storage::Log`], as logical decoding messages.
 ///
 /// # Guarantee
 /// A message enqueued through a transaction becomes visible to the relay exactly when that
-/// transaction commits, and never if it rolls back: the row is an ordinary insert in the
-/// caller's transaction. Through a plain connection (autocommit), it is visible when the call
+/// transaction commits, and never if it rolls back: the row (or log message) is written in
+/// the caller's transaction. Through a plain connection (autocommit), it is visible when the call
 /// returns. Messages of one partition key are published in the order their rows were
 /// inserted. An `Err` means this call wrote nothing.
 ///
@@ -35,6 +35,7 @@ pub struct Outbox {
     subject_prefix: Option<Subject>,
     max_message_bytes: usize,
     capture_trace_context: bool,
+    storage: Storage,
 }
 
 impl Outbox {
@@ -51,6 +52,7 @@ impl Outbox {
             subject_prefix,
             max_message_bytes: config.max_message_bytes,
             capture_trace_context: config.capture_trace_context,
+            storage: config.storage,
         })
     }
 
@@ -70,13 +72,16 @@ impl Outbox {
         message: Message,
     ) -> Result<MessageId, Error> {
         let envelope = self.prepare(message)?;
-        store::insert(conn, &envelope)
-            .await
-            .map_err(|e| store::classify(e, std::slice::from_ref(&envelope)))?;
+        match self.storage {
+            Storage::Table => store::insert(conn, &envelope).await,
+            Storage::Log => store::emit(conn, &[envelope::wal::encode(&envelope)?]).await,
+        }
+        .map_err(|e| store::classify(e, &[envelope.id]))?;
         Ok(envelope.id)
     }
 
-    /// Enqueues several messages with one `INSERT` statement, in order; returns their ids.
+    /// Enqueues several messages with one statement (an `INSERT`, or one emit for log
+    /// storage), in order; returns their ids.
     /// Every message is validated first: if one is refused, none is written.
     pub async fn enqueue_many(
         &self,
@@ -90,10 +95,18 @@ impl Outbox {
         if envelopes.is_empty() {
             return Ok(Vec::new());
         }
-        store::insert_many(conn, &envelopes)
-            .await
-            .map_err(|e| store::classify(e, &envelopes))?;
-        Ok(envelopes.iter().map(|e| e.id).collect())
+        let ids: Vec<MessageId> = envelopes.iter().map(|e| e.id).collect();
+        match self.storage {
+            Storage::Table => store::insert_many(conn, &envelopes).await,
+            Storage::Log => store::emit(conn, &encode_all(&envelopes)?).await,
+        }
+        .map_err(|e| store::classify(e, &ids))?;
+        Ok(ids)
+    }
+
+    /// Where this outbox writes.
+    pub fn storage(&self) -> Storage {
+        self.storage
     }
 
     /// Validates a message and turns it into the envelope that would be stored, without
@@ -140,4 +153,12 @@ impl Outbox {
         }
         Ok(envelope)
     }
+}
+
+/// The log storage's bytes of each envelope ([`envelope::wal`]).
+pub(crate) fn encode_all(envelopes: &[Envelope]) -> Result<Vec<Vec<u8>>, Error> {
+    Ok(envelopes
+        .iter()
+        .map(envelope::wal::encode)
+        .collect::<Result<_, _>>()?)
 }

@@ -1,4 +1,5 @@
-//! All SQL that producers run on `outbox_message`.
+//! All SQL that producers run: rows of `outbox_message` (table storage) and logical
+//! decoding messages (log storage, through `outbox_emit_encoded`).
 
 use envelope::{Envelope, MessageId};
 use sqlx::PgConnection;
@@ -7,24 +8,41 @@ use uuid::Uuid;
 
 use crate::error::Error;
 
-const INSERT: &str = "INSERT INTO outbox_message (
-        id, subject, event_type, source, partition_key, occurred_at, correlation_id,
-        causation_id, traceparent, tracestate, content_type, headers, payload)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+pub(crate) mod literal;
+
+/// The columns a producer writes, in the order of every insert's values.
+macro_rules! columns {
+    () => {
+        "id, subject, event_type, source, partition_key, occurred_at, correlation_id, \
+         causation_id, traceparent, tracestate, content_type, headers, payload"
+    };
+}
+
+const COLUMNS: &str = columns!();
+
+const INSERT: &str = concat!(
+    "INSERT INTO outbox_message (",
+    columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+);
 
 /// Rows keep the order of the arrays: `WITH ORDINALITY` plus `ORDER BY` makes the identity
 /// column `seq` follow the caller's order.
-const INSERT_MANY: &str = "INSERT INTO outbox_message (
-        id, subject, event_type, source, partition_key, occurred_at, correlation_id,
-        causation_id, traceparent, tracestate, content_type, headers, payload)
-    SELECT id, subject, event_type, source, partition_key, occurred_at, correlation_id,
-        causation_id, traceparent, tracestate, content_type, headers, payload
-    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-        $7::text[], $8::uuid[], $9::text[], $10::text[], $11::text[], $12::jsonb[], $13::bytea[])
-        WITH ORDINALITY AS m(id, subject, event_type, source, partition_key, occurred_at,
-            correlation_id, causation_id, traceparent, tracestate, content_type, headers,
-            payload, ord)
-    ORDER BY ord";
+const INSERT_MANY: &str = concat!(
+    "INSERT INTO outbox_message (",
+    columns!(),
+    ") SELECT ",
+    columns!(),
+    " FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+        $6::timestamptz[], $7::text[], $8::uuid[], $9::text[], $10::text[], $11::text[], \
+        $12::jsonb[], $13::bytea[]) WITH ORDINALITY AS m(",
+    columns!(),
+    ", ord) ORDER BY ord"
+);
+
+/// Log storage: every message of the array, in order, through the guard that refuses to
+/// write what no slot could read (migration 0012).
+const EMIT: &str = "SELECT outbox_emit_encoded(VARIADIC $1::bytea[])";
 
 /// Inserts one validated envelope as a `pending` row.
 pub async fn insert(conn: &mut PgConnection, env: &Envelope) -> Result<(), sqlx::Error> {
@@ -97,8 +115,46 @@ pub async fn insert_many(conn: &mut PgConnection, envs: &[Envelope]) -> Result<(
     Ok(())
 }
 
+/// Log storage: emits encoded messages ([`envelope::wal::encode`]) as transactional logical
+/// decoding messages with one statement, in slice order.
+pub async fn emit(conn: &mut PgConnection, messages: &[Vec<u8>]) -> Result<(), sqlx::Error> {
+    sqlx::query(EMIT).bind(messages).execute(conn).await?;
+    Ok(())
+}
+
+/// Opens the transaction of an [`OutboxTransaction`](crate::OutboxTransaction).
+pub(crate) async fn begin(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("BEGIN").execute(conn).await?;
+    Ok(())
+}
+
+/// Sends `statement` (a [`literal::Batch`], if any) and `COMMIT` in one simple query: one
+/// round trip. PostgreSQL runs them in order and stops at the first error, which leaves the
+/// transaction uncommitted: an error here means nothing of it was committed, unless the
+/// error is from `COMMIT` itself reporting a lost connection after sending it.
+pub(crate) async fn commit_with(
+    conn: &mut PgConnection,
+    statement: Option<String>,
+) -> Result<(), sqlx::Error> {
+    let sql = match statement {
+        Some(statement) => statement + ";COMMIT",
+        None => "COMMIT".to_owned(),
+    };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Ends the transaction of an [`OutboxTransaction`](crate::OutboxTransaction) without
+/// committing.
+pub(crate) async fn rollback(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("ROLLBACK").execute(conn).await?;
+    Ok(())
+}
+
 /// Maps an insert failure to the crate error: a primary-key violation names the duplicate id.
-pub(crate) fn classify(e: sqlx::Error, envs: &[Envelope]) -> Error {
+pub(crate) fn classify(e: sqlx::Error, ids: &[MessageId]) -> Error {
     let duplicate = e
         .as_database_error()
         .filter(|db| db.constraint() == Some("outbox_message_pkey"))
@@ -108,11 +164,11 @@ pub(crate) fn classify(e: sqlx::Error, envs: &[Envelope]) -> Error {
                 .and_then(PgDatabaseError::detail)
                 .unwrap_or_default();
             // "Key (id)=(0190...) already exists."
-            envs.iter()
-                .map(|env| env.id)
+            ids.iter()
+                .copied()
                 .find(|id| detail.contains(&id.to_string()))
-                .or_else(|| first_repeated(envs))
-                .unwrap_or_else(|| envs.first().map_or_else(MessageId::new, |env| env.id))
+                .or_else(|| first_repeated(ids))
+                .unwrap_or_else(|| ids.first().copied().unwrap_or_default())
         });
     match duplicate {
         Some(id) => Error::DuplicateId(id),
@@ -120,11 +176,9 @@ pub(crate) fn classify(e: sqlx::Error, envs: &[Envelope]) -> Error {
     }
 }
 
-fn first_repeated(envs: &[Envelope]) -> Option<MessageId> {
+fn first_repeated(ids: &[MessageId]) -> Option<MessageId> {
     let mut seen = std::collections::HashSet::<Uuid>::new();
-    envs.iter()
-        .map(|env| env.id)
-        .find(|id| !seen.insert(id.as_uuid()))
+    ids.iter().copied().find(|id| !seen.insert(id.as_uuid()))
 }
 
 // ---------------------------------------------------------------------------------------

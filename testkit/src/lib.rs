@@ -20,6 +20,8 @@
 //! - `proxy`: [`TcpProxy`] — latency, stall and cut between a client and a server
 //! - `wait`: [`wait_until`], [`wait_for`] and [`wait_for_every`] (poll a condition, or a
 //!   fallible one, with a deadline) and [`free_port`]
+//! - [`logical`]: a `pgoutput` slot read through SQL, to check the logical messages producers
+//!   wrote
 //! - `backend`: [`Backend`] (process or containers) and `TESTKIT_BACKEND`
 //! - `containers` (private, feature `containers`): a server as a container, its controls
 //!   through testcontainers and the `docker` CLI; PostgreSQL and nats-server images' settings
@@ -44,6 +46,7 @@ mod backend;
 mod containers;
 mod error;
 mod listening;
+pub mod logical;
 mod nats;
 mod postgres;
 mod process;
