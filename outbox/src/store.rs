@@ -544,3 +544,13 @@ pub async fn vacuum(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         .await?;
     Ok(())
 }
+
+/// Deletes rows by id (the WAL relay's cleanup of rows it read from the log and published);
+/// returns how many were deleted.
+pub async fn delete_by_ids(conn: &mut PgConnection, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM outbox_message WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}

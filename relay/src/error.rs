@@ -34,6 +34,17 @@ pub enum Error {
         /// The panic message, or why it ended.
         reason: String,
     },
+    /// The WAL source cannot work: `wal_level` is not `logical`, the role lacks
+    /// REPLICATION, the slot is missing or of another kind, or the replication stream
+    /// failed in a way retrying cannot mend (a message of an unknown format version). The
+    /// slot is never advanced past what was not published.
+    #[error("replication slot {slot}: {reason}")]
+    Slot {
+        /// The slot's name.
+        slot: String,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// The HTTP listener could not start.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {

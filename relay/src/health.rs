@@ -19,6 +19,12 @@ struct Inner {
     backlog: AtomicU64,
     in_flight: AtomicUsize,
     failed: AtomicBool,
+    /// The WAL source runs (else the table source).
+    wal: AtomicBool,
+    wal_streaming: AtomicBool,
+    wal_standby: AtomicBool,
+    /// Cleared when the stats task finds the slot gone.
+    wal_slot_missing: AtomicBool,
 }
 
 /// A snapshot of [`Health`], as served on `/health/ready`.
@@ -36,14 +42,28 @@ pub struct HealthReport {
     pub backlog: u64,
     /// Messages awaiting a PubAck.
     pub in_flight: usize,
+    /// `table` (polling `outbox_message`) or `wal` (streaming a replication slot).
+    pub source: &'static str,
+    /// WAL source: this instance streams the slot now.
+    pub streaming: bool,
+    /// WAL source: another instance streams the slot; this one waits to take over.
+    pub standby: bool,
 }
 
 impl Health {
     /// Ready to publish: database and broker reachable, and no task of the relay failed.
+    /// With the WAL source, also: the slot exists and this instance streams it or waits as
+    /// a standby while another does (reconnecting is not ready).
     pub fn is_ready(&self) -> bool {
-        self.inner.database_ok.load(Ordering::Relaxed)
-            && self.inner.broker_ok.load(Ordering::Relaxed)
-            && !self.inner.failed.load(Ordering::Relaxed)
+        let i = &self.inner;
+        let wal_ok = !i.wal.load(Ordering::Relaxed)
+            || (!i.wal_slot_missing.load(Ordering::Relaxed)
+                && (i.wal_streaming.load(Ordering::Relaxed)
+                    || i.wal_standby.load(Ordering::Relaxed)));
+        i.database_ok.load(Ordering::Relaxed)
+            && i.broker_ok.load(Ordering::Relaxed)
+            && !i.failed.load(Ordering::Relaxed)
+            && wal_ok
     }
 
     /// The current state.
@@ -56,6 +76,13 @@ impl Health {
             partitions_owned: i.partitions.load(Ordering::Relaxed),
             backlog: i.backlog.load(Ordering::Relaxed),
             in_flight: i.in_flight.load(Ordering::Relaxed),
+            source: if i.wal.load(Ordering::Relaxed) {
+                "wal"
+            } else {
+                "table"
+            },
+            streaming: i.wal_streaming.load(Ordering::Relaxed),
+            standby: i.wal_standby.load(Ordering::Relaxed),
         }
     }
 
@@ -78,6 +105,21 @@ impl Health {
 
     pub(crate) fn set_backlog(&self, n: u64) {
         self.inner.backlog.store(n, Ordering::Relaxed);
+    }
+
+    /// The WAL source's state: streaming the slot, or waiting as a standby (neither:
+    /// connecting or reconnecting).
+    pub(crate) fn set_wal(&self, streaming: bool, standby: bool) {
+        self.inner.wal.store(true, Ordering::Relaxed);
+        self.inner.wal_streaming.store(streaming, Ordering::Relaxed);
+        self.inner.wal_standby.store(standby, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::WAL_STREAMING).set(if streaming { 1.0 } else { 0.0 });
+    }
+
+    pub(crate) fn set_slot_exists(&self, exists: bool) {
+        self.inner
+            .wal_slot_missing
+            .store(!exists, Ordering::Relaxed);
     }
 
     pub(crate) fn set_in_flight(&self, n: usize) {

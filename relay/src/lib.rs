@@ -36,6 +36,8 @@
 //! - [`metrics`]: metric names.
 //! - [`error`]: the crate error, [`Error`].
 //! - `supervisor` (private): runs the relay's tasks and reports the first that fails.
+//! - [`wal`]: the WAL source, [`wal::WalRelay`]: publishes from a logical replication slot
+//!   (log storage messages and `outbox_message` INSERTs) instead of polling.
 
 pub mod config;
 mod dispatcher;
@@ -49,6 +51,7 @@ pub mod publisher;
 pub mod reconcile;
 pub mod store;
 mod supervisor;
+pub mod wal;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -204,7 +207,11 @@ pub async fn run<P: Publisher>(
     Relay::new(config, pool, publisher)?.run(shutdown).await
 }
 
-async fn watch_broker<P: Publisher>(publisher: Arc<P>, health: Health, stop: CancellationToken) {
+pub(crate) async fn watch_broker<P: Publisher>(
+    publisher: Arc<P>,
+    health: Health,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {

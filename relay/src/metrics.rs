@@ -27,3 +27,14 @@ pub const PARTITIONS_OWNED: &str = "relay_partitions_owned";
 pub const PUBLISH_LATENCY: &str = "relay_publish_latency_seconds";
 /// Histogram: rows per claim.
 pub const BATCH_SIZE: &str = "relay_batch_size";
+/// WAL source: bytes of WAL the slot keeps (current position minus its `restart_lsn`).
+pub const WAL_RETAINED_BYTES: &str = "relay_wal_retained_bytes";
+/// WAL source: bytes between the current position and the slot's confirmed position.
+pub const WAL_LAG_BYTES: &str = "relay_wal_lag_bytes";
+/// WAL source: age of the oldest commit read from the log and not yet confirmed, seconds
+/// (0 when everything read is confirmed).
+pub const WAL_OLDEST_UNCONFIRMED_AGE: &str = "relay_wal_oldest_unconfirmed_age_seconds";
+/// WAL source: messages read from the log and not yet acknowledged or dead-lettered.
+pub const WAL_UNRESOLVED: &str = "relay_wal_unresolved";
+/// WAL source: 1 while this instance streams the slot, 0 as a standby or reconnecting.
+pub const WAL_STREAMING: &str = "relay_wal_streaming";

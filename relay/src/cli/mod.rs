@@ -8,12 +8,14 @@
 //! - `status`: `relay status`.
 //! - `notify`: `relay notify`.
 //! - `reconcile`: `relay reconcile`.
+//! - `slot`: `relay slot create|status|drop`, the slot of `run --source wal`.
 
 mod duration;
 mod migrate;
 mod notify;
 mod reconcile;
 mod run;
+mod slot;
 mod status;
 mod stream;
 
@@ -122,6 +124,8 @@ enum Command {
     Notify(notify::NotifyArgs),
     /// Republish rows published since a time that the stream no longer holds.
     Reconcile(reconcile::ReconcileArgs),
+    /// Create, show or drop the replication slot of `run --source wal`.
+    Slot(slot::SlotArgs),
 }
 
 impl Cli {
@@ -135,6 +139,7 @@ impl Cli {
             Command::Status(args) => status::status(global, args).await,
             Command::Notify(args) => notify::notify(global, args).await,
             Command::Reconcile(args) => reconcile::reconcile(global, args).await,
+            Command::Slot(args) => slot::slot(global, args).await,
         }
     }
 }
@@ -157,11 +162,16 @@ impl Global {
         }
     }
 
+    /// `--database-url`, or an error naming how to give it.
+    fn database_url(&self) -> anyhow::Result<&str> {
+        self.database_url
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("no database: set DATABASE_URL or pass --database-url"))
+    }
+
     /// A lazily connecting pool of up to `connections` connections to `--database-url`.
     fn pool(&self, connections: u32) -> anyhow::Result<PgPool> {
-        let url = self.database_url.as_deref().ok_or_else(|| {
-            anyhow::anyhow!("no database: set DATABASE_URL or pass --database-url")
-        })?;
+        let url = self.database_url()?;
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?;

@@ -74,8 +74,23 @@ pub(super) struct RunArgs {
     /// Create or verify the stream before starting (with --duplicate-window, --replicas).
     #[arg(long, env = "RELAY_ENSURE_STREAM")]
     ensure_stream: bool,
+    /// Where to read the outbox: `table` polls outbox_message; `wal` streams the
+    /// replication slot made by `relay slot create` (log storage and table INSERTs).
+    #[arg(long, env = "RELAY_SOURCE", value_enum, default_value = "table")]
+    source: Source,
+    /// The replication slot (and publication) of `--source wal`.
+    #[arg(long, env = "RELAY_SLOT", default_value = relay::wal::SlotName::DEFAULT)]
+    slot: String,
     #[command(flatten)]
     stream: StreamSettings,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    /// Poll `outbox_message` (claims, partitions, marks).
+    Table,
+    /// Stream a logical replication slot.
+    Wal,
 }
 
 impl RunArgs {
@@ -125,18 +140,35 @@ pub(super) async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
         ensure_stream(publisher.context(), &args.stream.spec(global)).await?;
     }
     let prometheus = install_metrics_recorder()?;
-    let relay = relay::Relay::new(config, pool, publisher)?;
     let stop = CancellationToken::new();
     let listener = http::bind(args.http_addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /health, /health/ready, /metrics");
-    let server = tokio::spawn(http::serve(
-        listener,
-        relay.health(),
-        Some(prometheus),
-        stop.clone(),
-    ));
-    relay.run(shutdown_signal()).await?;
+    let serve = |health| {
+        tokio::spawn(http::serve(
+            listener,
+            health,
+            Some(prometheus),
+            stop.clone(),
+        ))
+    };
+    let (server, result) = match args.source {
+        Source::Table => {
+            let relay = relay::Relay::new(config, pool, publisher)?;
+            let server = serve(relay.health());
+            (server, relay.run(shutdown_signal()).await)
+        }
+        Source::Wal => {
+            let settings = relay::wal::WalSettings {
+                slot: relay::wal::SlotName::new(args.slot.clone())?,
+                database_url: global.database_url()?.to_owned(),
+            };
+            let relay = relay::wal::WalRelay::new(config, settings, pool, publisher)?;
+            let server = serve(relay.health());
+            (server, relay.run(shutdown_signal()).await)
+        }
+    };
     stop.cancel();
+    result?;
     server.await??;
     Ok(())
 }

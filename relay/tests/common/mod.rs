@@ -32,8 +32,30 @@ pub async fn env() -> Env {
     env_with(testkit::NatsServerConfig::default()).await
 }
 
+/// As [`env`], with PostgreSQL at `wal_level=logical` (for `--source wal`).
+pub async fn env_logical() -> Env {
+    env_of(
+        testkit::PostgresConfig {
+            logical_decoding: true,
+            ..testkit::PostgresConfig::default()
+        },
+        testkit::NatsServerConfig::default(),
+    )
+    .await
+}
+
 pub async fn env_with(nats_config: testkit::NatsServerConfig) -> Env {
-    let (pg, nats) = tokio::join!(Postgres::start(), NatsServer::start_with(nats_config));
+    env_of(testkit::PostgresConfig::default(), nats_config).await
+}
+
+pub async fn env_of(
+    pg_config: testkit::PostgresConfig,
+    nats_config: testkit::NatsServerConfig,
+) -> Env {
+    let (pg, nats) = tokio::join!(
+        Postgres::start_with(pg_config),
+        NatsServer::start_with(nats_config)
+    );
     let (pg, nats) = (
         pg.expect("start PostgreSQL"),
         nats.expect("start nats-server"),
@@ -372,6 +394,25 @@ impl RelayProcess {
     /// SIGKILL, and waits until it is gone.
     pub fn sigkill(&mut self) {
         self.process.kill().expect("SIGKILL the relay");
+    }
+
+    /// Waits (up to `deadline`) for the process to exit on its own.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let process = &mut self.process;
+        let mut status = None;
+        wait_until(deadline, "the relay exits", || {
+            status = status.or_else(|| process.exit_status());
+            let done = status.is_some();
+            async move { done }
+        })
+        .await
+        .expect("the relay exits");
+        status.expect("exited")
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        self.process.log_tail()
     }
 
     /// SIGTERM, then waits (up to `deadline`) for the process to exit.

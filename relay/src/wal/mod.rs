@@ -1,0 +1,162 @@
+//! The WAL source (`relay run --source wal`): publishes the outbox from a logical
+//! replication slot instead of polling `outbox_message`.
+//!
+//! What it reads: the log storage's messages (`pg_logical_emit_message` with prefix
+//! `outbox`, see [`envelope::wal`]) and INSERTs into `outbox_message` (so producers that
+//! write rows, in any language, need no change), in commit order, through the publication
+//! and `pgoutput` slot that `relay slot create` makes (both named `outbox_relay` by default).
+//!
+//! # Guarantees
+//! - Every outbox message committed after the slot was created is published at least once,
+//!   deduplicated by the broker (`Nats-Msg-Id`) inside its duplicate window.
+//! - One key's messages are published in commit order, never two of a key unacknowledged.
+//! - The slot's confirmed position only passes transactions whose every message is
+//!   acknowledged or dead-lettered (and whose table rows are deleted), and it is reported to
+//!   the server at least every second: after a crash, at most the unconfirmed tail is sent
+//!   again, and the duplicate window absorbs it.
+//! - A message that cannot be published (invalid, or permanently refused
+//!   `max_permanent_attempts` times) goes to `dead_letter` with its reason.
+//! - A log message of an unknown format version stops the relay with an error before its
+//!   transaction is confirmed: it is read again by a newer relay, never skipped.
+//! - One instance streams the slot; others wait as hot standbys and take over within about
+//!   a second of its session ending (a killed relay's session ends with its connection).
+//! - Readiness is false while the slot is missing or this instance is reconnecting; a slot
+//!   that disappears stops the relay with an error.
+//!
+//! # Layout
+//! - [`store`]: the slot, its publication and prerequisites (SQL), the pipeline's writes.
+//! - `decode` (private): replication records to outbox messages (log messages, `pgoutput`
+//!   INSERTs in binary format).
+//! - `pipeline` (private): per-key publishing, retries, dead letters, the confirmed position.
+//! - `session` (private): the replication connection, standby and reconnection.
+//! - `metrics` (private): the WAL gauges.
+
+mod decode;
+mod metrics;
+mod pipeline;
+mod session;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::FutureExt;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use self::store::{SlotName, SlotStatus};
+use crate::config::RelayConfig;
+use crate::error::Error;
+use crate::health::Health;
+use crate::publisher::Publisher;
+
+/// Where the WAL source reads.
+#[derive(Debug, Clone)]
+pub struct WalSettings {
+    /// The slot and its publication.
+    pub slot: SlotName,
+    /// A `postgres://` URL for the replication connection (its role needs REPLICATION). TLS
+    /// is not supported on it yet: a URL with `sslmode=require` (or `verify-*`) is refused.
+    pub database_url: String,
+}
+
+/// A relay publishing from a replication slot; see the module docs.
+pub struct WalRelay<P> {
+    config: RelayConfig,
+    settings: WalSettings,
+    pool: PgPool,
+    publisher: Arc<P>,
+    health: Health,
+}
+
+impl<P: Publisher> WalRelay<P> {
+    /// Validates the configuration. `pool` serves dead letters, row deletes and slot checks.
+    pub fn new(
+        config: RelayConfig,
+        settings: WalSettings,
+        pool: PgPool,
+        publisher: P,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        let health = Health::default();
+        health.set_wal(false, false);
+        Ok(WalRelay {
+            config,
+            settings,
+            pool,
+            publisher: Arc::new(publisher),
+            health,
+        })
+    }
+
+    /// The readiness state, updated while the relay runs.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    /// Publishes until `shutdown` completes, then finishes what is in flight, confirms it and
+    /// closes the session. Fails at start when `wal_level` is not `logical`, the role lacks
+    /// REPLICATION or the slot is missing; fails later only when the slot disappears, its WAL
+    /// is lost, or a message has an unknown format version.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let WalRelay {
+            config,
+            settings,
+            pool,
+            publisher,
+            health,
+        } = self;
+        {
+            let mut conn = pool.acquire().await?;
+            store::check_prerequisites(&mut conn, &settings.slot).await?;
+            if store::status(&mut conn, &settings.slot).await?.is_none() {
+                return Err(Error::Slot {
+                    slot: settings.slot.to_string(),
+                    reason: "it does not exist: create it with `relay slot create` (before producers write to the log)".to_owned(),
+                });
+            }
+        }
+        health.set_database(true);
+        health.set_broker(publisher.is_connected());
+        tracing::info!(instance = %config.instance_id, slot = %settings.slot, "relay starting (WAL source)");
+        let stop = CancellationToken::new();
+        let stats = tokio::spawn(metrics::slot_stats(
+            config.clone(),
+            settings.slot.clone(),
+            pool.clone(),
+            health.clone(),
+            stop.clone(),
+        ));
+        let broker = tokio::spawn(crate::watch_broker(
+            publisher.clone(),
+            health.clone(),
+            stop.clone(),
+        ));
+        let mut stream = session::run(
+            config.clone(),
+            settings,
+            pool,
+            publisher,
+            health.clone(),
+            stop.clone(),
+        )
+        .boxed();
+        let result = tokio::select! {
+            result = &mut stream => result,
+            () = shutdown => {
+                stop.cancel();
+                stream.await
+            }
+        };
+        stop.cancel();
+        let _ = stats.await;
+        let _ = broker.await;
+        if let Err(e) = &result {
+            health.set_failed();
+            tracing::error!(instance = %config.instance_id, error = %e, "relay stopped");
+        } else {
+            tracing::info!(instance = %config.instance_id, "relay stopped");
+        }
+        result
+    }
+}

@@ -1,0 +1,529 @@
+//! The WAL relay's publishing pipeline: messages in commit order, many PubAcks in flight,
+//! never two unacknowledged messages of one key, and the confirmed position.
+//!
+//! The stream hands over each transaction's messages as they arrive ([`Pipeline::begin`],
+//! [`Pipeline::push`], [`Pipeline::commit`]); with `pgoutput` protocol 1 a transaction is
+//! only sent once it has committed, so its messages are published at once. Each message
+//! joins its key's queue; only a queue's head is in flight. A transaction is *resolved*
+//! when every message of it is acknowledged or dead-lettered; resolved transactions are
+//! confirmed in commit order, after the table rows among them are deleted, so that a crash
+//! at any point re-reads (and re-sends, inside the broker's duplicate window) what was not
+//! confirmed, and never skips anything. [`Pipeline::confirmed`] is the end of the last
+//! transaction confirmed so far: the position the slot may advance to.
+//!
+//! Failures: a transient publish failure retries the head after a backoff, holding its key
+//! (other keys go on); a permanent one does too, until `max_permanent_attempts`, then the
+//! message is dead-lettered with the broker's reason. Poison messages are dead-lettered at
+//! once. A dead letter or delete that cannot be written is retried with backoff: nothing
+//! is confirmed past it meanwhile.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envelope::Envelope;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use pgwire_replication::Lsn;
+use sqlx::PgPool;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::decode::{Decoded, Poison};
+use super::store;
+use crate::config::RelayConfig;
+use crate::metrics as m;
+use crate::publisher::{Ack, PublishError, Publisher};
+
+/// The queue of poison messages: no partition key can be empty, so no key collides.
+const POISON_QUEUE: &str = "";
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// One message waiting in its key's queue.
+struct Item {
+    txn: u64,
+    what: What,
+    attempts: u32,
+    permanent_failures: u32,
+}
+
+enum What {
+    Publish {
+        envelope: Box<Envelope>,
+        row: Option<Uuid>,
+    },
+    DeadLetter {
+        poison: Box<Poison>,
+        reason: &'static str,
+    },
+}
+
+/// A transaction's progress.
+struct Txn {
+    no: u64,
+    commit_time_micros: i64,
+    /// Known once its Commit arrived.
+    end_lsn: Option<Lsn>,
+    committed: bool,
+    open: usize,
+    rows: Vec<Uuid>,
+}
+
+/// What finished.
+enum Done {
+    Ack {
+        key: Arc<str>,
+        sent_at: Instant,
+        result: Result<Ack, PublishError>,
+    },
+    DeadLetter {
+        key: Arc<str>,
+        result: Result<(), String>,
+    },
+    Retry {
+        key: Arc<str>,
+    },
+    Confirm {
+        lsn: Option<Lsn>,
+        rows: Vec<Uuid>,
+        result: Result<(), String>,
+    },
+    /// The pause after a failed confirmation is over.
+    ConfirmAgain,
+}
+
+/// See the module docs.
+pub(crate) struct Pipeline<P> {
+    config: RelayConfig,
+    pool: PgPool,
+    publisher: Arc<P>,
+    txns: VecDeque<Txn>,
+    next_txn: u64,
+    queues: HashMap<Arc<str>, VecDeque<Item>>,
+    /// Keys whose head is in flight, being dead-lettered or waiting for its retry.
+    busy: HashSet<Arc<str>>,
+    /// Keys whose head can go, in arrival order.
+    ready: VecDeque<Arc<str>>,
+    in_flight: usize,
+    /// Messages pushed and not resolved.
+    unresolved: usize,
+    pending: FuturesUnordered<BoxFuture<Done>>,
+    /// Between a Begin and its Commit.
+    in_transaction: bool,
+    /// Resolved transactions not yet confirmed: their end and table rows.
+    resolved: Vec<(Option<Lsn>, Vec<Uuid>)>,
+    confirming: bool,
+    confirm_failures: u32,
+    confirmed: Option<Lsn>,
+}
+
+impl<P: Publisher> Pipeline<P> {
+    pub(crate) fn new(config: RelayConfig, pool: PgPool, publisher: Arc<P>) -> Self {
+        Pipeline {
+            config,
+            pool,
+            publisher,
+            txns: VecDeque::new(),
+            next_txn: 0,
+            queues: HashMap::new(),
+            busy: HashSet::new(),
+            ready: VecDeque::new(),
+            in_flight: 0,
+            unresolved: 0,
+            pending: FuturesUnordered::new(),
+            in_transaction: false,
+            resolved: Vec::new(),
+            confirming: false,
+            confirm_failures: 0,
+            confirmed: None,
+        }
+    }
+
+    /// Opens the next transaction (its messages follow, then [`Pipeline::commit`]).
+    pub(crate) fn begin(&mut self) {
+        self.begin_at(0);
+    }
+
+    /// Opens the next transaction, committed at `commit_time_micros` (since 2000-01-01, as
+    /// the stream gives it).
+    pub(crate) fn begin_at(&mut self, commit_time_micros: i64) {
+        self.in_transaction = true;
+        self.txns.push_back(Txn {
+            commit_time_micros,
+            no: self.next_txn,
+            end_lsn: None,
+            committed: false,
+            open: 0,
+            rows: Vec::new(),
+        });
+        self.next_txn += 1;
+    }
+
+    /// Adds a message of the open transaction and sends what can go.
+    pub(crate) fn push(&mut self, decoded: Decoded) {
+        if !self.in_transaction {
+            // A message outside a transaction (a non-transactional emit): its own
+            // transaction, with no position of its own to confirm.
+            self.begin();
+            self.push(decoded);
+            self.in_transaction = false;
+            if let Some(txn) = self.txns.back_mut() {
+                txn.committed = true;
+            }
+            return self.advance();
+        }
+        let Some(txn) = self.txns.back_mut() else {
+            return;
+        };
+        txn.open += 1;
+        let no = txn.no;
+        self.unresolved += 1;
+        let (key, what): (Arc<str>, What) = match decoded {
+            Decoded::Envelope { envelope, row } => (
+                Arc::from(envelope.partition_key.as_str()),
+                What::Publish { envelope, row },
+            ),
+            Decoded::Poison(poison) => (
+                Arc::from(POISON_QUEUE),
+                What::DeadLetter {
+                    poison,
+                    reason: dlq::reason::DECODE,
+                },
+            ),
+        };
+        let queue = self.queues.entry(key.clone()).or_default();
+        queue.push_back(Item {
+            txn: no,
+            what,
+            attempts: 0,
+            permanent_failures: 0,
+        });
+        if queue.len() == 1 && !self.busy.contains(&key) {
+            self.ready.push_back(key);
+        }
+        self.send_ready();
+    }
+
+    /// Closes the open transaction at its commit's end position.
+    pub(crate) fn commit(&mut self, end_lsn: Lsn) {
+        if self.in_transaction
+            && let Some(txn) = self.txns.back_mut()
+        {
+            txn.end_lsn = Some(end_lsn);
+            txn.committed = true;
+        }
+        self.in_transaction = false;
+        self.advance();
+    }
+
+    /// Messages pushed and not yet acknowledged or dead-lettered.
+    pub(crate) fn unresolved(&self) -> usize {
+        self.unresolved
+    }
+
+    /// PubAcks awaited now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The commit time (microseconds since 2000-01-01) of the oldest transaction not yet
+    /// confirmed, if any.
+    pub(crate) fn oldest_unconfirmed_commit(&self) -> Option<i64> {
+        self.txns.front().map(|t| t.commit_time_micros)
+    }
+
+    /// Nothing is open, unresolved or waiting to be confirmed.
+    pub(crate) fn is_idle(&self) -> bool {
+        !self.in_transaction && self.txns.is_empty() && self.resolved.is_empty() && !self.confirming
+    }
+
+    /// The end of the last transaction confirmed (rows deleted, everything published).
+    pub(crate) fn confirmed(&self) -> Option<Lsn> {
+        self.confirmed
+    }
+
+    /// Confirms a position with nothing before it outstanding (a keepalive's, when idle).
+    pub(crate) fn confirm_idle(&mut self, lsn: Lsn) {
+        if self.is_idle() && self.confirmed.is_none_or(|c| lsn > c) {
+            self.confirmed = Some(lsn);
+        }
+    }
+
+    /// Whether [`Pipeline::step`] has anything to wait for.
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Waits for the next ack, dead letter, retry timer or confirmation and acts on it.
+    /// Cancel-safe: what finished is handled by the next call.
+    pub(crate) async fn step(&mut self) {
+        let Some(done) = self.pending.next().await else {
+            return std::future::pending().await;
+        };
+        match done {
+            Done::Ack {
+                key,
+                sent_at,
+                result,
+            } => {
+                self.in_flight -= 1;
+                metrics::gauge!(m::IN_FLIGHT).set(self.in_flight as f64);
+                match result {
+                    Ok(ack) => {
+                        metrics::histogram!(m::PUBLISH_LATENCY)
+                            .record(sent_at.elapsed().as_secs_f64());
+                        metrics::counter!(m::PUBLISHED).increment(1);
+                        if ack.duplicate {
+                            metrics::counter!(m::DUPLICATES).increment(1);
+                        }
+                        self.resolve_head(&key);
+                    }
+                    Err(e) => self.publish_failed(key, e),
+                }
+            }
+            Done::DeadLetter { key, result } => match result {
+                Ok(()) => {
+                    if let Some(Item {
+                        what: What::DeadLetter { reason, .. },
+                        ..
+                    }) = self.queues.get(&key).and_then(|q| q.front())
+                    {
+                        metrics::counter!(m::DEAD_LETTERED, "reason" => *reason).increment(1);
+                    }
+                    self.resolve_head(&key)
+                }
+                Err(e) => {
+                    metrics::counter!(m::DEAD_LETTER_WRITE_FAILURES).increment(1);
+                    tracing::error!(error = %e, "cannot write a dead letter; retrying (nothing after it is confirmed meanwhile)");
+                    let attempts = self.head_mut(&key).map_or(1, |item| {
+                        item.attempts += 1;
+                        item.attempts
+                    });
+                    self.retry_later(key, attempts);
+                }
+            },
+            Done::Retry { key } => {
+                self.busy.remove(&key);
+                self.ready.push_back(key);
+            }
+            Done::Confirm { lsn, rows, result } => {
+                self.confirming = false;
+                match result {
+                    Ok(()) => {
+                        self.confirm_failures = 0;
+                        if lsn.is_some() {
+                            self.confirmed = lsn.max(self.confirmed);
+                        }
+                    }
+                    Err(e) => {
+                        self.confirm_failures += 1;
+                        tracing::warn!(error = %e, "cannot delete relayed outbox rows; retrying before confirming");
+                        // Back in front, in order; nothing is confirmed until they are gone.
+                        self.resolved.insert(0, (lsn, rows));
+                        self.confirming = true;
+                        let delay = self.delay(self.confirm_failures);
+                        self.pending.push(Box::pin(async move {
+                            tokio::time::sleep(delay).await;
+                            Done::ConfirmAgain
+                        }));
+                        return;
+                    }
+                }
+                self.start_confirm();
+            }
+            Done::ConfirmAgain => {
+                self.confirming = false;
+                self.start_confirm();
+            }
+        }
+        self.send_ready();
+    }
+
+    fn head_mut(&mut self, key: &Arc<str>) -> Option<&mut Item> {
+        self.queues.get_mut(key).and_then(|q| q.front_mut())
+    }
+
+    fn delay(&self, attempt: u32) -> Duration {
+        outbox::backoff::delay(
+            self.config.retry_min_delay,
+            self.config.retry_max_delay,
+            attempt,
+        )
+    }
+
+    fn retry_later(&mut self, key: Arc<str>, attempt: u32) {
+        metrics::counter!(m::RETRIED).increment(1);
+        let delay = self.delay(attempt);
+        self.pending.push(Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Done::Retry { key }
+        }));
+    }
+
+    fn publish_failed(&mut self, key: Arc<str>, error: PublishError) {
+        metrics::counter!(m::FAILED, "kind" => error.kind.as_str()).increment(1);
+        let max_permanent = self.config.max_permanent_attempts;
+        let Some(item) = self.head_mut(&key) else {
+            return;
+        };
+        item.attempts += 1;
+        let attempts = item.attempts;
+        if error.kind.is_permanent() {
+            item.permanent_failures += 1;
+            if item.permanent_failures >= max_permanent {
+                if let What::Publish { envelope, row } = &item.what {
+                    tracing::warn!(id = %envelope.id, kind = error.kind.as_str(), error = %error.message, "dead-lettering a message after its permanent failures");
+                    item.what = What::DeadLetter {
+                        poison: Box::new(poison_of(envelope, *row, &error)),
+                        reason: error.kind.as_str(),
+                    };
+                }
+                self.busy.remove(&key);
+                self.ready.push_front(key);
+                return;
+            }
+        }
+        tracing::debug!(key = %key, attempts, error = %error, "publish failed; retrying after a delay");
+        self.retry_later(key, attempts);
+    }
+
+    /// The head of `key` is done: the next of its queue may go, its transaction may resolve.
+    fn resolve_head(&mut self, key: &Arc<str>) {
+        self.busy.remove(key);
+        let Some(queue) = self.queues.get_mut(key) else {
+            return;
+        };
+        let Some(item) = queue.pop_front() else {
+            return;
+        };
+        if queue.is_empty() {
+            self.queues.remove(key);
+        } else {
+            self.ready.push_back(key.clone());
+        }
+        self.unresolved -= 1;
+        let row = match &item.what {
+            What::Publish { row, .. } => *row,
+            What::DeadLetter { poison, .. } => poison.row,
+        };
+        let first = self.txns.front().map_or(0, |t| t.no);
+        if let Some(txn) = usize::try_from(item.txn - first)
+            .ok()
+            .and_then(|i| self.txns.get_mut(i))
+        {
+            txn.open -= 1;
+            txn.rows.extend(row);
+        }
+        self.advance();
+    }
+
+    /// Moves the resolved, committed transactions at the front to confirmation.
+    fn advance(&mut self) {
+        while self
+            .txns
+            .front()
+            .is_some_and(|t| t.committed && t.open == 0)
+        {
+            if let Some(txn) = self.txns.pop_front() {
+                self.resolved.push((txn.end_lsn, txn.rows));
+            }
+        }
+        self.start_confirm();
+    }
+
+    /// Confirms every resolved transaction: at once if they hold no table row, else after
+    /// one statement deletes their rows. One confirmation at a time, in order.
+    fn start_confirm(&mut self) {
+        if self.confirming || self.resolved.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.resolved);
+        let lsn = batch.iter().filter_map(|(lsn, _)| *lsn).max();
+        let rows: Vec<Uuid> = batch.into_iter().flat_map(|(_, rows)| rows).collect();
+        if rows.is_empty() {
+            if lsn.is_some() {
+                self.confirmed = lsn.max(self.confirmed);
+            }
+            return;
+        }
+        self.confirming = true;
+        let pool = self.pool.clone();
+        let timeout = self.config.db_timeout;
+        self.pending.push(Box::pin(async move {
+            let result = store::delete_relayed(&pool, &rows, timeout)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
+            Done::Confirm { lsn, rows, result }
+        }));
+    }
+
+    /// Sends the heads of ready keys while the window has room.
+    fn send_ready(&mut self) {
+        while self.in_flight < self.config.max_in_flight {
+            let Some(key) = self.ready.pop_front() else {
+                return;
+            };
+            if self.busy.contains(&key) {
+                continue;
+            }
+            let Some(item) = self.queues.get(&key).and_then(|q| q.front()) else {
+                continue;
+            };
+            self.busy.insert(key.clone());
+            match &item.what {
+                What::Publish { envelope, .. } => {
+                    let publisher = self.publisher.clone();
+                    let envelope = envelope.clone();
+                    self.in_flight += 1;
+                    metrics::gauge!(m::IN_FLIGHT).set(self.in_flight as f64);
+                    // Only one message per key is ever out, so the order in which these
+                    // futures reach the wire does not matter.
+                    let sent_at = Instant::now();
+                    self.pending.push(Box::pin(async move {
+                        let result = match publisher.publish(&envelope).await {
+                            Ok(ack) => ack.await,
+                            Err(e) => Err(e),
+                        };
+                        Done::Ack {
+                            key,
+                            sent_at,
+                            result,
+                        }
+                    }));
+                }
+                What::DeadLetter { poison, reason } => {
+                    let pool = self.pool.clone();
+                    let letter = store::dead_letter(poison, reason, item.attempts);
+                    let timeout = self.config.db_timeout;
+                    self.pending.push(Box::pin(async move {
+                        let result = store::record_dead_letter(&pool, &letter, timeout)
+                            .await
+                            .map_err(|e| e.to_string());
+                        Done::DeadLetter { key, result }
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// A message dead-lettered after permanent publish failures, with its wire headers so that
+/// `dlq retry` can rebuild it.
+fn poison_of(envelope: &Envelope, row: Option<Uuid>, error: &PublishError) -> Poison {
+    let headers = envelope::nats::to_headers(envelope)
+        .map(|map| dlq::headers_to_json(&map))
+        .unwrap_or_default();
+    Poison {
+        message_id: envelope.id.to_string(),
+        subject: envelope.subject.as_str().to_owned(),
+        partition_key: Some(envelope.partition_key.as_str().to_owned()),
+        headers,
+        payload: envelope.payload.to_vec(),
+        error: error.to_string(),
+        row,
+    }
+}

@@ -1,0 +1,245 @@
+//! The WAL source's SQL: the slot and its publication, prerequisites, and the writes the
+//! pipeline makes (dead letters through `dlq::store`, relayed rows through
+//! `outbox::store`).
+
+use std::time::Duration;
+
+use outbox::deadline::within;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::decode::Poison;
+use crate::error::Error;
+
+/// A slot and the publication it streams, named alike by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotName(String);
+
+impl SlotName {
+    /// The default: `outbox_relay`.
+    pub const DEFAULT: &'static str = "outbox_relay";
+
+    /// A slot name PostgreSQL accepts: 1 to 63 lower-case letters, digits and underscores.
+    pub fn new(name: impl Into<String>) -> Result<Self, Error> {
+        let name = name.into();
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if valid {
+            Ok(SlotName(name))
+        } else {
+            Err(Error::Config(format!(
+                "slot name {name:?}: use 1 to 63 lower-case letters, digits and underscores"
+            )))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for SlotName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct SlotStatus {
+    /// The slot's name.
+    pub slot: String,
+    /// Its output plugin (the relay's is `pgoutput`).
+    pub plugin: Option<String>,
+    /// Its database.
+    pub database: Option<String>,
+    /// A session streams it now.
+    pub active: bool,
+    /// That session's backend pid.
+    pub active_pid: Option<i32>,
+    /// Everything before this position is published and confirmed.
+    pub confirmed_flush_lsn: Option<String>,
+    /// The oldest WAL the slot keeps.
+    pub restart_lsn: Option<String>,
+    /// WAL bytes kept for the slot (current position minus `restart_lsn`).
+    pub retained_wal_bytes: Option<i64>,
+    /// Bytes between the current position and `confirmed_flush_lsn`: how far the relay is
+    /// behind.
+    pub lag_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (WAL removed past
+    /// `max_slot_wal_keep_size`: the slot can no longer stream).
+    pub wal_status: Option<String>,
+}
+
+/// Refuses to start without `wal_level = logical` and a role that may replicate.
+pub async fn check_prerequisites(conn: &mut PgConnection, slot: &SlotName) -> Result<(), Error> {
+    let refuse = |reason: String| Error::Slot {
+        slot: slot.to_string(),
+        reason,
+    };
+    let wal_level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(&mut *conn)
+        .await?;
+    if wal_level != "logical" {
+        return Err(refuse(format!(
+            "the server has wal_level = {wal_level}; the WAL source needs wal_level = logical (set it and restart PostgreSQL)"
+        )));
+    }
+    let may_replicate: bool = sqlx::query_scalar(
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !may_replicate {
+        let user: String = sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(&mut *conn)
+            .await?;
+        return Err(refuse(format!(
+            "role {user} lacks REPLICATION: ALTER ROLE {user} REPLICATION (or use a role that has it)"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the publication (INSERTs into `outbox_message`; logical messages need none) and
+/// the `pgoutput` slot, from the current position on. Returns false when both existed.
+/// Run it before the first producer writes to the log: a slot keeps only what is written
+/// after it.
+pub async fn create_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<bool, Error> {
+    check_prerequisites(conn, slot).await?;
+    let mut created = false;
+    let publication_exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)")
+            .bind(slot.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    if !publication_exists {
+        // The name is checked to be [a-z0-9_]: safe as an identifier.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE PUBLICATION {slot} FOR TABLE outbox_message WITH (publish = 'insert')"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        created = true;
+    }
+    match status(conn, slot).await? {
+        Some(existing) if existing.plugin.as_deref() != Some("pgoutput") => {
+            return Err(Error::Slot {
+                slot: slot.to_string(),
+                reason: format!(
+                    "it exists with plugin {:?}; the relay needs pgoutput: drop it or choose another name",
+                    existing.plugin
+                ),
+            });
+        }
+        Some(_) => {}
+        None => {
+            sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+                .bind(slot.as_str())
+                .execute(&mut *conn)
+                .await?;
+            created = true;
+        }
+    }
+    Ok(created)
+}
+
+/// The slot's state, or `None` when there is no such slot.
+pub async fn status(conn: &mut PgConnection, slot: &SlotName) -> Result<Option<SlotStatus>, Error> {
+    Ok(sqlx::query_as::<_, SlotStatus>(
+        "SELECT slot_name::text AS slot, plugin::text AS plugin, database::text AS database,
+                active, active_pid,
+                confirmed_flush_lsn::text AS confirmed_flush_lsn,
+                restart_lsn::text AS restart_lsn,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained_wal_bytes,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes,
+                wal_status
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot.as_str())
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+/// Drops the slot and its publication. Refused while a relay streams the slot (stop it
+/// first). Returns false when neither existed.
+pub async fn drop_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<bool, Error> {
+    let mut dropped = false;
+    if let Some(existing) = status(conn, slot).await? {
+        if existing.active {
+            return Err(Error::Slot {
+                slot: slot.to_string(),
+                reason: format!(
+                    "a relay streams it now (backend pid {}): stop it first",
+                    existing.active_pid.unwrap_or_default()
+                ),
+            });
+        }
+        sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(slot.as_str())
+            .execute(&mut *conn)
+            .await?;
+        dropped = true;
+    }
+    let publication: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)")
+            .bind(slot.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+    if publication {
+        // The name is checked to be [a-z0-9_]: safe as an identifier.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP PUBLICATION {slot}")))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(dropped || publication)
+}
+
+/// Deletes the table rows the relay read from the log and published, on a connection of
+/// `pool`, within `timeout`.
+pub(crate) async fn delete_relayed(
+    pool: &PgPool,
+    rows: &[Uuid],
+    timeout: Duration,
+) -> Result<u64, sqlx::Error> {
+    within(timeout, async {
+        let mut conn = pool.acquire().await?;
+        outbox::store::delete_by_ids(&mut conn, rows).await
+    })
+    .await
+}
+
+/// The dead letter of a message that cannot be published.
+pub(crate) fn dead_letter(poison: &Poison, reason: &str, attempts: u32) -> dlq::DeadLetter {
+    dlq::DeadLetter {
+        source: dlq::Source::Relay,
+        consumer: "relay".to_owned(),
+        message_id: poison.message_id.clone(),
+        subject: poison.subject.clone(),
+        partition_key: poison.partition_key.clone(),
+        headers: poison.headers.clone(),
+        payload: poison.payload.clone(),
+        reason: reason.to_owned(),
+        error_chain: vec![poison.error.clone()],
+        attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
+        stream: None,
+        stream_seq: None,
+    }
+}
+
+/// Writes a dead letter on a connection of `pool`, within `timeout`.
+pub(crate) async fn record_dead_letter(
+    pool: &PgPool,
+    letter: &dlq::DeadLetter,
+    timeout: Duration,
+) -> Result<(), sqlx::Error> {
+    within(timeout, async {
+        let mut conn = pool.acquire().await?;
+        dlq::store::record(&mut conn, letter).await.map(drop)
+    })
+    .await
+}

@@ -1,0 +1,400 @@
+//! `relay run --source wal` against a real PostgreSQL (`wal_level=logical`) and nats-server:
+//! log storage and table rows published exactly once in key order, the slot commands,
+//! standby takeover after SIGKILL, poison messages, an unknown format version, and the
+//! errors at start.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use outbox::{Message, MessageId, Outbox, OutboxConfig, Storage};
+use sqlx::PgPool;
+use testkit::wait_until;
+
+fn log_outbox() -> Outbox {
+    Outbox::with_config(OutboxConfig {
+        storage: Storage::Log,
+        ..OutboxConfig::for_source("relay-test")
+    })
+    .expect("outbox")
+}
+
+fn message(i: usize, keys: usize) -> (Message, String) {
+    let key = format!("key-{}", i % keys);
+    let msg = Message::json(
+        "test.event",
+        "test.event.v1",
+        key.clone(),
+        &serde_json::json!({ "i": i }),
+    )
+    .expect("json");
+    (msg, key)
+}
+
+/// `n` messages over `keys` keys, alternating in chunks between log storage (through
+/// `OutboxTransaction` and `enqueue_many`) and table rows, committed one after another: the
+/// commit order is the list's order.
+async fn enqueue_mixed(
+    pool: &PgPool,
+    from: usize,
+    n: usize,
+    keys: usize,
+) -> Vec<(MessageId, String)> {
+    let log = log_outbox();
+    let table = Outbox::new("relay-test").expect("outbox");
+    let mut out = Vec::with_capacity(n);
+    for (chunk, start) in (from..from + n).step_by(100).enumerate() {
+        let batch: Vec<(Message, String)> = (start..(from + n).min(start + 100))
+            .map(|i| message(i, keys))
+            .collect();
+        let keys: Vec<String> = batch.iter().map(|(_, k)| k.clone()).collect();
+        let ids = match chunk % 3 {
+            0 => {
+                let mut tx = log.begin(pool).await.expect("begin");
+                let ids: Vec<MessageId> = batch
+                    .into_iter()
+                    .map(|(m, _)| tx.enqueue_message(m).expect("buffered"))
+                    .collect();
+                tx.commit().await.expect("commit");
+                ids
+            }
+            1 => {
+                let mut conn = pool.acquire().await.expect("acquire");
+                log.enqueue_many(&mut conn, batch.into_iter().map(|(m, _)| m))
+                    .await
+                    .expect("enqueue")
+            }
+            _ => {
+                let mut conn = pool.acquire().await.expect("acquire");
+                table
+                    .enqueue_many(&mut conn, batch.into_iter().map(|(m, _)| m))
+                    .await
+                    .expect("enqueue")
+            }
+        };
+        out.extend(ids.into_iter().zip(keys));
+    }
+    out
+}
+
+fn slot_cli(env: &Env, action: &str) -> (i32, String, String) {
+    relay_cli(&["slot", action], &[("DATABASE_URL", env.db_url.as_str())])
+}
+
+async fn slot_status(env: &Env) -> serde_json::Value {
+    let (code, out, err) = slot_cli(env, "status");
+    assert_eq!(code, 0, "slot status: {err}");
+    serde_json::from_str(&out).expect("slot status is JSON")
+}
+
+async fn rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox_message")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_and_table_messages_are_published_once_in_key_order_and_rows_removed() {
+    let env = env_logical().await;
+    let (code, out, err) = slot_cli(&env, "create");
+    assert_eq!(code, 0, "slot create: {err}");
+    assert!(out.contains("slot outbox_relay created"), "{out}");
+    let (code, out, _) = slot_cli(&env, "create");
+    assert_eq!(code, 0);
+    assert!(out.contains("already exists"), "{out}");
+
+    let client = env.nats_client().await;
+    let mut expected = enqueue_mixed(&env.pool, 0, 3_000, 37).await;
+    let relay = spawn_relay(&env, "wal-1", &["--source", "wal"]);
+    // More while it streams.
+    expected.extend(enqueue_mixed(&env.pool, 3_000, 3_000, 37).await);
+    wait_until(
+        Duration::from_secs(60),
+        "every message in the stream",
+        || async { stream_count(&client).await as usize >= expected.len() },
+    )
+    .await
+    .expect("published");
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+    let pool = env.pool.clone();
+    wait_until(
+        Duration::from_secs(20),
+        "relayed table rows deleted",
+        || async { rows(&pool).await == 0 },
+    )
+    .await
+    .expect("rows deleted");
+
+    let (code, body) = http_get(relay.http, "/health/ready")
+        .await
+        .expect("ready endpoint");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"source\":\"wal\"") && body.contains("\"streaming\":true"),
+        "{body}"
+    );
+    // The confirmed position reaches the end of what was written, within seconds.
+    let end: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&env.pool)
+        .await
+        .expect("lsn");
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(10), "the slot confirmed everything", || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+        )
+        .bind(&end)
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(false)
+    })
+    .await
+    .expect("confirmed");
+    let status = slot_status(&env).await;
+    assert_eq!(status["active"], true, "{status}");
+    let (code, _, err) = slot_cli(&env, "drop");
+    assert_ne!(code, 0, "drop is refused while a relay streams the slot");
+    assert!(err.contains("a relay streams it now"), "{err}");
+    drop(relay);
+    wait_until(
+        Duration::from_secs(20),
+        "the killed relay's session ends",
+        || async { slot_status(&env).await["active"] == false },
+    )
+    .await
+    .expect("inactive");
+    let (code, out, err) = slot_cli(&env, "drop");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("dropped"), "{out}");
+    assert_ne!(slot_cli(&env, "status").0, 0, "no slot any more");
+}
+
+/// A slot dropped under a running relay: it turns not ready and stops with an error that
+/// names the slot, publishing nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_under_a_running_relay_stops_it_with_a_clear_error() {
+    let env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    let client = env.nats_client().await;
+    let expected = enqueue_mixed(&env.pool, 0, 500, 5).await;
+    let mut relay = spawn_relay(&env, "wal-d", &["--source", "wal"]);
+    wait_until(Duration::from_secs(30), "published", || async {
+        stream_count(&client).await as usize >= expected.len()
+    })
+    .await
+    .expect("published");
+    // End its session and drop the slot before it reconnects.
+    sqlx::query(
+        "SELECT pg_terminate_backend(active_pid), pg_sleep(0.05) FROM pg_replication_slots
+         WHERE slot_name = 'outbox_relay'",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("terminate the walsender");
+    let pool = env.pool.clone();
+    wait_until(Duration::from_secs(10), "the slot is dropped", || async {
+        sqlx::query("SELECT pg_drop_replication_slot('outbox_relay')")
+            .execute(&pool)
+            .await
+            .is_ok()
+    })
+    .await
+    .expect("dropped");
+    let exit = relay.wait_exit(Duration::from_secs(30)).await;
+    assert!(!exit.success(), "{exit}");
+    let log = relay.log_tail();
+    assert!(
+        log.contains("replication slot outbox_relay") && log.contains("does not exist"),
+        "{log}"
+    );
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+}
+
+/// Two relays on one slot: one streams, the other waits as a ready standby; SIGKILL the
+/// first mid-stream and the standby takes over from the confirmed position: nothing lost,
+/// nothing stored twice, keys in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_a_killed_relay_without_loss_or_disorder() {
+    let env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    let client = env.nats_client().await;
+    let mut first = spawn_relay(&env, "wal-a", &["--source", "wal"]);
+    let pool = env.pool.clone();
+    wait_until(
+        Duration::from_secs(20),
+        "the first relay streams",
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(false)
+        },
+    )
+    .await
+    .expect("streaming");
+    let second = spawn_relay(&env, "wal-b", &["--source", "wal"]);
+    wait_until(
+        Duration::from_secs(20),
+        "the second relay is a ready standby",
+        || async {
+            http_get(second.http, "/health/ready")
+                .await
+                .is_some_and(|(code, body)| code == 200 && body.contains("\"standby\":true"))
+        },
+    )
+    .await
+    .expect("standby");
+
+    let writer = {
+        let pool = env.pool.clone();
+        tokio::spawn(async move { enqueue_mixed(&pool, 0, 12_000, 53).await })
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the first relay publishes some",
+        || async { stream_count(&client).await >= 1_500 },
+    )
+    .await
+    .expect("publishing");
+    first.sigkill();
+    let expected = writer.await.expect("writer");
+    wait_until(
+        Duration::from_secs(90),
+        "the standby publishes the rest",
+        || async { stream_count(&client).await as usize >= expected.len() },
+    )
+    .await
+    .expect("taken over");
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+    let (code, body) = http_get(second.http, "/health/ready").await.expect("ready");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"streaming\":true"), "{body}");
+}
+
+/// Poison is dead-lettered and passed; a message of an unknown format version stops the
+/// relay with an error and is never confirmed: a restart stops at it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_is_dead_lettered_and_an_unknown_version_stops_unconfirmed() {
+    let env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    let client = env.nats_client().await;
+    let before = enqueue_mixed(&env.pool, 0, 300, 7).await;
+    sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', 'not an outbox message'::bytea)")
+        .execute(&env.pool)
+        .await
+        .expect("poison");
+    // A valid table row by SQL with a subject the broker would refuse: invalid row.
+    sqlx::query(
+        "INSERT INTO outbox_message (id, subject, event_type, source, partition_key, occurred_at, payload)
+         VALUES (gen_random_uuid(), 'test.bad subject', 'test.event.v1', 'sql', 'k', now(), '')",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("invalid row");
+    // Another prefix is not ours: ignored.
+    sqlx::query("SELECT pg_logical_emit_message(true, 'outboxx', 'x'::bytea)")
+        .execute(&env.pool)
+        .await
+        .expect("other prefix");
+    let mut relay = spawn_relay(&env, "wal-p", &["--source", "wal"]);
+    wait_until(
+        Duration::from_secs(30),
+        "published and dead-lettered",
+        || async {
+            stream_count(&client).await as usize >= before.len()
+                && env.count("SELECT count(*) FROM dead_letter").await == 2
+        },
+    )
+    .await
+    .expect("poison handled");
+    assert_exactly_once_in_key_order(&before, &stream_messages(&client).await);
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM dead_letter ORDER BY id")
+        .fetch_all(&env.pool)
+        .await
+        .expect("reasons");
+    assert_eq!(reasons, ["decode", "decode"]);
+
+    // Version 2, from a producer newer than this relay.
+    sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', '\\x6f627802'::bytea)")
+        .execute(&env.pool)
+        .await
+        .expect("future version");
+    let status = relay.sigterm(Duration::from_secs(30)).await;
+    let _ = status;
+    drop(relay);
+    let mut again = spawn_relay(&env, "wal-q", &["--source", "wal"]);
+    let exit = again.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        !exit.success(),
+        "the relay stops at an unknown version: {exit}"
+    );
+    assert!(
+        again.log_tail().contains("log format version 2"),
+        "{}",
+        again.log_tail()
+    );
+    // Not confirmed past it: the next start stops at it again.
+    let mut third = spawn_relay(&env, "wal-r", &["--source", "wal"]);
+    let exit = third.wait_exit(Duration::from_secs(30)).await;
+    assert!(!exit.success());
+    assert!(
+        third.log_tail().contains("log format version 2"),
+        "{}",
+        third.log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_errors_name_the_missing_prerequisite() {
+    // wal_level = replica (PostgreSQL's default).
+    let env = env().await;
+    let (code, _, err) = slot_cli(&env, "create");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("wal_level = replica") && err.contains("wal_level = logical"),
+        "{err}"
+    );
+    let mut relay = spawn_relay(&env, "wal-x", &["--source", "wal"]);
+    let exit = relay.wait_exit(Duration::from_secs(30)).await;
+    assert!(!exit.success());
+    assert!(
+        relay.log_tail().contains("wal_level = logical"),
+        "{}",
+        relay.log_tail()
+    );
+
+    // Logical, but no slot yet; then a role without REPLICATION.
+    let env = env_logical().await;
+    let mut relay = spawn_relay(&env, "wal-y", &["--source", "wal"]);
+    let exit = relay.wait_exit(Duration::from_secs(30)).await;
+    assert!(!exit.success());
+    assert!(
+        relay.log_tail().contains("relay slot create"),
+        "{}",
+        relay.log_tail()
+    );
+    let (code, _, err) = slot_cli(&env, "status");
+    assert_ne!(code, 0);
+    assert!(err.contains("does not exist"), "{err}");
+    let (code, _, err) = relay_cli(
+        &["slot", "create", "--slot", "Bad-Name"],
+        &[("DATABASE_URL", env.db_url.as_str())],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("lower-case letters"), "{err}");
+
+    sqlx::raw_sql("CREATE ROLE plain LOGIN; GRANT ALL ON SCHEMA public TO plain;")
+        .execute(&env.pool)
+        .await
+        .expect("role");
+    let url = url::Url::parse(&env.db_url).expect("url");
+    let mut plain = url.clone();
+    plain.set_username("plain").expect("user");
+    let (code, _, err) = relay_cli(&["slot", "create"], &[("DATABASE_URL", plain.as_str())]);
+    assert_ne!(code, 0);
+    assert!(err.contains("lacks REPLICATION"), "{err}");
+}
