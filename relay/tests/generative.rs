@@ -101,6 +101,16 @@ struct Scenario {
     instances: usize,
     kills: usize,
     config: RelayConfig,
+    /// Where the relays read: the table (polling) or the log (a replication slot).
+    source: Source,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Table,
+    /// `relay run --source wal`; producers write chunks to log storage or to the table at
+    /// random, and a killed relay's standby takes over the slot.
+    Wal,
 }
 
 impl Scenario {
@@ -188,12 +198,22 @@ impl Scenario {
             instances,
             kills,
             config,
+            source: Source::Table,
+        }
+    }
+
+    /// The scenario of `seed` with WAL relays.
+    fn generate_wal(seed: u64) -> Scenario {
+        Scenario {
+            source: Source::Wal,
+            ..Scenario::generate(seed)
         }
     }
 
     fn summary(&self) -> String {
         format!(
-            "seed={} events={} keys={} hot_share={:.2} hot_ack={:?} transient={} poison={} instances={} kills={} batch={} window={} claims={} claim_ttl={:?} max_permanent={}",
+            "source={:?} seed={} events={} keys={} hot_share={:.2} hot_ack={:?} transient={} poison={} instances={} kills={} batch={} window={} claims={} claim_ttl={:?} max_permanent={}",
+            self.source,
             self.seed,
             self.events,
             self.keys,
@@ -518,6 +538,8 @@ impl Instance {
             .expect("runtime");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (report, done) = tokio::sync::oneshot::channel();
+        let (source, seed) = (scenario.source, scenario.seed);
+        let database_url = db_url.to_owned();
         runtime.spawn(async move {
             if let Some(nats) = nats {
                 // Connected from the instance's runtime, so that a kill closes it too.
@@ -531,10 +553,22 @@ impl Instance {
             let pool = PgPoolOptions::new()
                 .max_connections(max)
                 .connect_lazy_with(options);
-            let result = relay::run(config, pool, publisher, async move {
+            let stopped = async move {
                 let _ = stopped.await;
-            })
-            .await;
+            };
+            let result = match source {
+                Source::Table => relay::run(config, pool, publisher, stopped).await,
+                Source::Wal => {
+                    let settings = relay::wal::WalSettings {
+                        slot: wal_slot(seed),
+                        database_url,
+                    };
+                    match relay::wal::WalRelay::new(config, settings, pool, publisher) {
+                        Ok(relay) => relay.run(stopped).await,
+                        Err(e) => Err(e),
+                    }
+                }
+            };
             let _ = report.send(result);
         });
         Instance {
@@ -545,11 +579,13 @@ impl Instance {
         }
     }
 
-    /// Drops every task of the instance and ends its database sessions, as a SIGKILL would.
+    /// Drops every task of the instance and ends its database sessions (its replication
+    /// session too), as a SIGKILL would.
     async fn kill(self, admin: &PgPool) {
         self.runtime.shutdown_background();
         sqlx::query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name IN ($1, 'outbox-relay ' || $1)",
         )
         .bind(&self.name)
         .execute(admin)
@@ -606,9 +642,32 @@ fn messages(scenario: &Scenario, rng: &mut Rng, n: usize) -> Vec<Message> {
         .collect()
 }
 
-async fn enqueue(pool: &PgPool, outbox: &Outbox, batch: Vec<Message>, into: &mut Produced) {
+/// The slot of a WAL scenario: one per seed, since slot names are per server.
+fn wal_slot(seed: u64) -> relay::wal::SlotName {
+    relay::wal::SlotName::new(format!("fuzz_{seed}")).expect("slot name")
+}
+
+/// The producers: table storage, and log storage for WAL scenarios.
+struct Outboxes {
+    table: Outbox,
+    log: Option<Outbox>,
+}
+
+/// Enqueues `batch` in chunks of up to 500, one transaction after another (so commit order is
+/// enqueue order); with log storage, each chunk goes to the log or the table at random.
+async fn enqueue(
+    pool: &PgPool,
+    outboxes: &Outboxes,
+    rng: &mut Rng,
+    batch: Vec<Message>,
+    into: &mut Produced,
+) {
     let mut conn = pool.acquire().await.expect("acquire");
     for chunk in batch.chunks(500) {
+        let outbox = match &outboxes.log {
+            Some(log) if rng.chance(0.6) => log,
+            _ => &outboxes.table,
+        };
         let kinds: Vec<(bool, String)> = chunk
             .iter()
             .map(|m| {
@@ -660,11 +719,26 @@ async fn run_scenario(
         .await
         .map_err(|e| e.to_string())?;
     drop(conn);
-    let outbox = Outbox::with_config(OutboxConfig {
+    let config = OutboxConfig {
         max_message_bytes: MAX_MESSAGE,
         ..OutboxConfig::for_source("fuzz")
-    })
-    .expect("outbox");
+    };
+    let outboxes = Outboxes {
+        table: Outbox::with_config(config.clone()).expect("outbox"),
+        log: (scenario.source == Source::Wal).then(|| {
+            Outbox::with_config(OutboxConfig {
+                storage: outbox::Storage::Log,
+                ..config
+            })
+            .expect("outbox")
+        }),
+    };
+    if scenario.source == Source::Wal {
+        let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+        relay::wal::store::create_slot(&mut conn, &wal_slot(seed))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     let broker = Arc::new(Broker {
         scenario: scenario.clone(),
         rng: Mutex::new(Rng(seed ^ 0x5EED)),
@@ -677,7 +751,7 @@ async fn run_scenario(
     };
     let per_wave = scenario.events.div_ceil(scenario.waves);
     let first = messages(&scenario, &mut rng, per_wave);
-    enqueue(&pool, &outbox, first, &mut produced).await;
+    enqueue(&pool, &outboxes, &mut rng, first, &mut produced).await;
 
     let mut instances = Vec::new();
     let mut generation = 0;
@@ -690,7 +764,7 @@ async fn run_scenario(
     for _ in 1..scenario.waves {
         tokio::time::sleep(Duration::from_millis(50 + rng.below(300))).await;
         let batch = messages(&scenario, &mut rng, per_wave);
-        enqueue(&pool, &outbox, batch, &mut produced).await;
+        enqueue(&pool, &outboxes, &mut rng, batch, &mut produced).await;
         if kills_left > 0 {
             kills_left -= 1;
             generation += 1;
@@ -700,9 +774,15 @@ async fn run_scenario(
             instances.push(Instance::start(&db_url, nats_url, &broker, &scenario, name).await);
         }
     }
+    // A WAL relay reports its confirmed position every second: kill later than that too,
+    // or a kill never finds a position reported ahead of what was published.
+    let kill_after = match scenario.source {
+        Source::Table => 100,
+        Source::Wal => 600,
+    };
     while kills_left > 0 {
         kills_left -= 1;
-        tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
+        tokio::time::sleep(Duration::from_millis(kill_after + rng.below(800))).await;
         generation += 1;
         let victim = instances.remove(rng.below(instances.len() as u64) as usize);
         victim.kill(&pool).await;
@@ -713,12 +793,27 @@ async fn run_scenario(
     // Progress: everything drained within a bound.
     let deadline = Duration::from_secs(60 + scenario.events as u64 / 1_000);
     let drained = testkit::wait_until(deadline, "outbox drained", || async {
-        count(
-            &pool,
-            "SELECT count(*) FROM outbox_message WHERE status = 'pending'",
-        )
-        .await
-            == 0
+        match scenario.source {
+            Source::Table => {
+                count(
+                    &pool,
+                    "SELECT count(*) FROM outbox_message WHERE status = 'pending'",
+                )
+                .await
+                    == 0
+            }
+            // Everything stored or dead-lettered, and the relayed rows deleted.
+            Source::Wal => {
+                let stored = {
+                    let history = broker.history.lock().expect("history");
+                    produced.good.iter().all(|(id, _)| history.ids.contains(id))
+                };
+                stored
+                    && count(&pool, "SELECT count(*) FROM dead_letter").await
+                        == produced.poison.len() as i64
+                    && count(&pool, "SELECT count(*) FROM outbox_message").await == 0
+            }
+        }
     })
     .await;
     let mut stop_errors = Vec::new();
@@ -738,12 +833,21 @@ async fn run_scenario(
             "SELECT count(*) FROM outbox_message WHERE status = 'pending'",
         )
         .await;
+        let lettered = count(&pool, "SELECT count(*) FROM dead_letter").await;
         problems.push(format!(
-            "not drained within {deadline:?}: {pending} rows pending"
+            "not drained within {deadline:?}: {pending} rows pending, {lettered} of {} poison dead-lettered",
+            produced.poison.len()
         ));
     }
     problems.extend(stop_errors);
     check(&scenario, &pool, &produced, &history, &mut problems).await;
+    if scenario.source == Source::Wal {
+        // Slots are per server, not per database: drop it, or it keeps WAL for good.
+        let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+        if let Err(e) = relay::wal::store::drop_slot(&mut conn, &wal_slot(seed)).await {
+            problems.push(format!("dropping the slot: {e}"));
+        }
+    }
     pool.close().await;
     let summary = format!(
         "{} injected={} elapsed_s={:.1}",
@@ -780,11 +884,16 @@ async fn check(
     if stored_poison > 0 {
         problems.push(format!("{stored_poison} poison rows were stored"));
     }
-    let unmarked: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM outbox_message WHERE status <> 'published'")
-            .fetch_all(pool)
-            .await
-            .expect("unmarked rows");
+    // Table source: every row is marked published. WAL source: every row read from the
+    // log is deleted once confirmed, so none is left.
+    let left = match scenario.source {
+        Source::Table => "SELECT id FROM outbox_message WHERE status <> 'published'",
+        Source::Wal => "SELECT id FROM outbox_message",
+    };
+    let unmarked: Vec<Uuid> = sqlx::query_scalar(left)
+        .fetch_all(pool)
+        .await
+        .expect("unmarked rows");
     if !unmarked.is_empty() {
         problems.push(format!(
             "{} rows are not marked published, e.g. {}",
@@ -877,7 +986,7 @@ async fn check(
             history.stored_twice
         ));
     }
-    if scenario.transient_rate == 0.0 {
+    if scenario.transient_rate == 0.0 && scenario.source == Source::Table {
         let failed = count(
             pool,
             "SELECT count(*) FROM outbox_message WHERE attempts > 0",
@@ -915,10 +1024,42 @@ fn seeds() -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_histories_are_exactly_once_in_key_order_and_make_progress() {
     let pg = Postgres::start().await.expect("start PostgreSQL");
-    let seeds = seeds();
+    run_seeds(&pg, &seeds(), Scenario::generate, "generated_histories_are").await;
+}
+
+/// Seeds of the WAL source `make test` runs: every profile (seed % 4) twice.
+const WAL_SEEDS: &[u64] = &[21, 22, 23, 24, 25, 26, 27, 28];
+
+/// The same histories and checker with `--source wal` relays (log storage and table rows,
+/// standbys taking over killed relays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_wal_histories_are_exactly_once_in_key_order_and_make_progress() {
+    let pg = Postgres::start_with(testkit::PostgresConfig {
+        logical_decoding: true,
+        ..testkit::PostgresConfig::default()
+    })
+    .await
+    .expect("start PostgreSQL");
+    let seeds =
+        if std::env::var("RELAY_FUZZ_SEED").is_ok() || std::env::var("RELAY_FUZZ_SEEDS").is_ok() {
+            seeds()
+        } else {
+            WAL_SEEDS.to_vec()
+        };
+    run_seeds(
+        &pg,
+        &seeds,
+        Scenario::generate_wal,
+        "generated_wal_histories",
+    )
+    .await;
+}
+
+/// Runs the scenario of each seed; panics naming the failed seeds and how to replay them.
+async fn run_seeds(pg: &Postgres, seeds: &[u64], scenario: fn(u64) -> Scenario, test: &str) {
     let mut failed = Vec::new();
     for (n, seed) in seeds.iter().enumerate() {
-        match run_scenario(&pg, None, Scenario::generate(*seed)).await {
+        match run_scenario(pg, None, scenario(*seed)).await {
             Ok(summary) => println!("ok {}/{}: {summary}", n + 1, seeds.len()),
             Err(failure) => {
                 println!("FAILED {}/{}: {failure}", n + 1, seeds.len());
@@ -929,7 +1070,7 @@ async fn generated_histories_are_exactly_once_in_key_order_and_make_progress() {
     if let Some((seed, failure)) = failed.first() {
         let all: Vec<String> = failed.iter().map(|(s, _)| s.to_string()).collect();
         panic!(
-            "relay fuzz: {} of {} seeds failed ({}); first: seed {seed} (replay: RELAY_FUZZ_SEED={seed} cargo test -p outbox-toolkit-relay --test generative -- --nocapture)\n  {failure}",
+            "relay fuzz: {} of {} seeds failed ({}); first: seed {seed} (replay: RELAY_FUZZ_SEED={seed} cargo test -p outbox-toolkit-relay --test generative {test} -- --nocapture)\n  {failure}",
             failed.len(),
             seeds.len(),
             all.join(", ")
@@ -989,6 +1130,30 @@ async fn a_hot_key_with_slow_acks_and_a_short_claim_ttl_keeps_its_order() {
         scenario.config.claim_ttl = Duration::from_secs(1);
         scenario.config.publish_timeout = Duration::from_millis(300);
         scenario.config.batch_size = batch;
+        if let Err(failure) = run_scenario(&pg, None, scenario).await {
+            panic!("{failure}");
+        }
+    }
+}
+
+/// WAL source: a relay killed while a slow key's backlog is read but unacknowledged (and
+/// later transactions are resolved) must not have confirmed past it: its standby publishes
+/// the rest, nothing lost, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_relay_killed_behind_a_slow_key_confirmed_nothing_unacknowledged() {
+    let pg = Postgres::start_with(testkit::PostgresConfig {
+        logical_decoding: true,
+        ..testkit::PostgresConfig::default()
+    })
+    .await
+    .expect("start PostgreSQL");
+    for seed in [201, 202, 203] {
+        let mut scenario = quiet(seed, 2_000, 40);
+        scenario.source = Source::Wal;
+        scenario.hot_share = 0.5;
+        scenario.hot_ack = Duration::from_millis(2);
+        scenario.instances = 2;
+        scenario.kills = 2;
         if let Err(failure) = run_scenario(&pg, None, scenario).await {
             panic!("{failure}");
         }

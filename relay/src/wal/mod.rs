@@ -109,11 +109,14 @@ impl<P: Publisher> WalRelay<P> {
         {
             let mut conn = pool.acquire().await?;
             store::check_prerequisites(&mut conn, &settings.slot).await?;
-            if store::status(&mut conn, &settings.slot).await?.is_none() {
-                return Err(Error::Slot {
-                    slot: settings.slot.to_string(),
-                    reason: "it does not exist: create it with `relay slot create` (before producers write to the log)".to_owned(),
-                });
+            match store::status(&mut conn, &settings.slot).await? {
+                Some(existing) => store::check_usable(&mut conn, &settings.slot, &existing).await?,
+                None => {
+                    return Err(Error::Slot {
+                        slot: settings.slot.to_string(),
+                        reason: "it does not exist: create it with `relay slot create` (before producers write to the log)".to_owned(),
+                    });
+                }
             }
         }
         health.set_database(true);

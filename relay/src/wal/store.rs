@@ -127,16 +127,9 @@ pub async fn create_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<boo
         created = true;
     }
     match status(conn, slot).await? {
-        Some(existing) if existing.plugin.as_deref() != Some("pgoutput") => {
-            return Err(Error::Slot {
-                slot: slot.to_string(),
-                reason: format!(
-                    "it exists with plugin {:?}; the relay needs pgoutput: drop it or choose another name",
-                    existing.plugin
-                ),
-            });
+        Some(existing) => {
+            check_usable(conn, slot, &existing).await?;
         }
-        Some(_) => {}
         None => {
             sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
                 .bind(slot.as_str())
@@ -146,6 +139,37 @@ pub async fn create_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<boo
         }
     }
     Ok(created)
+}
+
+/// Refuses a slot of another plugin or another database: slot names are shared by every
+/// database of the server.
+pub async fn check_usable(
+    conn: &mut PgConnection,
+    slot: &SlotName,
+    existing: &SlotStatus,
+) -> Result<(), Error> {
+    let database: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(&mut *conn)
+        .await?;
+    if existing.database.as_deref() != Some(database.as_str()) {
+        return Err(Error::Slot {
+            slot: slot.to_string(),
+            reason: format!(
+                "it belongs to database {:?}, not {database:?} (slot names are shared by all databases of a server): choose another name with --slot",
+                existing.database.as_deref().unwrap_or("none")
+            ),
+        });
+    }
+    if existing.plugin.as_deref() != Some("pgoutput") {
+        return Err(Error::Slot {
+            slot: slot.to_string(),
+            reason: format!(
+                "it exists with plugin {:?}; the relay needs pgoutput: drop it or choose another name",
+                existing.plugin
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The slot's state, or `None` when there is no such slot.
