@@ -5,8 +5,8 @@
 -- when it is written keeps it: a message emitted before the relay's slot is created is never
 -- published. outbox_emit_encoded(...) checks both, in the caller's transaction, then emits its
 -- arguments in order (transactional, prefix 'outbox'); the Rust `Outbox` with log storage
--- and outbox_emit(...) both go through it. The check is a guard, not a proof: any pgoutput
--- slot of this database passes it.
+-- and outbox_emit(...) both go through it. The check is a guard, not a proof: any permanent
+-- pgoutput slot of this database whose WAL is not lost passes it.
 
 CREATE FUNCTION outbox_emit_encoded(VARIADIC messages bytea[]) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
@@ -20,7 +20,8 @@ BEGIN
                   HINT = 'set wal_level = logical and restart PostgreSQL, or use table storage';
     END IF;
     IF NOT EXISTS (SELECT FROM pg_replication_slots
-                   WHERE plugin = 'pgoutput' AND database = current_database()) THEN
+                   WHERE plugin = 'pgoutput' AND database = current_database()
+                     AND NOT temporary AND wal_status IS DISTINCT FROM 'lost') THEN
         RAISE EXCEPTION 'outbox: no logical replication slot reads database %, so messages written now would never be published',
                 current_database()
             USING ERRCODE = 'object_not_in_prerequisite_state',

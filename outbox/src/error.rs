@@ -29,6 +29,14 @@ pub enum Error {
     /// A row with this message id already exists (a caller-chosen id was reused).
     #[error("message {0} is already in the outbox")]
     DuplicateId(MessageId),
+    /// [`OutboxTransaction::commit`](crate::OutboxTransaction::commit) found no transaction
+    /// to commit: something ended it before (a nested `begin()` and `commit()` on it, or a
+    /// `COMMIT` statement). Its buffered messages were not written; what was committed
+    /// before stays committed without them.
+    #[error(
+        "the transaction had already ended (a nested commit?) before OutboxTransaction::commit: its buffered messages were not written"
+    )]
+    TransactionEnded,
     /// The database refused the insert or could not be reached.
     #[error("outbox insert failed: {0}")]
     Database(#[source] sqlx::Error),
@@ -51,7 +59,8 @@ impl Error {
             Error::Config(_)
             | Error::Invalid(_)
             | Error::TooLarge { .. }
-            | Error::DuplicateId(_) => ErrorKind::InvalidInput,
+            | Error::DuplicateId(_)
+            | Error::TransactionEnded => ErrorKind::InvalidInput,
             Error::Database(_) => ErrorKind::Database,
         }
     }

@@ -132,18 +132,31 @@ pub(crate) async fn begin(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 /// round trip. PostgreSQL runs them in order and stops at the first error, which leaves the
 /// transaction uncommitted: an error here means nothing of it was committed, unless the
 /// error is from `COMMIT` itself reporting a lost connection after sending it.
+///
+/// A savepoint taken and released first makes two silent cases errors: outside a
+/// transaction block (something ended the transaction; [`is_no_transaction`]) and in an
+/// aborted one (where `COMMIT` alone would roll back without an error).
 pub(crate) async fn commit_with(
     conn: &mut PgConnection,
     statement: Option<String>,
 ) -> Result<(), sqlx::Error> {
-    let sql = match statement {
-        Some(statement) => statement + ";COMMIT",
-        None => "COMMIT".to_owned(),
-    };
+    let mut sql = "SAVEPOINT outbox_commit;RELEASE SAVEPOINT outbox_commit;".to_owned();
+    if let Some(statement) = statement {
+        sql.push_str(&statement);
+        sql.push(';');
+    }
+    sql.push_str("COMMIT");
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Whether `e` says there was no transaction to commit (SQLSTATE 25P01).
+pub(crate) fn is_no_transaction(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "25P01")
 }
 
 /// Ends the transaction of an [`OutboxTransaction`](crate::OutboxTransaction) without

@@ -26,10 +26,17 @@ use crate::store::{self, literal::Batch};
 /// outcome unknown: the server may have committed). The values of a message reach the SQL only as base64 and
 /// hex literals, so no payload, header or key can change the statement.
 ///
-/// Dropped without [`commit`] or [`rollback`], or after an error in either, the transaction
-/// is rolled back by closing its connection (the pool opens a new one): a connection whose
-/// state is not known is never handed to the next user. Do not start a nested transaction
-/// (`begin()`) on it; it is already a transaction, and a nested `commit()` would end it.
+/// Dropped without [`commit`] or [`rollback`], after an error in either, or while one of its
+/// calls is cancelled, the transaction is rolled back by closing its connection (the pool
+/// opens a new one): a connection whose state is not known is never handed to the next
+/// user.
+///
+/// Do not start a nested transaction (`begin()`) on it: it already is one, and the nested
+/// `commit()` would end it, committing what came before without the buffered messages.
+/// [`commit`] detects that case and writes nothing ([`Error::TransactionEnded`]), but what
+/// the nested commit wrote stays. Buffered messages are written at commit, after anything
+/// enqueued meanwhile through [`Outbox::enqueue`] on the same transaction: use one or the
+/// other for messages of one key.
 ///
 /// [`enqueue`]: OutboxTransaction::enqueue
 /// [`enqueue_message`]: OutboxTransaction::enqueue_message
@@ -54,18 +61,18 @@ impl Outbox {
     /// Begins such a transaction on a connection already taken from a pool.
     pub async fn begin_on(
         &self,
-        mut conn: PoolConnection<Postgres>,
+        conn: PoolConnection<Postgres>,
     ) -> Result<OutboxTransaction, Error> {
-        if let Err(e) = store::begin(&mut conn).await {
-            conn.close_on_drop();
-            return Err(Error::Database(e));
-        }
-        Ok(OutboxTransaction {
+        // Held by the transaction before BEGIN is sent: if this future is dropped midway,
+        // the transaction's drop closes the connection instead of pooling it.
+        let mut tx = OutboxTransaction {
             outbox: self.clone(),
             conn: Some(conn),
             batch: Batch::new(self.storage()),
             ids: Vec::new(),
-        })
+        };
+        store::begin(&mut tx).await.map_err(Error::Database)?;
+        Ok(tx)
     }
 }
 
@@ -97,31 +104,31 @@ impl OutboxTransaction {
 
     /// Writes the buffered messages and commits, in one round trip. See the type's
     /// guarantee. A reused caller-chosen id (table storage) is [`Error::DuplicateId`].
+    ///
+    /// Also an error, with nothing written by it: a transaction that a failed statement
+    /// aborted (PostgreSQL would answer a bare `COMMIT` with a silent rollback), and one
+    /// that something ended before (a nested `begin()` and `commit()` on it):
+    /// [`Error::TransactionEnded`].
     pub async fn commit(mut self) -> Result<(), Error> {
         let batch = std::mem::replace(&mut self.batch, Batch::new(self.outbox.storage()));
-        let mut conn = self.take_connection();
-        match store::commit_with(&mut conn, batch.finish()).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                conn.close_on_drop();
-                Err(store::classify(e, &self.ids))
+        // The connection stays in `self` while the commit is under way: if this future is
+        // dropped midway, the drop closes it.
+        match store::commit_with(&mut self, batch.finish()).await {
+            Ok(()) => {
+                // Committed: the connection goes back to the pool.
+                self.conn.take();
+                Ok(())
             }
+            Err(e) if store::is_no_transaction(&e) => Err(Error::TransactionEnded),
+            Err(e) => Err(store::classify(e, &self.ids)),
         }
     }
 
     /// Rolls back: nothing buffered is written.
     pub async fn rollback(mut self) -> Result<(), Error> {
-        let mut conn = self.take_connection();
-        store::rollback(&mut conn).await.map_err(|e| {
-            conn.close_on_drop();
-            Error::Database(e)
-        })
-    }
-
-    fn take_connection(&mut self) -> PoolConnection<Postgres> {
-        self.conn
-            .take()
-            .expect("the connection is held until commit or rollback consumes the transaction")
+        store::rollback(&mut self).await.map_err(Error::Database)?;
+        self.conn.take();
+        Ok(())
     }
 }
 

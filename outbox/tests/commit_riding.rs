@@ -310,3 +310,112 @@ async fn log_storage_without_a_slot_is_a_named_error() {
         "{err}"
     );
 }
+
+/// Commit refuses what PostgreSQL would let pass silently: an aborted transaction (a bare
+/// COMMIT rolls back without an error) and one a nested commit already ended.
+#[tokio::test]
+async fn commit_fails_loudly_after_a_failed_statement_or_a_nested_commit() {
+    let (_pg, pool) = database().await;
+    let outbox = outbox(Storage::Table);
+
+    // A failed business statement, caught by the caller, nothing buffered.
+    let mut tx = outbox.begin(&pool).await.expect("begin");
+    sqlx::query("INSERT INTO orders VALUES ('o-1', 'c-1')")
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+    sqlx::query("INSERT INTO orders VALUES ('o-1', 'c-1')")
+        .execute(&mut *tx)
+        .await
+        .expect_err("duplicate order");
+    let err = tx
+        .commit()
+        .await
+        .expect_err("an aborted transaction does not commit");
+    assert!(matches!(err, Error::Database(_)), "{err}");
+    assert!(orders(&pool).await.is_empty());
+
+    // A nested transaction's commit ends the outer one early.
+    let mut tx = outbox.begin(&pool).await.expect("begin");
+    {
+        let mut nested = sqlx::Acquire::begin(&mut *tx).await.expect("nested begin");
+        sqlx::query("INSERT INTO orders VALUES ('o-2', 'c-1')")
+            .execute(&mut *nested)
+            .await
+            .expect("insert");
+        nested.commit().await.expect("nested commit");
+    }
+    tx.enqueue_message(hostile(0)).expect("buffered");
+    let err = tx.commit().await.expect_err("nothing to commit");
+    assert!(matches!(err, Error::TransactionEnded), "{err}");
+    assert!(
+        stored(&pool, Storage::Table).await.is_empty(),
+        "no message written"
+    );
+}
+
+/// A begin or commit cancelled midway (a timeout around it, fired while its statement is on
+/// the wire) never returns its connection to the pool inside a transaction.
+#[tokio::test]
+async fn cancelled_begin_and_commit_leave_no_transaction_in_the_pool() {
+    let (pg, pool) = database().await;
+    let _ = pg;
+    // One connection through a proxy that can slow every packet: whatever a cancelled call
+    // leaves is what the next user of the pool gets.
+    let options = (*pool.connect_options()).clone();
+    let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], options.get_port()));
+    let proxy = testkit::TcpProxy::start(upstream).await.expect("proxy");
+    let writer = PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect_with(options.port(proxy.addr().port()))
+        .await
+        .expect("writer pool");
+    // An autocommit write through the writer pool is visible at once to another connection.
+    let probe = |name: String| {
+        let (writer, pool) = (writer.clone(), pool.clone());
+        async move {
+            let mut conn = writer.acquire().await.expect("acquire");
+            sqlx::query("INSERT INTO customers VALUES ($1)")
+                .bind(&name)
+                .execute(&mut *conn)
+                .await
+                .expect("probe");
+            drop(conn);
+            let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM customers WHERE id = $1")
+                .bind(&name)
+                .fetch_one(&pool)
+                .await
+                .expect("count");
+            assert_eq!(
+                visible, 1,
+                "{name}: a pooled connection was left in a transaction"
+            );
+        }
+    };
+    let outbox = outbox(Storage::Table);
+    for round in 0..3 {
+        proxy.set_latency(Duration::from_millis(40));
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(20), outbox.begin(&writer)).await;
+        assert!(cancelled.is_err(), "the begin was cancelled midway");
+        proxy.set_latency(Duration::ZERO);
+        probe(format!("after-begin-{round}")).await;
+
+        let mut tx = outbox.begin(&writer).await.expect("begin");
+        sqlx::query("INSERT INTO orders VALUES ($1, 'c-1')")
+            .bind(format!("o-{round}"))
+            .execute(&mut *tx)
+            .await
+            .expect("insert");
+        tx.enqueue_message(hostile(round)).expect("buffered");
+        proxy.set_latency(Duration::from_millis(40));
+        let cancelled = tokio::time::timeout(Duration::from_millis(20), tx.commit()).await;
+        assert!(cancelled.is_err(), "the commit was cancelled midway");
+        proxy.set_latency(Duration::ZERO);
+        probe(format!("after-commit-{round}")).await;
+    }
+    // The order and its messages committed together or not at all.
+    let orders = orders(&pool).await.len();
+    assert_eq!(stored(&pool, Storage::Table).await.len(), orders);
+}

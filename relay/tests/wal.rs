@@ -398,3 +398,70 @@ async fn start_errors_name_the_missing_prerequisite() {
     assert_ne!(code, 0);
     assert!(err.contains("lacks REPLICATION"), "{err}");
 }
+
+/// PostgreSQL restarted (immediate stop: a crash) and the broker killed and restarted under
+/// a streaming relay: it reconnects to both and publishes everything exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_rides_out_a_database_crash_and_a_broker_restart() {
+    let mut env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    let mut expected = enqueue_mixed(&env.pool, 0, 2_000, 11).await;
+    let relay = spawn_relay(&env, "wal-c", &["--source", "wal"]);
+    let client = env.nats_client().await;
+    wait_until(
+        Duration::from_secs(30),
+        "first messages published",
+        || async { stream_count(&client).await > 0 },
+    )
+    .await
+    .expect("publishing");
+
+    env.pg.stop_immediate().await.expect("crash PostgreSQL");
+    // Down long enough for the relay to fail to reach it (its pool gives up after 5 s) and
+    // report the database down: it stays up, not ready.
+    wait_until(
+        Duration::from_secs(40),
+        "database reported down",
+        || async {
+            http_get(relay.http, "/health/ready")
+                .await
+                .is_some_and(|(code, body)| code == 503 && body.contains("\"database\":false"))
+        },
+    )
+    .await
+    .expect("not ready, database down");
+    env.pg.restart().await.expect("restart PostgreSQL");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&env.db_url)
+        .await
+        .expect("reconnect");
+    expected.extend(enqueue_mixed(&pool, 2_000, 2_000, 11).await);
+    wait_until(
+        Duration::from_secs(60),
+        "published after the database crash",
+        || async { stream_count(&client).await as usize >= expected.len() },
+    )
+    .await
+    .expect("after the database crash");
+
+    env.nats.kill().expect("kill the broker");
+    expected.extend(enqueue_mixed(&pool, 4_000, 1_000, 11).await);
+    env.nats.restart().await.expect("restart the broker");
+    let client = env.nats_client().await;
+    wait_until(
+        Duration::from_secs(60),
+        "published after the broker restart",
+        || async { stream_count(&client).await as usize >= expected.len() },
+    )
+    .await
+    .expect("after the broker restart");
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+    wait_until(Duration::from_secs(20), "ready again", || async {
+        http_get(relay.http, "/health/ready")
+            .await
+            .is_some_and(|(code, _)| code == 200)
+    })
+    .await
+    .expect("ready");
+}

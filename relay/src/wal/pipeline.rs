@@ -37,6 +37,9 @@ use crate::config::RelayConfig;
 use crate::metrics as m;
 use crate::publisher::{Ack, PublishError, Publisher};
 
+/// The most table rows one confirmation deletes.
+const DELETE_CHUNK: usize = 5_000;
+
 /// The queue of poison messages: no partition key can be empty, so no key collides.
 const POISON_QUEUE: &str = "";
 
@@ -64,7 +67,8 @@ enum What {
 /// A transaction's progress.
 struct Txn {
     no: u64,
-    commit_time_micros: i64,
+    /// `None` for a message outside a transaction.
+    commit_time_micros: Option<i64>,
     /// Known once its Commit arrived.
     end_lsn: Option<Lsn>,
     committed: bool,
@@ -144,12 +148,16 @@ impl<P: Publisher> Pipeline<P> {
 
     /// Opens the next transaction (its messages follow, then [`Pipeline::commit`]).
     pub(crate) fn begin(&mut self) {
-        self.begin_at(0);
+        self.open_transaction(None);
     }
 
     /// Opens the next transaction, committed at `commit_time_micros` (since 2000-01-01, as
     /// the stream gives it).
     pub(crate) fn begin_at(&mut self, commit_time_micros: i64) {
+        self.open_transaction(Some(commit_time_micros));
+    }
+
+    fn open_transaction(&mut self, commit_time_micros: Option<i64>) {
         self.in_transaction = true;
         self.txns.push_back(Txn {
             commit_time_micros,
@@ -232,7 +240,12 @@ impl<P: Publisher> Pipeline<P> {
     /// The commit time (microseconds since 2000-01-01) of the oldest transaction not yet
     /// confirmed, if any.
     pub(crate) fn oldest_unconfirmed_commit(&self) -> Option<i64> {
-        self.txns.front().map(|t| t.commit_time_micros)
+        self.txns.iter().find_map(|t| t.commit_time_micros)
+    }
+
+    /// Transactions read and not yet confirmed.
+    pub(crate) fn unconfirmed_transactions(&self) -> usize {
+        self.txns.len() + self.resolved.len()
     }
 
     /// Nothing is open, unresolved or waiting to be confirmed.
@@ -440,14 +453,24 @@ impl<P: Publisher> Pipeline<P> {
         if self.confirming || self.resolved.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.resolved);
+        // At most DELETE_CHUNK rows per statement (whole transactions, at least one): a
+        // long backlog released at once is confirmed in steps, never one unbounded delete.
+        let mut take = 0;
+        let mut rows = 0;
+        while take < self.resolved.len()
+            && (take == 0 || rows + self.resolved[take].1.len() <= DELETE_CHUNK)
+        {
+            rows += self.resolved[take].1.len();
+            take += 1;
+        }
+        let batch: Vec<(Option<Lsn>, Vec<Uuid>)> = self.resolved.drain(..take).collect();
         let lsn = batch.iter().filter_map(|(lsn, _)| *lsn).max();
         let rows: Vec<Uuid> = batch.into_iter().flat_map(|(_, rows)| rows).collect();
         if rows.is_empty() {
             if lsn.is_some() {
                 self.confirmed = lsn.max(self.confirmed);
             }
-            return;
+            return self.start_confirm();
         }
         self.confirming = true;
         let pool = self.pool.clone();

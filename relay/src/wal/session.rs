@@ -24,6 +24,8 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why a session ended.
 enum Ended {
+    /// Retrying cannot help (the publication is gone): stop with this reason.
+    Fatal(String),
     /// Asked to stop; confirmed what it could.
     Stopped,
     /// The slot is streamed by another session: wait as a standby.
@@ -48,38 +50,55 @@ pub(crate) async fn run<P: Publisher>(
         if stop.is_cancelled() {
             return Ok(());
         }
-        let slot_state = {
+        let slot_state = outbox::deadline::within(config.db_timeout, async {
             let mut conn = pool.acquire().await?;
-            store::status(&mut conn, &settings.slot).await?
-        };
-        health.set_database(true);
+            store::status(&mut conn, &settings.slot)
+                .await
+                .map_err(|e| sqlx::Error::Protocol(e.to_string()))
+        })
+        .await;
+        if slot_state.is_ok() {
+            health.set_database(true);
+        }
         let ended = match slot_state {
-            None => {
+            // The database is down or restarting: not ready, try again.
+            Err(e) => {
+                health.set_database(false);
+                Ended::Broken(format!("cannot read the slot's state: {e}"))
+            }
+            Ok(None) => {
                 health.set_wal(false, false);
                 return Err(Error::Slot {
                     slot: settings.slot.to_string(),
                     reason: "it does not exist (dropped?): create it with `relay slot create`; messages written while it was missing are not in the log any more".to_owned(),
                 });
             }
-            Some(s) if s.plugin.as_deref() != Some("pgoutput") => {
+            Ok(Some(s)) if s.plugin.as_deref() != Some("pgoutput") => {
                 return Err(Error::Slot {
                     slot: settings.slot.to_string(),
                     reason: format!("its plugin is {:?}, not pgoutput", s.plugin),
                 });
             }
-            Some(s) if s.wal_status.as_deref() == Some("lost") => {
+            Ok(Some(s)) if s.wal_status.as_deref() == Some("lost") => {
                 health.set_wal(false, false);
                 return Err(Error::Slot {
                     slot: settings.slot.to_string(),
                     reason: "its WAL was removed (wal_status = lost, max_slot_wal_keep_size exceeded): messages were lost; recreate the slot and reconcile".to_owned(),
                 });
             }
-            Some(s) if s.active => Ended::Busy,
-            Some(_) => {
+            Ok(Some(s)) if s.active => Ended::Busy,
+            Ok(Some(s)) => {
+                // Never report a position below what the slot has confirmed.
+                let confirmed = s
+                    .confirmed_flush_lsn
+                    .as_deref()
+                    .and_then(|l| Lsn::parse(l).ok())
+                    .unwrap_or(Lsn::ZERO);
                 session(
                     &config,
                     &settings,
-                    replication.clone(),
+                    replication.clone().with_ack_lsn(confirmed),
+                    confirmed,
                     &pool,
                     publisher.clone(),
                     &health,
@@ -90,6 +109,13 @@ pub(crate) async fn run<P: Publisher>(
         };
         match ended {
             Ended::Stopped => return Ok(()),
+            Ended::Fatal(reason) => {
+                health.set_wal(false, false);
+                return Err(Error::Slot {
+                    slot: settings.slot.to_string(),
+                    reason,
+                });
+            }
             Ended::Busy => {
                 failures = 0;
                 health.set_wal(false, true);
@@ -112,11 +138,13 @@ pub(crate) async fn run<P: Publisher>(
     }
 }
 
-/// One replication session, from the slot's confirmed position.
+/// One replication session, from the slot's confirmed position `confirmed`.
+#[allow(clippy::too_many_arguments)]
 async fn session<P: Publisher>(
     config: &RelayConfig,
     settings: &WalSettings,
     replication: ReplicationConfig,
+    confirmed: Lsn,
     pool: &PgPool,
     publisher: Arc<P>,
     health: &Health,
@@ -133,15 +161,20 @@ async fn session<P: Publisher>(
     health.set_wal(true, false);
     let mut pipeline = Pipeline::new(config.clone(), pool.clone(), publisher);
     let mut relations = Relations::default();
-    let mut applied = Lsn::ZERO;
+    let mut applied = confirmed;
+    // Memory bounds: messages read and not resolved, and transactions read and not
+    // confirmed (a key that cannot be published holds back confirmation, not other keys,
+    // until this many transactions wait behind it).
     let max_unresolved = config.max_in_flight * 4;
+    let max_unconfirmed = config.max_in_flight * 64;
     let mut tick = tokio::time::interval(config.stats_interval.min(Duration::from_secs(1)));
     let ended = loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => break Ended::Stopped,
             () = pipeline.step(), if pipeline.has_pending() => {}
-            event = client.recv(), if pipeline.unresolved() < max_unresolved => {
+            event = client.recv(), if pipeline.unresolved() < max_unresolved
+                && pipeline.unconfirmed_transactions() < max_unconfirmed => {
                 match event {
                     Ok(Some(event)) => {
                         if let Err(e) = handle(&mut pipeline, &mut relations, event) {
@@ -221,10 +254,17 @@ fn handle<P: Publisher>(
 }
 
 /// A session that could not start or broke: busy when another session holds the slot
-/// (SQLSTATE 55006, "replication slot ... is active for PID ..."), else broken.
+/// (SQLSTATE 55006, "replication slot ... is active for PID ..."), fatal when the
+/// publication is missing (42704), else broken (reconnect).
 fn classify(error: String) -> Ended {
     if error.contains("55006") || error.contains("is active for PID") {
         Ended::Busy
+    } else if error.contains("42704")
+        || error.contains("publication") && error.contains("does not exist")
+    {
+        Ended::Fatal(format!(
+            "{error}: recreate the publication with `relay slot create`"
+        ))
     } else {
         Ended::Broken(error)
     }
