@@ -31,6 +31,12 @@ pub struct DrainConfig {
     pub keys: usize,
     /// PubAcks in flight in the raw baseline. Defaults to 1024 (the relay's `max_in_flight`).
     pub window: usize,
+    /// The relay's source: the table (polling) or the log (a replication slot, producers on
+    /// log storage). Defaults to the table.
+    pub source: env::Source,
+    /// With the WAL source: write table rows (read from the log as INSERTs) instead of log
+    /// messages. Defaults to false.
+    pub table_rows: bool,
 }
 
 impl Default for DrainConfig {
@@ -40,6 +46,8 @@ impl Default for DrainConfig {
             payload: 1024,
             keys: 1000,
             window: 1024,
+            source: env::Source::Table,
+            table_rows: false,
         }
     }
 }
@@ -47,18 +55,41 @@ impl Default for DrainConfig {
 /// Rows per `enqueue_many` statement when filling the outbox.
 const ENQUEUE_CHUNK: usize = 1000;
 
-/// Runs the scenario; returns `relay-drain raw_eps=<n> relay_eps=<n> ratio=<r>`.
+/// Runs the scenario; returns `relay-drain raw_eps=<n> relay_eps=<n> ratio=<r> source=<s>
+/// rss_mb=<n>` (the bench process's largest resident set while the relay drained: the relay
+/// runs in it).
 pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<String> {
     if config.events == 0 || config.keys == 0 || config.window < 256 {
         bail!("relay-drain needs --events >= 1, --keys >= 1 and --window >= 256");
     }
-    let (servers, db, js) = env::start_with_both_streams(fast_unsafe_db, false).await?;
+    let wal = config.source == env::Source::Wal;
+    let (servers, db, js) = env::start_with_both_streams(fast_unsafe_db, wal).await?;
     eprintln!(
-        "relay-drain: {} messages, {} B payload, {} keys, raw window {}",
-        config.events, config.payload, config.keys, config.window
+        "relay-drain: {} messages, {} B payload, {} keys, raw window {}, source {}{}",
+        config.events,
+        config.payload,
+        config.keys,
+        config.window,
+        config.source.as_str(),
+        if wal && config.table_rows {
+            " (table rows)"
+        } else {
+            ""
+        }
     );
-
-    let outbox = Outbox::new(crate::SOURCE).context("outbox")?;
+    if wal {
+        db.create_slot().await?;
+    }
+    let storage = if wal && !config.table_rows {
+        outbox::Storage::Log
+    } else {
+        outbox::Storage::Table
+    };
+    let outbox = Outbox::with_config(outbox::OutboxConfig {
+        storage,
+        ..outbox::OutboxConfig::for_source(crate::SOURCE)
+    })
+    .context("outbox")?;
     let payload = Bytes::from(vec![b'x'; config.payload]);
     let message = |subject: &str, i: usize| {
         Message::raw(
@@ -106,14 +137,21 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
     );
 
     let start = Instant::now();
-    let relay = RunningRelay::start(&servers, &db, env::relay_config("bench-relay-drain")).await?;
+    let relay_config = env::relay_config("bench-relay-drain");
+    let relay = if wal {
+        RunningRelay::start_wal(&servers, &db, relay_config).await?
+    } else {
+        RunningRelay::start(&servers, &db, relay_config).await?
+    };
     let expected = config.events as u64;
     let deadline = Duration::from_secs(600);
+    let rss = std::cell::Cell::new(env::rss_mb().unwrap_or(0.0));
     env::poll(
         "relay publishing",
         Duration::from_millis(10),
         deadline,
         || async {
+            rss.set(rss.get().max(env::rss_mb().unwrap_or(0.0)));
             let n = env::stream_messages(&js, env::STREAM).await?;
             Ok(if n >= expected {
                 Poll::Done(())
@@ -138,6 +176,7 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
     )
     .await?;
     let relay_elapsed = end - start;
+    let rss_mb = rss.get();
     relay.stop(Duration::from_secs(60)).await?;
     let stored = env::stream_messages(&js, env::STREAM).await?;
     if stored != expected {
@@ -148,8 +187,9 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
     eprintln!("relay-drain: relay drained {expected} in {relay_elapsed:.2?} ({relay_eps:.0}/s)");
 
     Ok(format!(
-        "relay-drain raw_eps={raw_eps:.0} relay_eps={relay_eps:.0} ratio={:.2}",
-        stats::ratio(relay_eps, raw_eps)
+        "relay-drain raw_eps={raw_eps:.0} relay_eps={relay_eps:.0} ratio={:.2} source={} rss_mb={rss_mb:.0}",
+        stats::ratio(relay_eps, raw_eps),
+        config.source.as_str()
     ))
 }
 

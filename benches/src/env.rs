@@ -189,7 +189,17 @@ impl Database {
         pool(&self.url, connections).await
     }
 
-    /// Rows not yet published.
+    /// Creates the WAL relay's publication and slot (`relay slot create`).
+    pub async fn create_slot(&self) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await.context("connecting")?;
+        let slot = relay::wal::SlotName::new(relay::wal::SlotName::DEFAULT)?;
+        relay::wal::store::create_slot(&mut conn, &slot)
+            .await
+            .context("creating the replication slot")?;
+        Ok(())
+    }
+
+    /// Rows not yet published (the WAL relay deletes the rows it relayed, so none is left).
     pub async fn unpublished(&self) -> anyhow::Result<i64> {
         sqlx::query_scalar("SELECT count(*) FROM outbox_message WHERE status <> 'published'")
             .fetch_one(&self.pool)
@@ -344,6 +354,34 @@ impl RunningRelay {
         Ok(RunningRelay { stop, task, health })
     }
 
+    /// Starts the WAL relay (`--source wal`) in this process on the slot `relay::wal::SlotName::DEFAULT`
+    /// of `db` (create it first with [`Database::create_slot`]).
+    pub async fn start_wal(
+        servers: &Servers,
+        db: &Database,
+        config: RelayConfig,
+    ) -> anyhow::Result<RunningRelay> {
+        let pool = db.pool(4).await?;
+        let client = servers
+            .nats_config(&config.instance_id)
+            .connect()
+            .await
+            .context("connecting the relay to NATS")?;
+        let publisher =
+            JetStreamPublisher::new(client, config.publish_timeout, config.max_in_flight);
+        let settings = relay::wal::WalSettings {
+            slot: relay::wal::SlotName::new(relay::wal::SlotName::DEFAULT)?,
+            database_url: db.url.clone(),
+        };
+        let relay = relay::wal::WalRelay::new(config, settings, pool, publisher)
+            .context("building the WAL relay")?;
+        let health = relay.health();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(relay.run(async move { token.cancelled().await }));
+        Ok(RunningRelay { stop, task, health })
+    }
+
     /// Waits until the relay owns all 256 partitions (it is alone) and is ready.
     pub async fn wait_ready(&self, deadline: Duration) -> anyhow::Result<()> {
         let health = self.health.clone();
@@ -359,6 +397,28 @@ impl RunningRelay {
                         Poll::Done(())
                     } else {
                         Poll::Waiting(format!("{} partitions", report.partitions_owned))
+                    })
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until a WAL relay streams its slot.
+    pub async fn wait_streaming(&self, deadline: Duration) -> anyhow::Result<()> {
+        let health = self.health.clone();
+        poll(
+            "the WAL relay to stream its slot",
+            Duration::from_millis(5),
+            deadline,
+            || {
+                let report = health.report();
+                async move {
+                    Ok(if report.ready && report.streaming {
+                        Poll::Done(())
+                    } else {
+                        Poll::Waiting("not streaming yet".to_owned())
                     })
                 }
             },
@@ -418,4 +478,37 @@ pub fn relay_config(instance_id: &str) -> RelayConfig {
         ) as u64),
         ..defaults
     }
+}
+
+/// Where the relay under test reads the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The polling relay over `outbox_message`.
+    Table,
+    /// `relay run --source wal`, producers on log storage.
+    Wal,
+}
+
+impl Source {
+    /// `table` or `wal`, as the flag is written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Table => "table",
+            Source::Wal => "wal",
+        }
+    }
+}
+
+/// The resident set of this process now, in MB (from `/proc/self/status`), if readable.
+pub fn rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
 }

@@ -43,6 +43,9 @@ pub struct LatencyConfig {
     /// Install the notify trigger and run the relay with `listen_notify`. Defaults to false
     /// (adaptive polling alone).
     pub listen_notify: bool,
+    /// The relay's source: the table (polling) or the log (`--source wal`, producers on log
+    /// storage). Defaults to the table.
+    pub source: env::Source,
 }
 
 impl Default for LatencyConfig {
@@ -54,6 +57,7 @@ impl Default for LatencyConfig {
             keys: 1000,
             connections: 16,
             listen_notify: false,
+            source: env::Source::Table,
         }
     }
 }
@@ -66,8 +70,12 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
         bail!("relay-latency needs --rate, --seconds, --keys and --connections above 0");
     }
     let total = u64::from(config.rate) * config.seconds;
-    let servers = Servers::start(fast_unsafe_db).await?;
+    let wal = config.source == env::Source::Wal;
+    let servers = Servers::start_with(fast_unsafe_db, wal).await?;
     let db = servers.database().await?;
+    if wal {
+        db.create_slot().await?;
+    }
     let admin = servers.nats_client("bench-admin").await?;
     let js = jetstream::new(admin);
     servers
@@ -128,12 +136,27 @@ pub async fn run(config: &LatencyConfig, fast_unsafe_db: bool) -> anyhow::Result
     if config.listen_notify {
         relay::store::enable_notify(&mut *db.pool.acquire().await?).await?;
     }
-    let relay = RunningRelay::start(&servers, &db, relay_config).await?;
-    relay.wait_ready(Duration::from_secs(30)).await?;
+    let relay = if wal {
+        let relay = RunningRelay::start_wal(&servers, &db, relay_config).await?;
+        relay.wait_streaming(Duration::from_secs(30)).await?;
+        relay
+    } else {
+        let relay = RunningRelay::start(&servers, &db, relay_config).await?;
+        relay.wait_ready(Duration::from_secs(30)).await?;
+        relay
+    };
 
     // The producer.
     let producers = db.pool(config.connections).await?;
-    let outbox = Outbox::new(crate::SOURCE).context("outbox")?;
+    let outbox = Outbox::with_config(outbox::OutboxConfig {
+        storage: if wal {
+            outbox::Storage::Log
+        } else {
+            outbox::Storage::Table
+        },
+        ..outbox::OutboxConfig::for_source(crate::SOURCE)
+    })
+    .context("outbox")?;
     let payload = Bytes::from(vec![b'x'; config.payload]);
     let committed: Instants = Arc::default();
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));

@@ -90,6 +90,14 @@ struct DrainArgs {
     /// PubAcks in flight in the raw baseline (at least 256).
     #[arg(long, default_value_t = DrainConfig::default().window)]
     window: usize,
+    /// The relay's source: table (polling) or wal (a replication slot; producers on log
+    /// storage).
+    #[arg(long, value_parser = ["table", "wal"], default_value = "table")]
+    source: String,
+    /// With --source wal: write outbox_message rows (read from the log as INSERTs) instead
+    /// of log messages.
+    #[arg(long)]
+    table_rows: bool,
 }
 
 #[derive(Args)]
@@ -112,6 +120,10 @@ struct LatencyArgs {
     /// Wake the relay with LISTEN/NOTIFY as well as polling.
     #[arg(long)]
     listen_notify: bool,
+    /// The relay's source: table (polling) or wal (a replication slot; producers on log
+    /// storage).
+    #[arg(long, value_parser = ["table", "wal"], default_value = "table")]
+    source: String,
 }
 
 #[derive(Args)]
@@ -142,6 +154,13 @@ struct ProducerArgs {
     /// Concurrent workers, one connection each.
     #[arg(long, default_value_t = ProducerConfig::default().concurrency)]
     concurrency: usize,
+    /// Where the outbox writes: table rows or wal (log storage).
+    #[arg(long, value_parser = ["table", "wal"], default_value = "table")]
+    storage: String,
+    /// statement (Outbox::enqueue, a statement of its own) or with-commit
+    /// (OutboxTransaction: sent with COMMIT).
+    #[arg(long, value_parser = ["statement", "with-commit"], default_value = "statement")]
+    enqueue: String,
 }
 
 #[derive(Args)]
@@ -228,6 +247,8 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 payload: a.payload,
                 keys: a.keys,
                 window: a.window,
+                source: source(&a.source),
+                table_rows: a.table_rows,
             };
             bench::drain::run(&config, fast).await
         }
@@ -239,6 +260,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 keys: a.keys,
                 connections: a.connections,
                 listen_notify: a.listen_notify,
+                source: source(&a.source),
             };
             bench::latency::run(&config, fast).await
         }
@@ -256,6 +278,12 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             let config = ProducerConfig {
                 seconds: a.seconds,
                 concurrency: a.concurrency,
+                storage: if a.storage == "wal" {
+                    outbox::Storage::Log
+                } else {
+                    outbox::Storage::Table
+                },
+                with_commit: a.enqueue == "with-commit",
             };
             bench::producer::run(&config, fast).await
         }
@@ -281,6 +309,14 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             };
             bench::backlog::run(&config, fast).await
         }
+    }
+}
+
+fn source(flag: &str) -> bench::env::Source {
+    if flag == "wal" {
+        bench::env::Source::Wal
+    } else {
+        bench::env::Source::Table
     }
 }
 

@@ -29,6 +29,13 @@ pub struct ProducerConfig {
     pub seconds: u64,
     /// Concurrent workers (and connections) in both modes. Defaults to 8.
     pub concurrency: usize,
+    /// Where the outbox writes: table rows, or the write-ahead log (log storage; the
+    /// server then runs with `wal_level=logical` and a slot, and no relay reads it).
+    /// Defaults to the table.
+    pub storage: outbox::Storage,
+    /// Enqueue with its own statement (`Outbox::enqueue`) or riding with `COMMIT`
+    /// (`OutboxTransaction`). Defaults to its own statement.
+    pub with_commit: bool,
 }
 
 impl Default for ProducerConfig {
@@ -36,6 +43,8 @@ impl Default for ProducerConfig {
         ProducerConfig {
             seconds: 10,
             concurrency: 8,
+            storage: outbox::Storage::Table,
+            with_commit: false,
         }
     }
 }
@@ -74,8 +83,12 @@ pub async fn run(config: &ProducerConfig, fast_unsafe_db: bool) -> anyhow::Resul
     if config.seconds == 0 || config.concurrency == 0 {
         bail!("producer-overhead needs --seconds and --concurrency above 0");
     }
-    let servers = Servers::start(fast_unsafe_db).await?;
+    let log = config.storage == outbox::Storage::Log;
+    let servers = Servers::start_with(fast_unsafe_db, log).await?;
     let db = servers.database().await?;
+    if log {
+        db.create_slot().await?;
+    }
     let js = jetstream::new(servers.nats_client("bench-admin").await?);
     servers
         .ensure_stream(&js, crate::env::STREAM, crate::env::STREAM_SUBJECTS)
@@ -86,10 +99,28 @@ pub async fn run(config: &ProducerConfig, fast_unsafe_db: bool) -> anyhow::Resul
         .await
         .context("creating the orders table")?;
     let connections = u32::try_from(config.concurrency).context("--concurrency is too large")?;
-    let pool = db.pool(connections).await?;
-    let outbox = Outbox::new("order-service").context("outbox")?;
+    // Every transaction takes its connection from the pool and gives it back, in both
+    // modes (an `OutboxTransaction` owns its connection); no ping on taking one.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections)
+        .min_connections(connections)
+        .test_before_acquire(false)
+        .connect(&db.url)
+        .await
+        .context("connecting the workers' pool")?;
+    let outbox = Outbox::with_config(outbox::OutboxConfig {
+        storage: config.storage,
+        ..outbox::OutboxConfig::for_source("order-service")
+    })
+    .context("outbox")?;
+    let storage = if log { "wal" } else { "table" };
+    let enqueue = if config.with_commit {
+        "with-commit"
+    } else {
+        "statement"
+    };
     eprintln!(
-        "producer-overhead: {} workers, {} s per mode in interleaved {SLICE:?} slices after a {WARM_UP:?} warm-up, no relay running",
+        "producer-overhead: {} workers, {} s per mode in interleaved {SLICE:?} slices after a {WARM_UP:?} warm-up, storage {storage}, enqueue {enqueue}, no relay running",
         config.concurrency, config.seconds
     );
 
@@ -99,7 +130,8 @@ pub async fn run(config: &ProducerConfig, fast_unsafe_db: bool) -> anyhow::Resul
     let mut elapsed = [Duration::ZERO; 2];
     let mut slice_tps: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for with_outbox in [false, true] {
-        drive(&pool, &outbox, config.concurrency, with_outbox, WARM_UP).await?;
+        let mode = Mode::of(with_outbox, config.with_commit);
+        drive(&pool, &outbox, config.concurrency, mode, WARM_UP).await?;
     }
     for round in 0..config.seconds {
         let order = if round % 2 == 0 {
@@ -109,7 +141,8 @@ pub async fn run(config: &ProducerConfig, fast_unsafe_db: bool) -> anyhow::Resul
         };
         for with_outbox in order {
             let slot = usize::from(with_outbox);
-            let (n, took) = drive(&pool, &outbox, config.concurrency, with_outbox, SLICE).await?;
+            let mode = Mode::of(with_outbox, config.with_commit);
+            let (n, took) = drive(&pool, &outbox, config.concurrency, mode, SLICE).await?;
             done[slot] += n;
             elapsed[slot] += took;
             slice_tps[slot].push(stats::per_second(n, took));
@@ -130,9 +163,29 @@ pub async fn run(config: &ProducerConfig, fast_unsafe_db: bool) -> anyhow::Resul
     db.pool.close().await;
     let [plain, with_outbox] = tps;
     Ok(format!(
-        "producer-overhead plain_tps={plain:.0} outbox_tps={with_outbox:.0} ratio={:.2}",
+        "producer-overhead plain_tps={plain:.0} outbox_tps={with_outbox:.0} ratio={:.2} storage={storage} enqueue={enqueue}",
         stats::ratio(with_outbox, plain)
     ))
+}
+
+/// What one business transaction does besides its INSERT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    /// `Outbox::enqueue` before `COMMIT`: a statement of its own.
+    Statement,
+    /// `OutboxTransaction::enqueue`: sent with `COMMIT`.
+    WithCommit,
+}
+
+impl Mode {
+    fn of(with_outbox: bool, with_commit: bool) -> Mode {
+        match (with_outbox, with_commit) {
+            (false, _) => Mode::Plain,
+            (true, false) => Mode::Statement,
+            (true, true) => Mode::WithCommit,
+        }
+    }
 }
 
 /// Runs `workers` loops of business transactions until `duration` has passed; returns how
@@ -141,7 +194,7 @@ async fn drive(
     pool: &PgPool,
     outbox: &Outbox,
     workers: usize,
-    with_outbox: bool,
+    mode: Mode,
     duration: Duration,
 ) -> anyhow::Result<(u64, Duration)> {
     let done = Arc::new(AtomicU64::new(0));
@@ -151,25 +204,38 @@ async fn drive(
     for worker in 0..workers {
         let (pool, outbox, done) = (pool.clone(), outbox.clone(), done.clone());
         handles.push(tokio::spawn(async move {
-            let mut conn = pool.acquire().await?;
             let customer = format!("customer-{worker}");
+            let insert = "INSERT INTO orders (id, customer, total_cents) VALUES ($1, $2, $3)";
             while Instant::now() < deadline {
                 let order = OrderPlaced {
                     order_id: Uuid::now_v7(),
                     customer: customer.clone(),
                     total_cents: 4_999,
                 };
-                let mut tx = conn.begin().await?;
-                sqlx::query("INSERT INTO orders (id, customer, total_cents) VALUES ($1, $2, $3)")
-                    .bind(order.order_id)
-                    .bind(&order.customer)
-                    .bind(order.total_cents)
-                    .execute(&mut *tx)
-                    .await?;
-                if with_outbox {
-                    outbox.enqueue(&mut tx, &order).await?;
+                let mut conn = pool.acquire().await?;
+                if mode == Mode::WithCommit {
+                    let mut tx = outbox.begin_on(conn).await?;
+                    sqlx::query(insert)
+                        .bind(order.order_id)
+                        .bind(&order.customer)
+                        .bind(order.total_cents)
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.enqueue(&order)?;
+                    tx.commit().await?;
+                } else {
+                    let mut tx = conn.begin().await?;
+                    sqlx::query(insert)
+                        .bind(order.order_id)
+                        .bind(&order.customer)
+                        .bind(order.total_cents)
+                        .execute(&mut *tx)
+                        .await?;
+                    if mode == Mode::Statement {
+                        outbox.enqueue(&mut tx, &order).await?;
+                    }
+                    tx.commit().await?;
                 }
-                tx.commit().await?;
                 done.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<_, anyhow::Error>(())

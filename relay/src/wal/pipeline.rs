@@ -54,8 +54,9 @@ struct Item {
 }
 
 enum What {
+    /// Shared with the publish in flight: no copy per send.
     Publish {
-        envelope: Box<Envelope>,
+        envelope: Arc<Envelope>,
         row: Option<Uuid>,
     },
     DeadLetter {
@@ -192,7 +193,10 @@ impl<P: Publisher> Pipeline<P> {
         let (key, what): (Arc<str>, What) = match decoded {
             Decoded::Envelope { envelope, row } => (
                 Arc::from(envelope.partition_key.as_str()),
-                What::Publish { envelope, row },
+                What::Publish {
+                    envelope: Arc::from(envelope),
+                    row,
+                },
             ),
             Decoded::Poison(poison) => (
                 Arc::from(POISON_QUEUE),
