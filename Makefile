@@ -68,8 +68,12 @@ lint: ## cargo fmt --check, cargo clippy --all-targets -- -D warnings, and the d
 
 bench: tools ## Run the end-to-end scenarios (relay, producer, inbox), then the criterion micro-benchmarks (see BENCHMARKS.md)
 	$(CARGO) run --release --locked -p bench -- relay-drain
+	$(CARGO) run --release --locked -p bench -- relay-drain --source wal
 	$(CARGO) run --release --locked -p bench -- relay-latency
+	$(CARGO) run --release --locked -p bench -- relay-latency --source wal
 	$(CARGO) run --release --locked -p bench -- producer-overhead
+	$(CARGO) run --release --locked -p bench -- producer-overhead --enqueue with-commit
+	$(CARGO) run --release --locked -p bench -- producer-overhead --storage wal --enqueue with-commit
 	$(CARGO) run --release --locked -p bench -- relay-backlog
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode strict --events 20000
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched --handler batch
