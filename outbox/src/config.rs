@@ -33,7 +33,7 @@ pub struct OutboxConfig {
 pub enum Storage {
     /// One row of `outbox_message` per message: read by the polling relay (`relay run`) or
     /// by the WAL relay (`relay run --source wal`). Caller-chosen ids are checked unique
-    /// at enqueue ([`Error::DuplicateId`](crate::Error::DuplicateId)).
+    /// at enqueue ([`Error::DuplicateId`]).
     #[default]
     Table,
     /// One transactional logical decoding message per message
