@@ -339,19 +339,11 @@ impl RunningRelay {
         config: RelayConfig,
     ) -> anyhow::Result<RunningRelay> {
         let pool = db.pool(config.min_connections() + 2).await?;
-        let client = servers
-            .nats_config(&config.instance_id)
-            .connect()
-            .await
-            .context("connecting the relay to NATS")?;
-        let publisher =
-            JetStreamPublisher::new(client, config.publish_timeout, config.max_in_flight);
+        let publisher = publisher(servers, &config).await?;
         let relay = relay::Relay::new(config, pool, publisher).context("building the relay")?;
-        let health = relay.health();
-        let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(relay.run(async move { token.cancelled().await }));
-        Ok(RunningRelay { stop, task, health })
+        Ok(RunningRelay::spawn(relay.health(), |stop| {
+            relay.run(async move { stop.cancelled().await })
+        }))
     }
 
     /// Starts the WAL relay (`--source wal`) in this process on the slot `relay::wal::SlotName::DEFAULT`
@@ -362,24 +354,26 @@ impl RunningRelay {
         config: RelayConfig,
     ) -> anyhow::Result<RunningRelay> {
         let pool = db.pool(4).await?;
-        let client = servers
-            .nats_config(&config.instance_id)
-            .connect()
-            .await
-            .context("connecting the relay to NATS")?;
-        let publisher =
-            JetStreamPublisher::new(client, config.publish_timeout, config.max_in_flight);
+        let publisher = publisher(servers, &config).await?;
         let settings = relay::wal::WalSettings {
             slot: relay::wal::SlotName::new(relay::wal::SlotName::DEFAULT)?,
             database_url: db.url.clone(),
         };
         let relay = relay::wal::WalRelay::new(config, settings, pool, publisher)
             .context("building the WAL relay")?;
-        let health = relay.health();
+        Ok(RunningRelay::spawn(relay.health(), |stop| {
+            relay.run(async move { stop.cancelled().await })
+        }))
+    }
+
+    /// Spawns `run` of a built relay, stopped by [`RunningRelay::stop`].
+    fn spawn<F>(health: relay::Health, run: impl FnOnce(CancellationToken) -> F) -> RunningRelay
+    where
+        F: Future<Output = Result<(), relay::Error>> + Send + 'static,
+    {
         let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(relay.run(async move { token.cancelled().await }));
-        Ok(RunningRelay { stop, task, health })
+        let task = tokio::spawn(run(stop.clone()));
+        RunningRelay { stop, task, health }
     }
 
     /// Waits until the relay owns all 256 partitions (it is alone) and is ready.
@@ -478,6 +472,20 @@ pub fn relay_config(instance_id: &str) -> RelayConfig {
         ) as u64),
         ..defaults
     }
+}
+
+/// The relay's JetStream publisher, on a connection of its own named after the instance.
+async fn publisher(servers: &Servers, config: &RelayConfig) -> anyhow::Result<JetStreamPublisher> {
+    let client = servers
+        .nats_config(&config.instance_id)
+        .connect()
+        .await
+        .context("connecting the relay to NATS")?;
+    Ok(JetStreamPublisher::new(
+        client,
+        config.publish_timeout,
+        config.max_in_flight,
+    ))
 }
 
 /// Where the relay under test reads the outbox.

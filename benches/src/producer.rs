@@ -205,7 +205,6 @@ async fn drive(
         let (pool, outbox, done) = (pool.clone(), outbox.clone(), done.clone());
         handles.push(tokio::spawn(async move {
             let customer = format!("customer-{worker}");
-            let insert = "INSERT INTO orders (id, customer, total_cents) VALUES ($1, $2, $3)";
             while Instant::now() < deadline {
                 let order = OrderPlaced {
                     order_id: Uuid::now_v7(),
@@ -215,22 +214,12 @@ async fn drive(
                 let mut conn = pool.acquire().await?;
                 if mode == Mode::WithCommit {
                     let mut tx = outbox.begin_on(conn).await?;
-                    sqlx::query(insert)
-                        .bind(order.order_id)
-                        .bind(&order.customer)
-                        .bind(order.total_cents)
-                        .execute(&mut *tx)
-                        .await?;
+                    insert_order(&mut tx, &order).await?;
                     tx.enqueue(&order)?;
                     tx.commit().await?;
                 } else {
                     let mut tx = conn.begin().await?;
-                    sqlx::query(insert)
-                        .bind(order.order_id)
-                        .bind(&order.customer)
-                        .bind(order.total_cents)
-                        .execute(&mut *tx)
-                        .await?;
+                    insert_order(&mut tx, &order).await?;
                     if mode == Mode::Statement {
                         outbox.enqueue(&mut tx, &order).await?;
                     }
@@ -248,4 +237,15 @@ async fn drive(
             .context("a business transaction failed")?;
     }
     Ok((done.load(Ordering::Relaxed), start.elapsed()))
+}
+
+/// The business statement of every mode.
+async fn insert_order(conn: &mut sqlx::PgConnection, order: &OrderPlaced) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO orders (id, customer, total_cents) VALUES ($1, $2, $3)")
+        .bind(order.order_id)
+        .bind(&order.customer)
+        .bind(order.total_cents)
+        .execute(conn)
+        .await?;
+    Ok(())
 }

@@ -103,6 +103,7 @@ pub(crate) async fn run<P: Publisher>(
                     publisher.clone(),
                     &health,
                     &stop,
+                    &mut failures,
                 )
                 .await?
             }
@@ -149,6 +150,7 @@ async fn session<P: Publisher>(
     publisher: Arc<P>,
     health: &Health,
     stop: &CancellationToken,
+    failures: &mut u32,
 ) -> Result<Ended, Error> {
     let mut client = match ReplicationClient::connect(replication).await {
         Ok(client) => client,
@@ -159,6 +161,8 @@ async fn session<P: Publisher>(
     }
     tracing::info!(slot = %settings.slot, "streaming the outbox from the replication slot");
     health.set_wal(true, false);
+    // It streams: a later break starts the backoff from its first step again.
+    *failures = 0;
     let mut pipeline = Pipeline::new(config.clone(), pool.clone(), publisher);
     let mut relations = Relations::default();
     let mut applied = confirmed;
