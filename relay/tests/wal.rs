@@ -187,7 +187,7 @@ async fn a_slot_dropped_under_a_running_relay_stops_it_with_a_clear_error() {
     .expect("published");
     // End its session and drop the slot before it reconnects.
     sqlx::query(
-        "SELECT pg_terminate_backend(active_pid), pg_sleep(0.05) FROM pg_replication_slots
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
          WHERE slot_name = 'outbox_relay'",
     )
     .execute(&env.pool)

@@ -39,13 +39,7 @@ pub(crate) async fn slot_stats(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let status = outbox::deadline::within(config.db_timeout, async {
-            let mut conn = pool.acquire().await?;
-            store::status(&mut conn, &slot)
-                .await
-                .map_err(|e| sqlx::Error::Protocol(e.to_string()))
-        })
-        .await;
+        let status = store::status_within(&pool, &slot, config.db_timeout).await;
         match status {
             Ok(Some(s)) => {
                 health.set_slot_exists(true);

@@ -50,13 +50,7 @@ pub(crate) async fn run<P: Publisher>(
         if stop.is_cancelled() {
             return Ok(());
         }
-        let slot_state = outbox::deadline::within(config.db_timeout, async {
-            let mut conn = pool.acquire().await?;
-            store::status(&mut conn, &settings.slot)
-                .await
-                .map_err(|e| sqlx::Error::Protocol(e.to_string()))
-        })
-        .await;
+        let slot_state = store::status_within(&pool, &settings.slot, config.db_timeout).await;
         if slot_state.is_ok() {
             health.set_database(true);
         }

@@ -173,8 +173,11 @@ pub async fn check_usable(
 }
 
 /// The slot's state, or `None` when there is no such slot.
-pub async fn status(conn: &mut PgConnection, slot: &SlotName) -> Result<Option<SlotStatus>, Error> {
-    Ok(sqlx::query_as::<_, SlotStatus>(
+pub async fn status(
+    conn: &mut PgConnection,
+    slot: &SlotName,
+) -> Result<Option<SlotStatus>, sqlx::Error> {
+    sqlx::query_as::<_, SlotStatus>(
         "SELECT slot_name::text AS slot, plugin::text AS plugin, database::text AS database,
                 active, active_pid,
                 confirmed_flush_lsn::text AS confirmed_flush_lsn,
@@ -186,7 +189,20 @@ pub async fn status(conn: &mut PgConnection, slot: &SlotName) -> Result<Option<S
     )
     .bind(slot.as_str())
     .fetch_optional(&mut *conn)
-    .await?)
+    .await
+}
+
+/// [`status`] on a connection of `pool`, within `timeout` (the running relay's checks).
+pub(crate) async fn status_within(
+    pool: &PgPool,
+    slot: &SlotName,
+    timeout: Duration,
+) -> Result<Option<SlotStatus>, sqlx::Error> {
+    within(timeout, async {
+        let mut conn = pool.acquire().await?;
+        status(&mut conn, slot).await
+    })
+    .await
 }
 
 /// Drops the slot and its publication. Refused while a relay streams the slot (stop it
