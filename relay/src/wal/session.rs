@@ -155,8 +155,6 @@ async fn session<P: Publisher>(
     }
     tracing::info!(slot = %settings.slot, "streaming the outbox from the replication slot");
     health.set_wal(true, false);
-    // It streams: a later break starts the backoff from its first step again.
-    *failures = 0;
     let mut pipeline = Pipeline::new(config.clone(), pool.clone(), publisher);
     let mut relations = Relations::default();
     let mut applied = confirmed;
@@ -195,6 +193,9 @@ async fn session<P: Publisher>(
         {
             applied = confirmed;
             client.update_applied_lsn(confirmed);
+            // It made progress: a later break starts the backoff from its first step again
+            // (a session that breaks at the same record every time keeps backing off).
+            *failures = 0;
         }
     };
     if matches!(ended, Ended::Stopped) {
