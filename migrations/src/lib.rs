@@ -104,6 +104,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_emit_guard",
         sql: include_str!("../sql/0012_outbox_emit_guard.sql"),
     },
+    Migration {
+        version: 13,
+        name: "outbox_wal_progress",
+        sql: include_str!("../sql/0013_outbox_wal_progress.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -397,6 +397,22 @@ async fn start_errors_name_the_missing_prerequisite() {
     let (code, _, err) = relay_cli(&["slot", "create"], &[("DATABASE_URL", plain.as_str())]);
     assert_ne!(code, 0);
     assert!(err.contains("lacks REPLICATION"), "{err}");
+
+    // A role that may replicate but not make the relay's writes is refused at start, naming
+    // what to grant (instead of retrying its first delete forever).
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    sqlx::raw_sql("ALTER ROLE plain REPLICATION; GRANT SELECT ON outbox_message TO plain;")
+        .execute(&env.pool)
+        .await
+        .expect("grant");
+    let mut relay = spawn_relay_with_url(&env, plain.as_str(), "wal-z", &["--source", "wal"]);
+    let exit = relay.wait_exit(Duration::from_secs(30)).await;
+    assert!(!exit.success());
+    let log = relay.log_tail();
+    assert!(
+        log.contains("role plain lacks DELETE on outbox_message, INSERT on dead_letter, INSERT, UPDATE on outbox_wal_progress"),
+        "{log}"
+    );
 }
 
 /// PostgreSQL restarted (immediate stop: a crash) and the broker killed and restarted under
@@ -464,4 +480,142 @@ async fn a_relay_rides_out_a_database_crash_and_a_broker_restart() {
     })
     .await
     .expect("ready");
+}
+
+/// The value of the counter `name` on the relay's `/metrics` (0 before its first increment).
+async fn counter(relay: &RelayProcess, name: &str) -> f64 {
+    let (_, body) = http_get(relay.http, "/metrics").await.expect("metrics");
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Whether the slot has confirmed `lsn`.
+async fn slot_confirmed(pool: &PgPool, lsn: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+    )
+    .bind(lsn)
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+async fn wal_position(pool: &PgPool) -> String {
+    sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .expect("WAL position")
+}
+
+/// A PostgreSQL crash sets the slot's confirmed position back to the one last written to
+/// disk (a slot is saved at checkpoints, or when its restart position moves), so a relay
+/// that trusts the slot re-sends what it had confirmed: after more than the duplicate window,
+/// the stream stores it again. The relay keeps its own confirmed position durably and
+/// resumes from it: after the crash it publishes only what is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_crash_does_not_make_the_relay_resend_what_it_confirmed() {
+    let mut env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    let expected = enqueue_mixed(&env.pool, 0, 1_000, 7).await;
+    let written = wal_position(&env.pool).await;
+    let relay = spawn_relay(&env, "wal-r", &["--source", "wal"]);
+    let client = env.nats_client().await;
+    wait_until(
+        Duration::from_secs(60),
+        "everything published and confirmed",
+        || async {
+            stream_count(&client).await as usize >= expected.len()
+                && slot_confirmed(&env.pool, &written).await
+        },
+    )
+    .await
+    .expect("confirmed");
+    let published_before = counter(&relay, "relay_published_total").await;
+    assert_eq!(published_before as usize, expected.len());
+
+    env.pg.stop_immediate().await.expect("crash PostgreSQL");
+    env.pg.restart().await.expect("restart PostgreSQL");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&env.db_url)
+        .await
+        .expect("reconnect");
+    assert!(
+        !slot_confirmed(&pool, &written).await,
+        "premise: the crash set the slot's confirmed position back"
+    );
+    let marker = enqueue_mixed(&pool, 1_000, 1, 7).await;
+    let marker_written = wal_position(&pool).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the message written after the crash confirmed",
+        || async { slot_confirmed(&pool, &marker_written).await },
+    )
+    .await
+    .expect("marker confirmed");
+    let published_after = counter(&relay, "relay_published_total").await;
+    let duplicates = counter(&relay, "relay_duplicates_total").await;
+    assert_eq!(
+        (published_after - published_before, duplicates),
+        (1.0, 0.0),
+        "after the crash the relay published only the new message, and nothing twice"
+    );
+    let mut all = expected;
+    all.extend(marker);
+    assert_exactly_once_in_key_order(&all, &stream_messages(&client).await);
+}
+
+/// A transaction of more table rows than one DELETE may name (5000) is deleted in statements
+/// of at most that many before it is confirmed: one unbounded DELETE would fail every time
+/// under a `statement_timeout`, and hold back confirmation forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_many_rows_is_deleted_in_bounded_statements() {
+    let env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    sqlx::raw_sql(
+        "CREATE TABLE delete_sizes (deleted bigint NOT NULL);
+         CREATE FUNCTION record_delete_size() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO delete_sizes SELECT count(*) FROM gone; RETURN NULL; END $$;
+         CREATE TRIGGER delete_sizes AFTER DELETE ON outbox_message
+             REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
+             EXECUTE FUNCTION record_delete_size();",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("trigger");
+    let rows_in_one_transaction = 12_000;
+    let table = Outbox::new("relay-test").expect("outbox");
+    let mut tx = env.pool.begin().await.expect("begin");
+    let ids = table
+        .enqueue_many(
+            &mut tx,
+            (0..rows_in_one_transaction).map(|i| message(i, 13).0),
+        )
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    let expected: Vec<(MessageId, String)> = ids
+        .into_iter()
+        .zip((0..rows_in_one_transaction).map(|i| message(i, 13).1))
+        .collect();
+    let _relay = spawn_relay(&env, "wal-d", &["--source", "wal"]);
+    wait_until(Duration::from_secs(90), "every row deleted", || async {
+        rows(&env.pool).await == 0
+    })
+    .await
+    .expect("deleted");
+    let sizes: Vec<i64> = sqlx::query_scalar("SELECT deleted FROM delete_sizes WHERE deleted > 0")
+        .fetch_all(&env.pool)
+        .await
+        .expect("sizes");
+    assert_eq!(sizes.iter().sum::<i64>(), rows_in_one_transaction as i64);
+    assert!(
+        sizes.iter().all(|n| *n <= 5_000),
+        "statement sizes {sizes:?}"
+    );
+    let client = env.nats_client().await;
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
 }

@@ -14,6 +14,10 @@
 //!   acknowledged or dead-lettered (and whose table rows are deleted), and it is reported to
 //!   the server at least every second: after a crash, at most the unconfirmed tail is sent
 //!   again, and the duplicate window absorbs it.
+//! - The confirmed position is committed to `outbox_wal_progress` before the slot is told,
+//!   and a session starts from the greater of the two: a PostgreSQL crash, which can set a
+//!   slot's position back to the last one saved to disk, does not make the relay send again
+//!   what it had confirmed.
 //! - A message that cannot be published (invalid, or permanently refused
 //!   `max_permanent_attempts` times) goes to `dead_letter` with its reason.
 //! - A log message of an unknown format version stops the relay with an error before its
@@ -28,17 +32,20 @@
 //! - `decode` (private): replication records to outbox messages (log messages, `pgoutput`
 //!   INSERTs in binary format).
 //! - `pipeline` (private): per-key publishing, retries, dead letters, the confirmed position.
+//! - `progress` (private): the confirmed position, recorded before the slot is told.
 //! - `session` (private): the replication connection, standby and reconnection.
 //! - `metrics` (private): the WAL gauges.
 
 mod decode;
 mod metrics;
 mod pipeline;
+mod progress;
 mod session;
 pub mod store;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::FutureExt;
 use sqlx::PgPool;
@@ -58,6 +65,37 @@ pub struct WalSettings {
     /// A `postgres://` URL for the replication connection (its role needs REPLICATION). TLS
     /// is not supported on it yet: a URL with `sslmode=require` (or `verify-*`) is refused.
     pub database_url: String,
+}
+
+/// How long the checks at start are retried through connection losses (a database
+/// restarting as the relay starts).
+const START_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The prerequisites and the slot, checked at start.
+async fn start_checks(pool: &PgPool, slot: &SlotName) -> Result<(), Error> {
+    let mut conn = pool.acquire().await?;
+    store::check_prerequisites(&mut conn, slot).await?;
+    store::check_privileges(&mut conn, slot).await?;
+    match store::status(&mut conn, slot).await? {
+        Some(existing) => store::check_usable(&mut conn, slot, &existing).await,
+        None => Err(Error::Slot {
+            slot: slot.to_string(),
+            reason: "it does not exist: create it with `relay slot create` (before producers write to the log)".to_owned(),
+        }),
+    }
+}
+
+/// A lost connection or a server shutting down or starting: retrying can succeed.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            // admin_shutdown, crash_shutdown, cannot_connect_now
+            Some("57P01" | "57P02" | "57P03")
+        ),
+        _ => false,
+    }
 }
 
 /// A relay publishing from a replication slot; see the module docs.
@@ -106,17 +144,18 @@ impl<P: Publisher> WalRelay<P> {
             publisher,
             health,
         } = self;
-        {
-            let mut conn = pool.acquire().await?;
-            store::check_prerequisites(&mut conn, &settings.slot).await?;
-            match store::status(&mut conn, &settings.slot).await? {
-                Some(existing) => store::check_usable(&mut conn, &settings.slot, &existing).await?,
-                None => {
-                    return Err(Error::Slot {
-                        slot: settings.slot.to_string(),
-                        reason: "it does not exist: create it with `relay slot create` (before producers write to the log)".to_owned(),
-                    });
+        // A database restarting just then is waited out; what retrying cannot mend is not.
+        let started = tokio::time::Instant::now();
+        loop {
+            match start_checks(&pool, &settings.slot).await {
+                Ok(()) => break,
+                Err(Error::Database(e))
+                    if is_transient(&e) && started.elapsed() < START_PATIENCE =>
+                {
+                    tracing::warn!(error = %e, "database unavailable at start; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
+                Err(e) => return Err(e),
             }
         }
         health.set_database(true);

@@ -37,7 +37,7 @@ use crate::config::RelayConfig;
 use crate::metrics as m;
 use crate::publisher::{Ack, PublishError, Publisher};
 
-/// The most table rows one confirmation deletes.
+/// The most table rows one DELETE statement names.
 const DELETE_CHUNK: usize = 5_000;
 
 /// The queue of poison messages: no partition key can be empty, so no key collides.
@@ -457,8 +457,9 @@ impl<P: Publisher> Pipeline<P> {
         if self.confirming || self.resolved.is_empty() {
             return;
         }
-        // At most DELETE_CHUNK rows per statement (whole transactions, at least one): a
-        // long backlog released at once is confirmed in steps, never one unbounded delete.
+        // Whole transactions up to DELETE_CHUNK rows (at least one transaction): a long
+        // backlog released at once is confirmed in steps; a larger transaction is deleted in
+        // DELETE_CHUNK statements before it is confirmed.
         let mut take = 0;
         let mut rows = 0;
         while take < self.resolved.len()
@@ -480,10 +481,15 @@ impl<P: Publisher> Pipeline<P> {
         let pool = self.pool.clone();
         let timeout = self.config.db_timeout;
         self.pending.push(Box::pin(async move {
-            let result = store::delete_relayed(&pool, &rows, timeout)
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string());
+            // One transaction can hold more rows than a chunk: one statement per chunk (a
+            // retry after a failure deletes again what is already gone, harmlessly).
+            let mut result = Ok(());
+            for chunk in rows.chunks(DELETE_CHUNK) {
+                if let Err(e) = store::delete_relayed(&pool, chunk, timeout).await {
+                    result = Err(e.to_string());
+                    break;
+                }
+            }
             Done::Confirm { lsn, rows, result }
         }));
     }

@@ -1,6 +1,7 @@
-//! One relay's hold on the slot: connect, stream, publish through the [`Pipeline`], confirm;
-//! on a broken session, reconnect from the slot's confirmed position; while another relay
-//! streams the slot, wait as a hot standby.
+//! One relay's hold on the slot: connect, stream, publish through the [`Pipeline`], record
+//! the confirmed position ([`Progress`]), then confirm it to the slot; on a broken session,
+//! reconnect from the greater of the slot's confirmed position and the recorded one; while
+//! another relay streams the slot, wait as a hot standby.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::decode::{self, Relations};
 use super::pipeline::Pipeline;
+use super::progress::Progress;
 use super::store;
 use super::{WalSettings, metrics as wm};
 use crate::config::RelayConfig;
@@ -82,17 +84,19 @@ pub(crate) async fn run<P: Publisher>(
             }
             Ok(Some(s)) if s.active => Ended::Busy,
             Ok(Some(s)) => {
-                // Never report a position below what the slot has confirmed.
-                let confirmed = s
-                    .confirmed_flush_lsn
-                    .as_deref()
-                    .and_then(|l| Lsn::parse(l).ok())
-                    .unwrap_or(Lsn::ZERO);
+                // From the greater of the slot's position and the relay's record of it (a
+                // crash can set the slot's back); never report a position below either.
+                let lsn = |l: Option<&str>| l.and_then(|l| Lsn::parse(l).ok()).unwrap_or(Lsn::ZERO);
+                let start = lsn(s.confirmed_flush_lsn.as_deref())
+                    .max(lsn(s.relay_confirmed_lsn.as_deref()));
                 session(
                     &config,
                     &settings,
-                    replication.clone().with_ack_lsn(confirmed),
-                    confirmed,
+                    replication
+                        .clone()
+                        .with_start_lsn(start)
+                        .with_ack_lsn(start),
+                    start,
                     &pool,
                     publisher.clone(),
                     &health,
@@ -133,13 +137,13 @@ pub(crate) async fn run<P: Publisher>(
     }
 }
 
-/// One replication session, from the slot's confirmed position `confirmed`.
+/// One replication session, from `start` (confirmed: by the slot or in the relay's record).
 #[allow(clippy::too_many_arguments)]
 async fn session<P: Publisher>(
     config: &RelayConfig,
     settings: &WalSettings,
     replication: ReplicationConfig,
-    confirmed: Lsn,
+    start: Lsn,
     pool: &PgPool,
     publisher: Arc<P>,
     health: &Health,
@@ -156,8 +160,13 @@ async fn session<P: Publisher>(
     tracing::info!(slot = %settings.slot, "streaming the outbox from the replication slot");
     health.set_wal(true, false);
     let mut pipeline = Pipeline::new(config.clone(), pool.clone(), publisher);
+    let mut progress = Progress::new(
+        pool.clone(),
+        settings.slot.clone(),
+        config.db_timeout,
+        start,
+    );
     let mut relations = Relations::default();
-    let mut applied = confirmed;
     // Memory bounds: messages read and not resolved, and transactions read and not
     // confirmed (a key that cannot be published holds back confirmation, not other keys,
     // until this many transactions wait behind it).
@@ -169,6 +178,15 @@ async fn session<P: Publisher>(
             biased;
             () = stop.cancelled() => break Ended::Stopped,
             () = pipeline.step(), if pipeline.has_pending() => {}
+            saved = progress.step(), if progress.is_saving() => {
+                if let Some(saved) = saved {
+                    client.update_applied_lsn(saved);
+                    // It made progress: a later break starts the backoff from its first step
+                    // again (a session that breaks at the same record every time keeps
+                    // backing off).
+                    *failures = 0;
+                }
+            }
             event = client.recv(), if pipeline.unresolved() < max_unresolved
                 && pipeline.unconfirmed_transactions() < max_unconfirmed => {
                 match event {
@@ -188,15 +206,8 @@ async fn session<P: Publisher>(
                 wm::record_pipeline(&pipeline);
             }
         }
-        if let Some(confirmed) = pipeline.confirmed()
-            && confirmed > applied
-        {
-            applied = confirmed;
-            client.update_applied_lsn(confirmed);
-            // It made progress: a later break starts the backoff from its first step again
-            // (a session that breaks at the same record every time keeps backing off).
-            *failures = 0;
-        }
+        // Recorded first, reported to the slot when recorded (above).
+        progress.offer(pipeline.confirmed());
     };
     if matches!(ended, Ended::Stopped) {
         // Finish what is on the wire, confirm it, and see the confirmation sent.
@@ -204,11 +215,12 @@ async fn session<P: Publisher>(
         while pipeline.has_pending() && Instant::now() < deadline {
             let _ = tokio::time::timeout_at(deadline, pipeline.step()).await;
         }
-        if let Some(confirmed) = pipeline.confirmed() {
-            client.update_applied_lsn(confirmed);
+        let saved = progress.save_now(pipeline.confirmed()).await;
+        if saved > start {
+            client.update_applied_lsn(saved);
             let until = Instant::now() + Duration::from_secs(3);
             let metrics = client.metrics();
-            while metrics.last_applied_lsn() < confirmed && Instant::now() < until {
+            while metrics.last_applied_lsn() < saved && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

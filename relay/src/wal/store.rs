@@ -1,4 +1,5 @@
-//! The WAL source's SQL: the slot and its publication, prerequisites, and the writes the
+//! The WAL source's SQL: the slot and its publication, prerequisites, the relay's durable
+//! confirmed position (`outbox_wal_progress`, whose only writer this is), and the writes the
 //! pipeline makes (dead letters through `dlq::store`, relayed rows through
 //! `outbox::store`).
 
@@ -61,8 +62,12 @@ pub struct SlotStatus {
     pub active: bool,
     /// That session's backend pid.
     pub active_pid: Option<i32>,
-    /// Everything before this position is published and confirmed.
+    /// Everything before this position is published and confirmed, as the slot has it (a
+    /// PostgreSQL crash can set it back to the last position saved to disk).
     pub confirmed_flush_lsn: Option<String>,
+    /// The relay's own record of its confirmed position (`outbox_wal_progress`), written
+    /// before it is reported to the slot: a relay resumes from the greater of the two.
+    pub relay_confirmed_lsn: Option<String>,
     /// The oldest WAL the slot keeps.
     pub restart_lsn: Option<String>,
     /// WAL bytes kept for the slot (current position minus `restart_lsn`).
@@ -102,7 +107,48 @@ pub async fn check_prerequisites(conn: &mut PgConnection, slot: &SlotName) -> Re
             "role {user} lacks REPLICATION: ALTER ROLE {user} REPLICATION (or use a role that has it)"
         )));
     }
+    let has_progress: bool =
+        sqlx::query_scalar("SELECT to_regclass('outbox_wal_progress') IS NOT NULL")
+            .fetch_one(&mut *conn)
+            .await?;
+    if !has_progress {
+        return Err(refuse(
+            "the table outbox_wal_progress is missing: apply the toolkit's migrations (`relay migrate`, or `relay run --migrate`)".to_owned(),
+        ));
+    }
     Ok(())
+}
+
+/// Refuses to start a relay whose role could not make its writes: deleting relayed rows,
+/// writing dead letters and recording its position. Without this check each would fail at
+/// its first use and be retried forever, holding back confirmation while WAL piles up.
+pub async fn check_privileges(conn: &mut PgConnection, slot: &SlotName) -> Result<(), Error> {
+    let (delete, dead_letter, progress): (bool, bool, bool) = sqlx::query_as(
+        "SELECT has_table_privilege('outbox_message', 'DELETE'),
+                has_table_privilege('dead_letter', 'INSERT'),
+                has_table_privilege('outbox_wal_progress', 'INSERT')
+                    AND has_table_privilege('outbox_wal_progress', 'UPDATE')",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let missing: Vec<&str> = [
+        (delete, "DELETE on outbox_message"),
+        (dead_letter, "INSERT on dead_letter"),
+        (progress, "INSERT, UPDATE on outbox_wal_progress"),
+    ]
+    .into_iter()
+    .filter_map(|(held, what)| (!held).then_some(what))
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(&mut *conn)
+        .await?;
+    Err(Error::Slot {
+        slot: slot.to_string(),
+        reason: format!("role {user} lacks {}: grant it", missing.join(", ")),
+    })
 }
 
 /// Creates the publication (INSERTs into `outbox_message`; logical messages need none) and
@@ -131,6 +177,11 @@ pub async fn create_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<boo
             check_usable(conn, slot, &existing).await?;
         }
         None => {
+            // A position recorded for an earlier slot of this name means nothing to this one.
+            sqlx::query("DELETE FROM outbox_wal_progress WHERE slot_name = $1")
+                .bind(slot.as_str())
+                .execute(&mut *conn)
+                .await?;
             sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
                 .bind(slot.as_str())
                 .execute(&mut *conn)
@@ -178,14 +229,18 @@ pub async fn status(
     slot: &SlotName,
 ) -> Result<Option<SlotStatus>, sqlx::Error> {
     sqlx::query_as::<_, SlotStatus>(
-        "SELECT slot_name::text AS slot, plugin::text AS plugin, database::text AS database,
-                active, active_pid,
-                confirmed_flush_lsn::text AS confirmed_flush_lsn,
-                restart_lsn::text AS restart_lsn,
-                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained_wal_bytes,
-                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes,
-                wal_status
-         FROM pg_replication_slots WHERE slot_name = $1",
+        "SELECT s.slot_name::text AS slot, s.plugin::text AS plugin,
+                s.database::text AS database, s.active, s.active_pid,
+                s.confirmed_flush_lsn::text AS confirmed_flush_lsn,
+                p.confirmed_lsn::text AS relay_confirmed_lsn,
+                s.restart_lsn::text AS restart_lsn,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_wal_bytes,
+                pg_wal_lsn_diff(pg_current_wal_lsn(),
+                    GREATEST(s.confirmed_flush_lsn, p.confirmed_lsn))::bigint AS lag_bytes,
+                s.wal_status
+         FROM pg_replication_slots s
+         LEFT JOIN outbox_wal_progress p ON p.slot_name = s.slot_name
+         WHERE s.slot_name = $1",
     )
     .bind(slot.as_str())
     .fetch_optional(&mut *conn)
@@ -225,6 +280,10 @@ pub async fn drop_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<bool,
             .await?;
         dropped = true;
     }
+    sqlx::query("DELETE FROM outbox_wal_progress WHERE slot_name = $1")
+        .bind(slot.as_str())
+        .execute(&mut *conn)
+        .await?;
     let publication: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)")
             .bind(slot.as_str())
@@ -237,6 +296,31 @@ pub async fn drop_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<bool,
             .await?;
     }
     Ok(dropped || publication)
+}
+
+/// Records `lsn` as the relay's confirmed position for `slot` (never moving it back), on a
+/// connection of `pool`, within `timeout`; committed when it returns `Ok`.
+pub(crate) async fn save_progress(
+    pool: &PgPool,
+    slot: &SlotName,
+    lsn: &str,
+    timeout: Duration,
+) -> Result<(), sqlx::Error> {
+    within(timeout, async {
+        let mut conn = pool.acquire().await?;
+        sqlx::query(
+            "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn) VALUES ($1, $2::pg_lsn)
+             ON CONFLICT (slot_name) DO UPDATE
+                SET confirmed_lsn = GREATEST(outbox_wal_progress.confirmed_lsn, EXCLUDED.confirmed_lsn),
+                    updated_at = now()",
+        )
+        .bind(slot.as_str())
+        .bind(lsn)
+        .execute(&mut *conn)
+        .await
+        .map(drop)
+    })
+    .await
 }
 
 /// Deletes the table rows the relay read from the log and published, on a connection of

@@ -329,6 +329,16 @@ pub struct RelayProcess {
 }
 
 pub fn spawn_relay(env: &Env, instance: &str, extra: &[&str]) -> RelayProcess {
+    spawn_relay_with_url(env, &env.db_url, instance, extra)
+}
+
+/// [`spawn_relay`] on the database URL `db_url` (another role, say).
+pub fn spawn_relay_with_url(
+    env: &Env,
+    db_url: &str,
+    instance: &str,
+    extra: &[&str],
+) -> RelayProcess {
     let port = testkit::free_port().expect("port");
     let http = SocketAddr::from(([127, 0, 0, 1], port));
     let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -364,7 +374,7 @@ pub fn spawn_relay(env: &Env, instance: &str, extra: &[&str]) -> RelayProcess {
     .map(OsString::from)
     .collect();
     let vars = [
-        ("DATABASE_URL", env.db_url.as_str()),
+        ("DATABASE_URL", db_url),
         ("NATS_URL", env.nats.url()),
         ("RELAY_STREAM", STREAM),
         ("RELAY_STREAM_SUBJECTS", "test.>"),

@@ -1,0 +1,109 @@
+//! The relay's confirmed position, made durable before the slot hears of it.
+//!
+//! A slot saves its confirmed position to disk only at checkpoints and when its restart
+//! position moves, so a PostgreSQL crash can set it back by minutes; a relay resuming from
+//! there would publish again what it had confirmed, and the broker, whose duplicate window
+//! is shorter, would store it twice. So a position the pipeline confirms is first committed
+//! to `outbox_wal_progress` (at most once per [`SAVE_INTERVAL`]), and only then reported to
+//! the slot; a session starts from the greater of the two.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use pgwire_replication::Lsn;
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use super::SlotName;
+use super::store;
+
+/// How often the confirmed position is written (and so reported to the slot) at most.
+pub(crate) const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+type Saving = Pin<Box<dyn Future<Output = (Lsn, Result<(), sqlx::Error>)> + Send>>;
+
+/// See the module docs.
+pub(crate) struct Progress {
+    pool: PgPool,
+    slot: SlotName,
+    timeout: Duration,
+    /// Committed to the table: the slot may be told.
+    saved: Lsn,
+    saving: Option<Saving>,
+    next_save: Instant,
+}
+
+impl Progress {
+    /// Progress from `start`, a position already durable (the slot's or the table's).
+    pub(crate) fn new(pool: PgPool, slot: SlotName, timeout: Duration, start: Lsn) -> Self {
+        Progress {
+            pool,
+            slot,
+            timeout,
+            saved: start,
+            saving: None,
+            next_save: Instant::now(),
+        }
+    }
+
+    /// Starts writing `confirmed` if it is ahead of what is saved, no write is under way and
+    /// the last one began at least [`SAVE_INTERVAL`] ago.
+    pub(crate) fn offer(&mut self, confirmed: Option<Lsn>) {
+        let Some(lsn) = confirmed.filter(|c| *c > self.saved) else {
+            return;
+        };
+        if self.saving.is_some() || Instant::now() < self.next_save {
+            return;
+        }
+        self.next_save = Instant::now() + SAVE_INTERVAL;
+        let (pool, slot, timeout) = (self.pool.clone(), self.slot.clone(), self.timeout);
+        self.saving = Some(Box::pin(async move {
+            let result = store::save_progress(&pool, &slot, &lsn.to_string(), timeout).await;
+            (lsn, result)
+        }));
+    }
+
+    /// Whether a write is under way ([`Progress::step`] has something to wait for).
+    pub(crate) fn is_saving(&self) -> bool {
+        self.saving.is_some()
+    }
+
+    /// Waits for the write under way; returns the position it made durable, or `None` when
+    /// it failed (logged; a later [`Progress::offer`] tries again). Cancel-safe.
+    pub(crate) async fn step(&mut self) -> Option<Lsn> {
+        let Some(saving) = self.saving.as_mut() else {
+            return std::future::pending().await;
+        };
+        let (lsn, result) = saving.await;
+        self.saving = None;
+        match result {
+            Ok(()) => {
+                self.saved = self.saved.max(lsn);
+                Some(self.saved)
+            }
+            Err(e) => {
+                tracing::warn!(slot = %self.slot, error = %e, "cannot record the confirmed position; the slot is not told until it is");
+                None
+            }
+        }
+    }
+
+    /// Writes `confirmed` now if it is ahead of what is saved (at shutdown); returns what is
+    /// durable afterwards.
+    pub(crate) async fn save_now(&mut self, confirmed: Option<Lsn>) -> Lsn {
+        if self.saving.is_some() {
+            let _ = self.step().await;
+        }
+        if let Some(lsn) = confirmed.filter(|c| *c > self.saved) {
+            match store::save_progress(&self.pool, &self.slot, &lsn.to_string(), self.timeout).await
+            {
+                Ok(()) => self.saved = lsn,
+                Err(e) => {
+                    tracing::warn!(slot = %self.slot, error = %e, "cannot record the confirmed position at shutdown")
+                }
+            }
+        }
+        self.saved
+    }
+}
