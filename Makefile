@@ -22,7 +22,7 @@ up: $(DEMO_NEEDS) ## Start the demo stack on ports 3001-3003 in the foreground (
 
 CHAOS_ARGS ?=
 
-chaos: tools ## Kill the broker, relays, services and PostgreSQL mid-flow under load; check nothing is lost, doubled or reordered, in the tables and the stream (CHAOS_ARGS="--seed 7 --orders 1000 --rate 20 --keys 1500 --hot 1500")
+chaos: tools ## Kill the broker, relays, services and PostgreSQL mid-flow under load; check nothing is lost, doubled or reordered, in the tables and the stream (CHAOS_ARGS="--seed 7 --orders 1000 --rate 20 --keys 1500 --hot 1500 --source table|wal")
 	$(CARGO) build --locked -q -p demo-services -p demo-runner -p outbox-toolkit-relay --bins
 	$(CARGO) run --locked -q -p demo-runner --bin chaos -- $(CHAOS_ARGS)
 

@@ -16,6 +16,11 @@
 //! then `VACUUM ANALYZE` (as autovacuum would after a bulk load) and a `CHECKPOINT` (so that
 //! the checkpoint the fill's WAL triggers does not land in the measurement), with random (v4)
 //! ids: the relay does not order by id.
+//!
+//! With `--source wal` the phase's database gets the replication slot first, the backlog is
+//! log messages (`SELECT outbox_emit(...) FROM generate_series`, same chunks, one transaction
+//! each), and the relay is the WAL relay: the backlog is WAL the slot retains, not rows. The
+//! slot is dropped after the phase (slot names are per server).
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +46,8 @@ pub struct BacklogConfig {
     /// Longest measurement window per phase: when it ends before the target count, the rate
     /// is over the rows published so far (and the run says so). Defaults to 120 s.
     pub max_seconds: u64,
+    /// The relay's source. Defaults to the table.
+    pub source: env::Source,
 }
 
 impl Default for BacklogConfig {
@@ -52,6 +59,7 @@ impl Default for BacklogConfig {
             payload: 1024,
             keys: 1000,
             max_seconds: 120,
+            source: env::Source::Table,
         }
     }
 }
@@ -64,7 +72,11 @@ const FILL: &str = "INSERT INTO outbox_message
     SELECT gen_random_uuid(), $1, $2, $3, 'key-' || (g % $4), now(), '{}'::jsonb, $5
     FROM generate_series($6::bigint, $7::bigint) AS g";
 
-/// Runs the scenario; returns `relay-backlog small_eps=<n> large_eps=<n> ratio=<r>`.
+const EMIT: &str = "SELECT count(outbox_emit($1, $2, $3, 'key-' || (g % $4), $5))
+    FROM generate_series($6::bigint, $7::bigint) AS g";
+
+/// Runs the scenario; returns `relay-backlog small_eps=<n> large_eps=<n> ratio=<r>
+/// source=<table|wal>`.
 pub async fn run(config: &BacklogConfig, fast_unsafe_db: bool) -> anyhow::Result<String> {
     if [
         config.events,
@@ -86,15 +98,20 @@ pub async fn run(config: &BacklogConfig, fast_unsafe_db: bool) -> anyhow::Result
         .ensure_stream(&js, env::STREAM, env::STREAM_SUBJECTS)
         .await?;
     eprintln!(
-        "relay-backlog: small {} rows (all measured), large {} rows (first {measure} measured), {} B payload, {} keys",
-        config.small_events, config.events, config.payload, config.keys
+        "relay-backlog: small {} rows (all measured), large {} rows (first {measure} measured), {} B payload, {} keys, source {}",
+        config.small_events,
+        config.events,
+        config.payload,
+        config.keys,
+        config.source.as_str()
     );
 
     let small = phase(&servers, &js, config, "small", config.small_events, None).await?;
     let large = phase(&servers, &js, config, "large", config.events, Some(measure)).await?;
     Ok(format!(
-        "relay-backlog small_eps={small:.0} large_eps={large:.0} ratio={:.2}",
-        stats::ratio(large, small)
+        "relay-backlog small_eps={small:.0} large_eps={large:.0} ratio={:.2} source={}",
+        stats::ratio(large, small),
+        config.source.as_str()
     ))
 }
 
@@ -109,6 +126,10 @@ async fn phase(
     measure: Option<usize>,
 ) -> anyhow::Result<f64> {
     let db = servers.database().await?;
+    let wal = config.source == env::Source::Wal;
+    if wal {
+        db.create_slot().await?;
+    }
     if name == "small" {
         servers.report_durability(&db, js).await?;
     }
@@ -131,12 +152,12 @@ async fn phase(
 
     let window = Duration::from_secs(config.max_seconds);
     let start = Instant::now();
-    let relay = RunningRelay::start(
-        servers,
-        &db,
-        env::relay_config(&format!("bench-relay-backlog-{name}")),
-    )
-    .await?;
+    let relay_config = env::relay_config(&format!("bench-relay-backlog-{name}"));
+    let relay = if wal {
+        RunningRelay::start_wal(servers, &db, relay_config).await?
+    } else {
+        RunningRelay::start(servers, &db, relay_config).await?
+    };
     let mut last_report = start;
     let (published, end) = loop {
         let n = env::stream_messages(js, env::STREAM).await?;
@@ -169,6 +190,9 @@ async fn phase(
         "relay-backlog: {name}: {published} of {rows} published in {elapsed:.2?} ({eps:.0}/s); relay stopped in {:.2?}",
         stop_start.elapsed()
     );
+    if wal {
+        db.drop_slot().await?;
+    }
     db.pool.close().await;
     Ok(eps)
 }
@@ -181,7 +205,11 @@ async fn fill(db: &Database, config: &BacklogConfig, rows: usize) -> anyhow::Res
     let mut done = 0usize;
     while done < rows {
         let end = rows.min(done + FILL_CHUNK);
-        sqlx::query(FILL)
+        let statement = match config.source {
+            env::Source::Table => FILL,
+            env::Source::Wal => EMIT,
+        };
+        sqlx::query(statement)
             .bind(env::SUBJECT)
             .bind(crate::EVENT_TYPE)
             .bind(crate::SOURCE)

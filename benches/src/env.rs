@@ -199,6 +199,17 @@ impl Database {
         Ok(())
     }
 
+    /// Drops the replication slot and its publication (slot names are per server: the next
+    /// database's slot needs the name).
+    pub async fn drop_slot(&self) -> anyhow::Result<()> {
+        let mut conn = self.pool.acquire().await.context("connecting")?;
+        let slot = relay::wal::SlotName::new(relay::wal::SlotName::DEFAULT)?;
+        relay::wal::store::drop_slot(&mut conn, &slot)
+            .await
+            .context("dropping the replication slot")?;
+        Ok(())
+    }
+
     /// Rows not yet published (the WAL relay deletes the rows it relayed, so none is left).
     pub async fn unpublished(&self) -> anyhow::Result<i64> {
         sqlx::query_scalar("SELECT count(*) FROM outbox_message WHERE status <> 'published'")

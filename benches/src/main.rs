@@ -184,6 +184,10 @@ struct BacklogArgs {
     /// published so far).
     #[arg(long, default_value_t = BacklogConfig::default().max_seconds)]
     max_seconds: u64,
+    /// The relay's source: table (rows, polling) or wal (a replication slot; the backlog is
+    /// log messages written by `outbox_emit`).
+    #[arg(long, value_parser = ["table", "wal"], default_value = "table")]
+    source: String,
 }
 
 fn main() -> ExitCode {
@@ -306,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 payload: a.payload,
                 keys: a.keys,
                 max_seconds: a.max_seconds,
+                source: source(&a.source),
             };
             bench::backlog::run(&config, fast).await
         }

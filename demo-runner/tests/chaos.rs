@@ -1,5 +1,6 @@
-//! Small chaos runs (the `chaos` binary, as `make chaos` and `make chaos-cluster` run it,
-//! with fewer orders and fixed seeds): every fault of the schedule, then the invariants.
+//! Small chaos runs (the `chaos` binary, as `make chaos`, `make chaos CHAOS_ARGS="--source
+//! wal"` and `make chaos-cluster` run it, with fewer orders and fixed seeds): every fault of
+//! the schedule, then the invariants.
 
 mod common;
 
@@ -34,11 +35,40 @@ fn a_small_chaos_run_loses_nothing_and_applies_nothing_twice() {
     assert!(
         last.starts_with("chaos seed=11 orders=200 terminal=")
             && last.contains(" lost=0 duplicate_effects=0 ")
-            && last.contains(" faults=13 "),
+            && last.contains(" faults=13 ")
+            && last.ends_with(" source=table resends=0"),
         "final line: {last}\n{stdout}"
     );
     let faults = stdout.lines().filter(|l| l.contains(" fault ")).count();
     assert_eq!(faults, 13, "{stdout}");
+}
+
+/// The WAL source: log storage, probes on both storages, relays streaming slots, and a relay
+/// kept down longer than the duplicate window, whose re-sends the inboxes absorb.
+#[test]
+fn a_small_wal_chaos_run_loses_nothing_and_only_resends_what_was_unconfirmed() {
+    let stdout = chaos(&[
+        "--source", "wal", "--orders", "200", "--rate", "20", "--seed", "12",
+    ]);
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("chaos seed=12 orders=200 terminal=")
+            && last.contains(" lost=0 duplicate_effects=0 ")
+            && last.contains(" faults=14 ")
+            && last.contains(" stream_missing=0 stream_dups=0 ")
+            && last.contains(" source=wal resends="),
+        "final line: {last}\n{stdout}"
+    );
+    assert!(stdout.contains("(past the duplicate window)"), "{stdout}");
+    let resends: usize = last
+        .rsplit("resends=")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("resends count");
+    assert!(
+        resends > 0,
+        "the relay killed in full flow re-sent its unconfirmed tail after the window: {last}"
+    );
 }
 
 #[test]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use demo_runner::chaos::{self, ChaosOptions};
+use demo_runner::stack::Source;
 
 /// Kill the broker, relays, services and PostgreSQL mid-flow; prove nothing is lost or
 /// applied twice, and that the streams hold every published outbox row once, in commit order
@@ -40,6 +41,17 @@ struct Cli {
     /// (default: 1.5 per order).
     #[arg(long)]
     hot: Option<usize>,
+    /// Where the outboxes write and the relays read: `table` (rows, polling relays) or
+    /// `wal` (log storage, probes on both storages, relays streaming replication slots, a
+    /// 20 s duplicate window and a relay kept down longer than it).
+    #[arg(long, value_enum, default_value = "table")]
+    source: CliSource,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CliSource {
+    Table,
+    Wal,
 }
 
 #[tokio::main]
@@ -75,6 +87,10 @@ async fn main() -> ExitCode {
         cluster: cli.cluster,
         keys: cli.keys.unwrap_or(cli.orders * 3 / 2),
         hot: cli.hot.unwrap_or(cli.orders * 3 / 2),
+        source: match cli.source {
+            CliSource::Table => Source::Table,
+            CliSource::Wal => Source::Wal,
+        },
         bin_dir,
     };
     println!("chaos: seed {seed} (reproduce with --seed {seed})");

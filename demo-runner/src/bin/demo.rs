@@ -81,6 +81,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         smtp_url: cli.smtp_url,
         proxy_order_relay: false,
         cluster: false,
+        source: demo_runner::stack::Source::Table,
+        duplicate_window: std::time::Duration::from_secs(120),
     };
     println!(
         "demo: starting PostgreSQL{}, nats-server{}, 3 services and 2 relays (logs in {})",

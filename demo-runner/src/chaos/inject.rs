@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use demo_services::events;
 
-use super::{Fault, Relay, Service};
-use crate::stack::Stack;
+use super::{Fault, Relay, ResendAllowance, Service};
+use crate::stack::{INVENTORY_SLOT, ORDER_SLOT, Stack};
+use crate::store;
 
 /// The names of the saga stream's leader and followers, as the cluster reports them
 /// (asking again for up to 30 s while a new leader is being elected).
@@ -53,6 +54,60 @@ fn node<'a>(stack: &'a mut Stack, name: &str) -> anyhow::Result<&'a mut testkit:
         .with_context(|| format!("no cluster node named {name}"))
 }
 
+/// The saga stream's last sequence (asking again for up to 30 s while the broker starts).
+async fn stream_last_sequence(stack: &Stack) -> anyhow::Result<u64> {
+    testkit::wait_for_every(
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        "the stream's last sequence",
+        || async {
+            let client = demo_services::platform::NatsConfig {
+                url: stack.nats_url.clone(),
+                ..demo_services::platform::NatsConfig::default()
+            }
+            .connect()
+            .await?;
+            let js = async_nats::jetstream::new(client);
+            let mut stream = js.get_stream(events::STREAM).await?;
+            anyhow::Ok(Some(stream.info().await?.state.last_sequence))
+        },
+    )
+    .await
+    .map_err(Into::into)
+}
+
+/// The confirmed position of `relay` (where a new session resumes: the greater of its slot's
+/// and its own record) once no walsender streams the slot any more (the killed relay's
+/// walsender notices the lost connection and lets go).
+async fn released_slot_position(stack: &Stack, relay: Relay) -> anyhow::Result<i64> {
+    let (pool, slot) = match relay {
+        Relay::Order => (&stack.db.orders, ORDER_SLOT),
+        Relay::Inventory => (&stack.db.inventory, INVENTORY_SLOT),
+    };
+    testkit::wait_for(
+        Duration::from_secs(30),
+        &format!("the slot {slot} to be released by its killed relay"),
+        || async {
+            let mut conn = pool.acquire().await?;
+            match store::slot_position(&mut conn, slot).await? {
+                Some((false, confirmed)) => anyhow::Ok(Some(confirmed)),
+                Some((true, _)) => Ok(None),
+                None => Err(anyhow::anyhow!("the slot {slot} does not exist")),
+            }
+        },
+    )
+    .await
+    .map_err(Into::into)
+}
+
+/// The name of `relay`'s outbox in the stream check.
+fn outbox_of(relay: Relay) -> &'static str {
+    match relay {
+        Relay::Order => "orders",
+        Relay::Inventory => "inventory",
+    }
+}
+
 /// The process of `relay`.
 fn process(stack: &mut Stack, relay: Relay) -> &mut testkit::Process {
     match relay {
@@ -61,8 +116,9 @@ fn process(stack: &mut Stack, relay: Relay) -> &mut testkit::Process {
     }
 }
 
-/// Injects one fault, and undoes it (restart, resume, restore) before returning.
-async fn inject(stack: &mut Stack, fault: Fault) -> anyhow::Result<()> {
+/// Injects one fault, and undoes it (restart, resume, restore) before returning; for a relay
+/// kept down past the duplicate window, what it may re-send.
+async fn inject(stack: &mut Stack, fault: Fault) -> anyhow::Result<Option<ResendAllowance>> {
     match fault {
         Fault::KillBroker { down } => {
             stack.nats.kill()?;
@@ -85,6 +141,37 @@ async fn inject(stack: &mut Stack, fault: Fault) -> anyhow::Result<()> {
             process(stack, relay).kill()?;
             tokio::time::sleep(down).await;
             process(stack, relay).restart()?;
+        }
+        Fault::KillRelayPastWindow { relay, down } => {
+            // Killed in full flow (or after 20 s without it, if the load is over): the
+            // stream has grown since the fault came up.
+            let from = stream_last_sequence(stack).await?;
+            let flowing = testkit::wait_for_every(
+                Duration::from_secs(20),
+                Duration::from_millis(100),
+                "the stream to grow",
+                || async {
+                    let now = stream_last_sequence(stack).await?;
+                    anyhow::Ok((now >= from + 100).then_some(()))
+                },
+            )
+            .await
+            .is_ok();
+            if !flowing {
+                println!("chaos:   (the stream did not grow: killing it idle)");
+            }
+            process(stack, relay).kill()?;
+            let confirmed_lsn = released_slot_position(stack, relay).await?;
+            println!("chaos:   it had confirmed up to LSN {confirmed_lsn}");
+            tokio::time::sleep(down).await;
+            let stream_seq_at_restart = stream_last_sequence(stack).await?;
+            process(stack, relay).restart()?;
+            println!("chaos:   restarted at stream sequence {stream_seq_at_restart}");
+            return Ok(Some(ResendAllowance {
+                outbox: outbox_of(relay),
+                confirmed_lsn,
+                stream_seq_at_restart,
+            }));
         }
         Fault::TermRelay { relay } => {
             process(stack, relay)
@@ -134,16 +221,18 @@ async fn inject(stack: &mut Stack, fault: Fault) -> anyhow::Result<()> {
             proxy.restore();
         }
     }
-    Ok(())
+    Ok(None)
 }
 
-/// Injects `faults`, each at its offset from `started`; returns how many were injected.
+/// Injects `faults`, each at its offset from `started`; returns how many were injected, and
+/// what the relay kept down past the duplicate window (if one was) may re-send.
 pub(super) async fn run_faults(
     stack: &mut Stack,
     faults: Vec<(Duration, Fault)>,
     started: Instant,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<(usize, Option<ResendAllowance>)> {
     let mut done = 0;
+    let mut resends = None;
     for (at, fault) in faults {
         let now = started.elapsed();
         if at > now {
@@ -154,10 +243,13 @@ pub(super) async fn run_faults(
             started.elapsed().as_secs_f64(),
             done + 1
         );
-        inject(stack, fault)
+        if let Some(allowed) = inject(stack, fault)
             .await
-            .with_context(|| format!("injecting {fault}"))?;
+            .with_context(|| format!("injecting {fault}"))?
+        {
+            resends = Some(allowed);
+        }
         done += 1;
     }
-    Ok(done)
+    Ok((done, resends))
 }

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::{ChaosOptions, Rng};
 use crate::client;
-use crate::stack::{SEED_PRODUCTS, Stack, Urls};
+use crate::stack::{SEED_PRODUCTS, Source, Stack, Urls};
 
 /// The items of the `n`-th order: mostly mice, some laptops.
 fn order_items(rng: &mut Rng) -> Vec<(&'static str, i64)> {
@@ -192,23 +192,33 @@ async fn write_probe(
 /// and one transaction at a time (so one key's rows commit in `seq` order, as the aggregate's
 /// row lock makes a service's do), retrying through faults until `deadline`. Returns the ids
 /// whose commit succeeded (a commit cut by a fault may or may not have happened; it is
-/// retried as a new row).
+/// retried as a new row). With the WAL source, even-numbered probes go to the log and odd
+/// ones to `outbox_message` rows, so one key's messages mix both storages.
 async fn write_probes(
     pool: PgPool,
     target: ProbeTarget,
     plan: Vec<String>,
     over: Duration,
     deadline: Instant,
+    source: Source,
 ) -> anyhow::Result<Vec<Uuid>> {
-    let outbox = outbox::Outbox::new("chaos-probe")?;
+    let table = outbox::Outbox::new("chaos-probe")?;
+    let log = outbox::Outbox::with_config(outbox::OutboxConfig {
+        storage: outbox::Storage::Log,
+        ..outbox::OutboxConfig::for_source("chaos-probe")
+    })?;
     let start = tokio::time::Instant::now();
     let total = plan.len().max(1);
     let mut committed = Vec::with_capacity(plan.len());
     for (n, key) in plan.iter().enumerate() {
         tokio::time::sleep_until(start + over.mul_f64(n as f64 / total as f64)).await;
         let remaining = deadline.saturating_duration_since(Instant::now());
+        let outbox = match source {
+            Source::Wal if n % 2 == 0 => &log,
+            _ => &table,
+        };
         let id = testkit::wait_for(remaining, &format!("probe {n} to commit"), || async {
-            match write_probe(&pool, &outbox, target, key, n).await {
+            match write_probe(&pool, outbox, target, key, n).await {
                 Ok(id) => Ok(Some(Ok(id))),
                 Err(e) if e.kind() == outbox::ErrorKind::InvalidInput => Ok(Some(Err(anyhow!(
                     "probe {n} ({key}) refused by the outbox: {e}"
@@ -238,7 +248,14 @@ pub(super) async fn probes(
     let mut tasks = tokio::task::JoinSet::new();
     for (target, pool) in pools {
         let plan = probe_plan(options.seed, target, options.keys, options.hot);
-        tasks.spawn(write_probes(pool, target, plan, over, deadline));
+        tasks.spawn(write_probes(
+            pool,
+            target,
+            plan,
+            over,
+            deadline,
+            options.source,
+        ));
     }
     let mut committed = Vec::new();
     while let Some(done) = tasks.join_next().await {

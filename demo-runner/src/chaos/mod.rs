@@ -13,6 +13,12 @@
 //! the demo's API enqueues many events for one key, and the per-key ordering guarantee is
 //! only tested by a key with many events in flight through the faults.
 //!
+//! With `--source wal` the services write their outboxes to the write-ahead log, the probes
+//! alternate between the log and `outbox_message` rows, the relays stream replication slots,
+//! the stream's duplicate window is [`WAL_DUPLICATE_WINDOW`], and the schedule also keeps a
+//! relay down longer than that window. What was committed comes from a witness slot per
+//! database, and the copies the long-down relay re-sends are counted apart (`resends=`).
+//!
 //! Layout:
 //! - this module: [`ChaosOptions`], [`run`], [`Report`]
 //! - `schedule` (private): [`Fault`], the seeded [`schedule`] and [`cluster_schedule`], [`Rng`]
@@ -20,13 +26,16 @@
 //! - `load` (private): the orders placed at a steady rate, and the probe workload
 //!   ([`ProbeTarget`], [`probe_plan`])
 //! - `check` (private): quiescence and the saga check (no order lost, no effect twice)
-//! - `streams` (private): the stream check ([`check_stream_contents`], [`StreamFindings`])
+//! - `streams` (private): the stream check ([`check_stream_contents`], [`StreamFindings`],
+//!   [`ResendAllowance`])
+//! - `witness` (private): what a WAL run committed, from a second slot per database
 
 mod check;
 mod inject;
 mod load;
 mod schedule;
 mod streams;
+mod witness;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -37,8 +46,18 @@ use demo_services::order::PaymentSimulation;
 
 pub use self::load::{PROBE_TYPE, ProbeTarget, probe_plan};
 pub use self::schedule::{Fault, Relay, Rng, Service, cluster_schedule, schedule};
-pub use self::streams::{OutboxRow, StreamEntry, StreamFindings, check_stream_contents};
-use crate::stack::{Stack, StackOptions};
+pub use self::streams::{
+    OutboxRow, ResendAllowance, StreamEntry, StreamFindings, check_stream_contents,
+};
+pub use self::witness::decode as decode_witness;
+use crate::stack::{Source, Stack, StackOptions};
+
+/// The saga stream's duplicate window in a WAL run: short, so that the relay the schedule
+/// keeps down longer than it is down for less than a minute.
+pub const WAL_DUPLICATE_WINDOW: Duration = Duration::from_secs(20);
+
+/// The stream's duplicate window in a table run: the server's default.
+pub const TABLE_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -62,6 +81,8 @@ pub struct ChaosOptions {
     pub keys: usize,
     /// Probe workload: events on the one hot key of each outbox.
     pub hot: usize,
+    /// Where the outboxes write and the relays read.
+    pub source: Source,
 }
 
 /// What a run found.
@@ -88,6 +109,8 @@ pub struct Report {
     pub probes: usize,
     /// What the stream check found.
     pub stream: StreamFindings,
+    /// Where the outboxes wrote and the relays read.
+    pub source: Source,
     /// The first violated invariant, if any.
     pub violation: Option<String>,
 }
@@ -127,7 +150,8 @@ impl fmt::Display for Report {
             s.unknown,
             s.mismatch,
             s.key_order_violations
-        )
+        )?;
+        write!(f, " source={} resends={}", self.source.name(), s.resends)
     }
 }
 /// Runs the whole thing; the report's `violation` says what broke, if anything.
@@ -140,7 +164,12 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut report = Report {
         seed: options.seed,
+        source: options.source,
         ..Report::default()
+    };
+    let window = match options.source {
+        Source::Table => TABLE_DUPLICATE_WINDOW,
+        Source::Wal => WAL_DUPLICATE_WINDOW,
     };
     let mut stack = Stack::start(StackOptions {
         dir: options.dir.clone(),
@@ -154,8 +183,13 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
         smtp_url: None,
         proxy_order_relay: !options.cluster,
         cluster: options.cluster,
+        source: options.source,
+        duplicate_window: window,
     })
     .await?;
+    if options.source == Source::Wal {
+        witness::create(&stack).await?;
+    }
     let laptops = (options.orders as i64 / 5).max(5);
     let mice = options.orders as i64 * 3;
     stack
@@ -169,11 +203,13 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
     let faults = if options.cluster {
         cluster_schedule(options.seed, load_time)
     } else {
-        schedule(options.seed, load_time)
+        let past_window = (options.source == Source::Wal).then_some(window);
+        schedule(options.seed, load_time, past_window)
     };
     println!(
-        "chaos: seed={} orders={} rate={}/s faults={} probe keys={}x2 hot={} per outbox (logs in {})",
+        "chaos: seed={} source={} orders={} rate={}/s faults={} probe keys={}x2 hot={} per outbox, duplicate window {window:?} (logs in {})",
         options.seed,
+        options.source.name(),
         options.orders,
         options.rate,
         faults.len(),
@@ -201,8 +237,11 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
         started.elapsed().as_secs_f64()
     );
     let mut committed = Vec::new();
+    let mut resends = None;
     let outcome = async {
-        report.faults = injected?;
+        let (faults, allowed) = injected?;
+        report.faults = faults;
+        resends = allowed;
         committed = probed.context("probe workload")?;
         report.probes = committed.len();
         check::wait_all_up(&stack).await?;
@@ -218,7 +257,7 @@ pub async fn run(options: ChaosOptions) -> anyhow::Result<Report> {
     );
     // The streams, whatever the saga check found (it waited for quiescence): a second
     // explanation is worth having when the first check already failed.
-    match streams::check_streams(&stack, &committed).await {
+    match streams::check_streams(&stack, &committed, resends).await {
         Ok(findings) => {
             println!(
                 "chaos: t={:>5.1}s streams checked: {} messages, {} keys",

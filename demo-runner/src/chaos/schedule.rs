@@ -79,6 +79,15 @@ pub enum Fault {
         /// Time down.
         down: Duration,
     },
+    /// SIGKILL a WAL relay and keep it down for `down`, longer than the stream's duplicate
+    /// window: on restart it re-sends what its slot had not confirmed, and the stream stores
+    /// those again (the inboxes absorb them; the stream check counts them as re-sends).
+    KillRelayPastWindow {
+        /// Which.
+        relay: Relay,
+        /// Time down.
+        down: Duration,
+    },
     /// SIGTERM a relay while it drains, restart it.
     TermRelay {
         /// Which.
@@ -130,6 +139,10 @@ impl fmt::Display for Fault {
             Fault::KillRelay { relay, down } => {
                 write!(f, "SIGKILL {relay:?} relay, restart after {down:?}")
             }
+            Fault::KillRelayPastWindow { relay, down } => write!(
+                f,
+                "SIGKILL {relay:?} relay, restart after {down:?} (past the duplicate window)"
+            ),
             Fault::TermRelay { relay } => {
                 write!(f, "SIGTERM {relay:?} relay while draining, restart")
             }
@@ -157,8 +170,14 @@ impl fmt::Display for Fault {
 }
 
 /// The fault schedule for `seed` over a load of `load` duration: every fault the suite
-/// promises, in a seeded order, at seeded times spread over the load.
-pub fn schedule(seed: u64, load: Duration) -> Vec<(Duration, Fault)> {
+/// promises, in a seeded order, at seeded times spread over the load. With
+/// `past_window: Some(window)` (WAL relays and a stream whose duplicate window is `window`),
+/// also a relay kept down 5 s longer than that, as the first fault.
+pub fn schedule(
+    seed: u64,
+    load: Duration,
+    past_window: Option<Duration>,
+) -> Vec<(Duration, Fault)> {
     let mut rng = Rng::new(seed ^ 0x00c4_a05f_a017);
     let mut faults = vec![
         Fault::KillBroker {
@@ -214,6 +233,23 @@ pub fn schedule(seed: u64, load: Duration) -> Vec<(Duration, Fault)> {
         let j = rng.below(i as u64 + 1) as usize;
         faults.swap(i, j);
     }
+    if let Some(window) = past_window {
+        // First, so that it falls while the load flows (after no other fault): the relay
+        // dies with a tail of published, unconfirmed messages, which it sends again after
+        // the window.
+        let relay = if rng.below(2) == 0 {
+            Relay::Order
+        } else {
+            Relay::Inventory
+        };
+        faults.insert(
+            0,
+            Fault::KillRelayPastWindow {
+                relay,
+                down: window + Duration::from_secs(5),
+            },
+        );
+    }
     let n = faults.len() as u32;
     let slot = load / n;
     faults
@@ -253,9 +289,29 @@ mod tests {
     #[test]
     fn the_schedule_holds_every_promised_fault_and_follows_the_seed() {
         let load = Duration::from_secs(50);
-        let a = schedule(5, load);
-        assert_eq!(a, schedule(5, load), "same seed, same schedule");
-        assert_ne!(a, schedule(6, load), "another seed, another schedule");
+        let a = schedule(5, load, None);
+        assert_eq!(a, schedule(5, load, None), "same seed, same schedule");
+        assert_ne!(a, schedule(6, load, None), "another seed, another schedule");
+        assert!(
+            !a.iter()
+                .any(|(_, f)| matches!(f, Fault::KillRelayPastWindow { .. }))
+        );
+        let window = Duration::from_secs(20);
+        let wal = schedule(5, load, Some(window));
+        assert_eq!(wal.len(), a.len() + 1);
+        assert_eq!(
+            wal.iter()
+                .filter(
+                    |(_, f)| matches!(f, Fault::KillRelayPastWindow { down, .. } if *down > window)
+                )
+                .count(),
+            1,
+            "one relay kept down past the window: {wal:?}"
+        );
+        assert!(
+            matches!(wal[0].1, Fault::KillRelayPastWindow { .. }),
+            "first"
+        );
         let count = |f: fn(&Fault) -> bool| a.iter().filter(|(_, x)| f(x)).count();
         assert_eq!(count(|f| matches!(f, Fault::KillBroker { .. })), 3);
         assert_eq!(

@@ -1,6 +1,8 @@
 //! The stream check: every stream the outboxes published to, read completely, against every
 //! outbox row (each published row in its stream once, agreeing with the row; each partition
-//! key's messages in commit order).
+//! key's messages in commit order). With the WAL source the rows are the witness's (see
+//! `witness`), and the copies that a relay kept down past the duplicate window re-sent are
+//! told apart from duplicates (see [`ResendAllowance`]).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -9,7 +11,7 @@ use anyhow::{Context as _, anyhow};
 use demo_services::events;
 use uuid::Uuid;
 
-use crate::stack::Stack;
+use crate::stack::{Source, Stack};
 use crate::store;
 
 /// One row of a service's `outbox_message`, as the stream check reads it.
@@ -23,12 +25,31 @@ pub struct OutboxRow {
     pub seq: i64,
     /// The partition key (`ce-partitionkey`).
     pub partition_key: String,
-    /// `pending` or `published`.
+    /// `pending` or `published` (a table row), or `relayed` (a message the WAL witness saw
+    /// committed: it must be in the stream, with no PubAck recorded to compare).
     pub status: String,
     /// The stream of its PubAck.
     pub stream: Option<String>,
     /// The stream sequence of its PubAck.
     pub stream_seq: Option<i64>,
+    /// The end of its commit in the write-ahead log (witnessed messages only).
+    pub end_lsn: Option<i64>,
+}
+
+/// The re-sends a WAL relay kept down past the stream's duplicate window may make: after its
+/// restart it publishes again what its slot had not confirmed when it was killed, and the
+/// stream, which no longer remembers those ids, stores them a second time (the consumers'
+/// inboxes absorb them). Only those: a copy of anything it had confirmed, of another
+/// outbox, or stored at any other time is a duplicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResendAllowance {
+    /// The relay's outbox (`orders` or `inventory`).
+    pub outbox: &'static str,
+    /// The relay's confirmed position (the greater of its slot's and its own record, where
+    /// it resumes) once the killed relay had let go of the slot.
+    pub confirmed_lsn: i64,
+    /// The stream's last sequence just before the relay was restarted.
+    pub stream_seq_at_restart: u64,
 }
 
 /// One message of a stream.
@@ -54,8 +75,11 @@ pub struct StreamFindings {
     /// Published rows (and committed probes) whose id is not in their stream.
     pub missing: usize,
     /// Extra copies of an id in the streams (after JetStream's dedup, a copy means a publish
-    /// was retried after the duplicate window).
+    /// was retried after the duplicate window), apart from the allowed re-sends.
     pub dups: usize,
+    /// Extra copies that a [`ResendAllowance`] explains (re-sent after a relay was down
+    /// longer than the duplicate window).
+    pub resends: usize,
     /// Messages whose id no outbox row (nor committed probe) has.
     pub unknown: usize,
     /// Rows whose stream message disagrees with them: partition key header, or the stream
@@ -82,11 +106,12 @@ impl StreamFindings {
 
 /// Checks the streams' messages (`entries`, any order) against the outbox rows of every
 /// service and the ids of committed probes (whose rows must be there too, or at least their
-/// messages).
+/// messages); extra copies that `resends` explains are counted apart.
 pub fn check_stream_contents(
     rows: &[OutboxRow],
     committed: &[Uuid],
     entries: &[StreamEntry],
+    resends: Option<ResendAllowance>,
 ) -> StreamFindings {
     let mut entries: Vec<&StreamEntry> = entries.iter().collect();
     entries.sort_by(|a, b| (&a.stream, a.seq).cmp(&(&b.stream, b.seq)));
@@ -143,6 +168,18 @@ pub fn check_stream_contents(
         occurrences.iter().filter(|(_, at)| at.len() > 1).collect();
     duplicated.sort_by_key(|(_, at)| (&at[0].stream, at[0].seq));
     for (id, at) in &duplicated {
+        let resent = resends.is_some_and(|allowed| {
+            by_id.get(id).is_some_and(|row| {
+                row.outbox == allowed.outbox
+                    && row.end_lsn.is_some_and(|end| end > allowed.confirmed_lsn)
+            }) && at.len() == 2
+                && at[0].seq <= allowed.stream_seq_at_restart
+                && at[1].seq > allowed.stream_seq_at_restart
+        });
+        if resent {
+            findings.resends += 1;
+            continue;
+        }
         findings.dups += at.len() - 1;
         let row = by_id.get(id).map_or_else(
             || "no row".to_owned(),
@@ -165,7 +202,10 @@ pub fn check_stream_contents(
     // Every published row in its stream, agreeing with the row.
     let mut rows_sorted: Vec<&OutboxRow> = rows.iter().collect();
     rows_sorted.sort_by_key(|r| (r.outbox, r.seq));
-    for row in rows_sorted.iter().filter(|r| r.status == "published") {
+    for row in rows_sorted
+        .iter()
+        .filter(|r| r.status == "published" || r.status == "relayed")
+    {
         let stream = row.stream.as_deref().unwrap_or(events::STREAM);
         let at: Vec<&&StreamEntry> = occurrences
             .get(&row.id)
@@ -188,7 +228,7 @@ pub fn check_stream_contents(
         let recorded = row
             .stream_seq
             .is_some_and(|s| at.iter().any(|e| e.seq as i64 == s));
-        if row.stream.is_none() || !recorded {
+        if row.status == "published" && (row.stream.is_none() || !recorded) {
             findings.mismatch += 1;
             first(
                 "mismatch",
@@ -308,6 +348,7 @@ async fn outbox_rows(stack: &Stack) -> anyhow::Result<Vec<OutboxRow>> {
                 status,
                 stream,
                 stream_seq,
+                end_lsn: None,
             },
         ));
     }
@@ -372,12 +413,17 @@ async fn read_stream(
 }
 
 /// The stream check, after quiescence: every stream the outboxes published to (and the
-/// saga's), read completely, against every outbox row.
+/// saga's), read completely, against every outbox row (with the WAL source: every message
+/// the witness saw committed).
 pub(super) async fn check_streams(
     stack: &Stack,
     committed: &[Uuid],
+    resends: Option<ResendAllowance>,
 ) -> anyhow::Result<StreamFindings> {
-    let rows = outbox_rows(stack).await?;
+    let rows = match stack.source {
+        Source::Table => outbox_rows(stack).await?,
+        Source::Wal => super::witness::committed(stack).await?,
+    };
     let mut streams: Vec<String> = rows.iter().filter_map(|r| r.stream.clone()).collect();
     streams.push(events::STREAM.to_owned());
     streams.sort();
@@ -394,7 +440,7 @@ pub(super) async fn check_streams(
     for name in &streams {
         entries.extend(read_stream(&js, name).await?);
     }
-    Ok(check_stream_contents(&rows, committed, &entries))
+    Ok(check_stream_contents(&rows, committed, &entries, resends))
 }
 
 #[cfg(test)]
@@ -410,6 +456,7 @@ mod tests {
             status: "published".to_owned(),
             stream: Some("DEMO".to_owned()),
             stream_seq: Some(stream_seq),
+            end_lsn: None,
         }
     }
 
@@ -439,7 +486,7 @@ mod tests {
             .map(|r| entry(r.stream_seq.expect("recorded") as u64, r))
             .rev()
             .collect();
-        let found = check_stream_contents(&rows, &[rows[0].id], &entries);
+        let found = check_stream_contents(&rows, &[rows[0].id], &entries, None);
         assert!(found.clean(), "{found:?}");
         assert_eq!((found.msgs, found.keys), (6, 2));
     }
@@ -466,7 +513,7 @@ mod tests {
             msg_id: Some(Uuid::from_u128(99).to_string()),
             partition_key: Some("x".to_owned()),
         });
-        let found = check_stream_contents(&rows, &[], &entries);
+        let found = check_stream_contents(&rows, &[], &entries, None);
         assert_eq!(found.missing, 1, "{found:?}");
         assert_eq!(found.dups, 1, "{found:?}");
         assert_eq!(found.unknown, 1, "{found:?}");
@@ -481,7 +528,54 @@ mod tests {
         bad[0].stream_seq = Some(7);
         let mut wrong_key = entry(2, &bad[0]);
         wrong_key.partition_key = Some("other".to_owned());
-        let found = check_stream_contents(&bad, &[Uuid::from_u128(42)], &[wrong_key]);
+        let found = check_stream_contents(&bad, &[Uuid::from_u128(42)], &[wrong_key], None);
         assert_eq!((found.mismatch, found.missing), (2, 1), "{found:?}");
+    }
+
+    #[test]
+    fn only_unconfirmed_messages_of_the_long_down_relay_may_be_stored_again_after_its_restart() {
+        let witnessed = |outbox: &'static str, seq: i64, end_lsn: i64| OutboxRow {
+            status: "relayed".to_owned(),
+            stream: None,
+            stream_seq: None,
+            end_lsn: Some(end_lsn),
+            ..row(outbox, seq, "k", 0)
+        };
+        let rows = vec![
+            witnessed("orders", 1, 100),
+            witnessed("orders", 2, 200),
+            witnessed("inventory", 1, 300),
+        ];
+        let allowed = ResendAllowance {
+            outbox: "orders",
+            confirmed_lsn: 150,
+            stream_seq_at_restart: 3,
+        };
+        let faithful: Vec<StreamEntry> =
+            vec![entry(1, &rows[0]), entry(2, &rows[1]), entry(3, &rows[2])];
+        let found = check_stream_contents(&rows, &[], &faithful, Some(allowed));
+        assert!(
+            found.clean(),
+            "no PubAck is expected of witnessed rows: {found:?}"
+        );
+
+        // Seq 2 was not confirmed when the relay died: its copy after the restart is a
+        // re-send. Seq 1 was confirmed, and the inventory relay was not down: duplicates.
+        let mut entries = faithful.clone();
+        entries.push(entry(4, &rows[1]));
+        let found = check_stream_contents(&rows, &[], &entries, Some(allowed));
+        assert_eq!((found.resends, found.dups), (1, 0), "{found:?}");
+        assert!(found.clean());
+        entries.push(entry(5, &rows[0]));
+        entries.push(entry(6, &rows[2]));
+        let found = check_stream_contents(&rows, &[], &entries, Some(allowed));
+        assert_eq!((found.resends, found.dups), (1, 2), "{found:?}");
+        // A copy stored before the restart is no re-send of it either.
+        let early = vec![entry(1, &rows[0]), entry(2, &rows[1]), entry(3, &rows[1])];
+        let found = check_stream_contents(&rows[..2], &[], &early, Some(allowed));
+        assert_eq!((found.resends, found.dups), (0, 1), "{found:?}");
+        // Without an allowance every copy is a duplicate.
+        let found = check_stream_contents(&rows, &[], &entries, None);
+        assert_eq!((found.resends, found.dups), (0, 3), "{found:?}");
     }
 }

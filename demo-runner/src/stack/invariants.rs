@@ -101,8 +101,16 @@ impl Stack {
         ] {
             let backlog = outbox::store::backlog(&mut *pool.acquire().await?).await?;
             if backlog.unpublished > 0 {
+                let oldest = crate::store::oldest_unpublished(&mut *pool.acquire().await?, 3)
+                    .await?
+                    .iter()
+                    .map(|(id, seq, key, age)| {
+                        format!("{id} (seq {seq}, key {key}, {age:.1}s old)")
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 bail!(
-                    "outbox of {name}: {} rows not published",
+                    "outbox of {name}: {} rows not published, oldest: {oldest}",
                     backlog.unpublished
                 );
             }

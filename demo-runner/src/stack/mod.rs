@@ -52,7 +52,38 @@ pub struct StackOptions {
     pub proxy_order_relay: bool,
     /// Run a 3-node JetStream cluster on loopback with an R3 stream instead of one server.
     pub cluster: bool,
+    /// Where the services' outboxes write and where the relays read them.
+    pub source: Source,
+    /// The saga stream's duplicate window (the services create the stream with it).
+    pub duplicate_window: Duration,
 }
+
+/// Where the services' outboxes write and where the relays read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Source {
+    /// Rows of `outbox_message`, polled by `relay run` (the default).
+    #[default]
+    Table,
+    /// The write-ahead log: services on log storage (`OUTBOX_STORAGE=log`), PostgreSQL with
+    /// `wal_level=logical`, a slot per relay made by `relay slot create` before the relays
+    /// start, and the relays streaming it (`relay run --source wal`).
+    Wal,
+}
+
+impl Source {
+    /// `table` or `wal`, as the relay's `--source` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Table => "table",
+            Source::Wal => "wal",
+        }
+    }
+}
+
+/// The replication slot (and publication) of order-service's relay with [`Source::Wal`].
+pub const ORDER_SLOT: &str = "order_relay";
+/// The replication slot of inventory-service's relay with [`Source::Wal`].
+pub const INVENTORY_SLOT: &str = "inventory_relay";
 
 /// Base URLs of the running processes.
 #[derive(Debug, Clone)]
@@ -112,6 +143,8 @@ pub struct Stack {
     pub log_dir: PathBuf,
     /// Mail directory (when not using SMTP).
     pub mail_dir: PathBuf,
+    /// Where the outboxes write and the relays read.
+    pub source: Source,
 }
 
 impl std::fmt::Debug for Stack {
@@ -175,6 +208,30 @@ async fn reset_stream(nats_url: &str) -> anyhow::Result<()> {
     .with_context(|| format!("deleting the stream {}", events::STREAM))
 }
 
+/// `relay slot create --slot <slot>` on the database `database_url`.
+async fn create_slot(
+    relay_bin: &std::path::Path,
+    database_url: &str,
+    slot: &str,
+) -> anyhow::Result<()> {
+    let output = tokio::process::Command::new(relay_bin)
+        .args(["slot", "create", "--slot", slot])
+        .env("DATABASE_URL", database_url)
+        .env_remove("RELAY_SLOT")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", relay_bin.display()))?;
+    if !output.status.success() {
+        bail!(
+            "relay slot create exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn port_or_free(ports: Option<[u16; 3]>, i: usize) -> anyhow::Result<u16> {
     match ports {
         Some(p) => Ok(p[i]),
@@ -225,7 +282,11 @@ impl Stack {
                 NatsServer::start().await.map(|n| vec![n])
             }
         };
-        let (postgres, brokers) = tokio::join!(Postgres::start(), brokers);
+        let postgres_config = testkit::PostgresConfig {
+            logical_decoding: options.source == Source::Wal,
+            ..testkit::PostgresConfig::default()
+        };
+        let (postgres, brokers) = tokio::join!(Postgres::start_with(postgres_config), brokers);
         let postgres = postgres.context("starting PostgreSQL")?;
         let mut brokers = brokers.context("starting nats-server")?;
         let nats_url = brokers
@@ -270,11 +331,18 @@ impl Stack {
             })
             .with_context(|| format!("starting {name}"))
         };
+        let window = options.duplicate_window.as_secs().max(1).to_string();
+        let storage = match options.source {
+            Source::Table => "table",
+            Source::Wal => "log",
+        };
         let common = |db: &str, port: u16| {
             env(&[
                 ("DATABASE_URL", db),
                 ("NATS_URL", &nats_url),
                 ("STREAM_REPLICAS", replicas),
+                ("STREAM_DUPLICATE_WINDOW_SECS", &window),
+                ("OUTBOX_STORAGE", storage),
                 ("HTTP_ADDR", &format!("127.0.0.1:{port}")),
                 ("RUST_LOG", "info,sqlx=warn,async_nats=warn"),
             ])
@@ -346,6 +414,19 @@ impl Stack {
         )
         .await?;
 
+        // The services applied the schema; the slots come before anything is written to the
+        // log (log storage refuses to write while no slot exists).
+        if options.source == Source::Wal {
+            for (db, slot) in [
+                ("demo_orders", ORDER_SLOT),
+                ("demo_inventory", INVENTORY_SLOT),
+            ] {
+                create_slot(&options.relay_bin, &urls_db[db], slot)
+                    .await
+                    .with_context(|| format!("creating the slot {slot} in {db}"))?;
+            }
+        }
+
         let order_relay_proxy = if options.proxy_order_relay {
             Some(
                 TcpProxy::start(nats.addr())
@@ -361,8 +442,10 @@ impl Stack {
         };
         let mut relay_ports = [testkit::free_port()?, testkit::free_port()?];
         let subjects = events::STREAM_SUBJECTS.join(",");
-        let relay_env = |db: &str, nats: &str, port: u16, id: &str| {
+        let relay_env = |db: &str, nats: &str, port: u16, id: &str, slot: &str| {
             env(&[
+                ("RELAY_SOURCE", options.source.name()),
+                ("RELAY_SLOT", slot),
                 ("DATABASE_URL", db),
                 ("NATS_URL", nats),
                 ("RELAY_STREAM", events::STREAM),
@@ -386,6 +469,7 @@ impl Stack {
                     &order_relay_nats,
                     port,
                     "order-relay",
+                    ORDER_SLOT,
                 ),
             )
         };
@@ -399,6 +483,7 @@ impl Stack {
                     &nats_url,
                     port,
                     "inventory-relay",
+                    INVENTORY_SLOT,
                 ),
             )
         };
@@ -454,6 +539,7 @@ impl Stack {
             db,
             log_dir,
             mail_dir,
+            source: options.source,
         })
     }
 

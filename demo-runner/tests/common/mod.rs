@@ -70,6 +70,8 @@ pub async fn start(
         smtp_url,
         proxy_order_relay: false,
         cluster: false,
+        source: demo_runner::stack::Source::Table,
+        duplicate_window: std::time::Duration::from_secs(120),
     })
     .await
     .expect("start the demo stack");

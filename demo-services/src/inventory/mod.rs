@@ -45,7 +45,7 @@ struct AppState {
 pub async fn start(config: ServiceConfig) -> anyhow::Result<ServiceHandle> {
     let counters = ["inventory_reservations_total", "inventory_failures_total"];
     let mut runtime = Runtime::connect(NAME, config, store::SCHEMA, &counters).await?;
-    let outbox = Outbox::new(NAME)?;
+    let outbox = runtime.config.outbox(NAME)?;
     let stock = Stock {
         outbox: outbox.clone(),
     };

@@ -86,7 +86,7 @@ pub async fn start(config: OrderConfig) -> anyhow::Result<ServiceHandle> {
         "payments_failed_total",
     ];
     let mut runtime = Runtime::connect(NAME, config.service, store::SCHEMA, &counters).await?;
-    let outbox = Outbox::new(NAME)?;
+    let outbox = runtime.config.outbox(NAME)?;
     runtime.consume(saga::router(outbox.clone(), config.payment));
     let api = Router::new()
         .route("/orders", post(create_order))

@@ -9,7 +9,8 @@ pub use connect::NatsConfig;
 
 /// What every service needs to start. [`ServiceConfig::from_env`] reads it from
 /// `DATABASE_URL`, `NATS_URL` (and the `NATS_*` auth variables the relay reads),
-/// `HTTP_ADDR` and `RELAY_LAG_MAX_SECS`.
+/// `HTTP_ADDR`, `RELAY_LAG_MAX_SECS`, `STREAM_REPLICAS`, `STREAM_DUPLICATE_WINDOW_SECS` and
+/// `OUTBOX_STORAGE`.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     /// The service's own database.
@@ -23,9 +24,25 @@ pub struct ServiceConfig {
     /// Replicas of the saga's stream when this service creates it (`STREAM_REPLICAS`,
     /// default 1; 3 on a cluster).
     pub stream_replicas: usize,
+    /// The saga stream's duplicate window when this service creates it, and what it checks
+    /// an existing stream has (`STREAM_DUPLICATE_WINDOW_SECS`, default 120, the server's
+    /// default).
+    pub stream_duplicate_window: Duration,
+    /// Where the service's outbox writes (`OUTBOX_STORAGE`: `table`, the default, or `log`,
+    /// which needs `wal_level=logical`, the relay's slot, and `relay run --source wal`).
+    pub outbox_storage: outbox::Storage,
 }
 
 impl ServiceConfig {
+    /// The outbox of the service `source`, writing to [`ServiceConfig::outbox_storage`].
+    pub fn outbox(&self, source: &str) -> anyhow::Result<outbox::Outbox> {
+        let outbox = outbox::Outbox::with_config(outbox::OutboxConfig {
+            storage: self.outbox_storage,
+            ..outbox::OutboxConfig::for_source(source)
+        })?;
+        Ok(outbox)
+    }
+
     /// Reads the configuration; `default_port` is the service's documented port.
     pub fn from_env(default_port: u16) -> anyhow::Result<ServiceConfig> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
@@ -51,6 +68,22 @@ impl ServiceConfig {
                 .with_context(|| format!("STREAM_REPLICAS {s:?} must be 1 to 5"))?,
             None => 1,
         };
+        let stream_duplicate_window = match var("STREAM_DUPLICATE_WINDOW_SECS") {
+            Some(s) => Duration::from_secs(
+                s.parse()
+                    .ok()
+                    .filter(|w| (1..=86_400).contains(w))
+                    .with_context(|| {
+                        format!("STREAM_DUPLICATE_WINDOW_SECS {s:?} must be 1 to 86400")
+                    })?,
+            ),
+            None => Duration::from_secs(120),
+        };
+        let outbox_storage = match var("OUTBOX_STORAGE").as_deref() {
+            None | Some("table") => outbox::Storage::Table,
+            Some("log") => outbox::Storage::Log,
+            Some(other) => anyhow::bail!("OUTBOX_STORAGE {other:?} must be table or log"),
+        };
         let nats = NatsConfig {
             url: var("NATS_URL").unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
             user: var("NATS_USER"),
@@ -70,6 +103,8 @@ impl ServiceConfig {
             http_addr,
             relay_lag_max,
             stream_replicas,
+            stream_duplicate_window,
+            outbox_storage,
         })
     }
 }

@@ -13,23 +13,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events;
 
-/// Creates or verifies the saga's stream, retrying until the broker answers or `stop`.
-async fn ensure_demo_stream(
-    jetstream: &async_nats::jetstream::Context,
-    replicas: usize,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    let spec = StreamSpec {
+/// The saga's stream, with `replicas` and `duplicate_window` as the service is configured.
+pub(super) fn demo_stream(replicas: usize, duplicate_window: Duration) -> StreamSpec {
+    StreamSpec {
         name: events::STREAM.into(),
         subjects: events::STREAM_SUBJECTS
             .iter()
             .map(|s| (*s).to_owned())
             .collect(),
-        duplicate_window: Duration::from_secs(120),
+        duplicate_window,
         replicas,
-    };
+    }
+}
+
+/// Creates or verifies the saga's stream, retrying until the broker answers or `stop`.
+async fn ensure_demo_stream(
+    jetstream: &async_nats::jetstream::Context,
+    spec: &StreamSpec,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     loop {
-        match ensure_stream(jetstream, &spec).await {
+        match ensure_stream(jetstream, spec).await {
             Ok(_) => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, "stream not ready yet; retrying");
@@ -49,13 +53,13 @@ pub(super) fn spawn_consumer(
     pool: PgPool,
     jetstream: async_nats::jetstream::Context,
     handler: Arc<dyn inbox::RawHandler>,
-    stream_replicas: usize,
+    stream: StreamSpec,
     stop: CancellationToken,
     health: ConsumerHealth,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let name = config.name.clone();
-        if ensure_demo_stream(&jetstream, stream_replicas, &stop)
+        if ensure_demo_stream(&jetstream, &stream, &stop)
             .await
             .is_err()
         {

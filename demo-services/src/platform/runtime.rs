@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::consumer::{ConsumerHealth, consumer_config, spawn_consumer};
+use super::consumer::{ConsumerHealth, consumer_config, demo_stream, spawn_consumer};
 use super::health::{Readiness, ops_routes};
 use super::http::finish_routes;
 use super::telemetry::{init_telemetry, register_counters};
@@ -190,7 +190,10 @@ impl Runtime {
             self.pool.clone(),
             async_nats::jetstream::new(self.nats.clone()),
             router.into_handler(),
-            self.config.stream_replicas,
+            demo_stream(
+                self.config.stream_replicas,
+                self.config.stream_duplicate_window,
+            ),
             self.stop.clone(),
             self.consumer.clone(),
         );
