@@ -75,6 +75,7 @@ bench: tools ## Run the end-to-end scenarios (relay, producer, inbox), then the 
 	$(CARGO) run --release --locked -p bench -- producer-overhead --enqueue with-commit
 	$(CARGO) run --release --locked -p bench -- producer-overhead --storage wal --enqueue with-commit
 	$(CARGO) run --release --locked -p bench -- relay-backlog
+	$(CARGO) run --release --locked -p bench -- relay-backlog --source wal
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode strict --events 20000
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched --handler batch
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched --handler per-message

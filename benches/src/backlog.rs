@@ -92,7 +92,7 @@ pub async fn run(config: &BacklogConfig, fast_unsafe_db: bool) -> anyhow::Result
         );
     }
     let measure = config.measure.min(config.events);
-    let servers = Servers::start(fast_unsafe_db).await?;
+    let servers = Servers::start_with(fast_unsafe_db, config.source == env::Source::Wal).await?;
     let js = jetstream::new(servers.nats_client("bench-admin").await?);
     servers
         .ensure_stream(&js, env::STREAM, env::STREAM_SUBJECTS)

@@ -201,9 +201,18 @@ impl Database {
 
     /// Drops the replication slot and its publication (slot names are per server: the next
     /// database's slot needs the name).
+    /// Waits (up to 30 s) for the stopped relay's walsender to let go of the slot first.
     pub async fn drop_slot(&self) -> anyhow::Result<()> {
         let mut conn = self.pool.acquire().await.context("connecting")?;
         let slot = relay::wal::SlotName::new(relay::wal::SlotName::DEFAULT)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while relay::wal::store::status(&mut conn, &slot)
+            .await?
+            .is_some_and(|s| s.active)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         relay::wal::store::drop_slot(&mut conn, &slot)
             .await
             .context("dropping the replication slot")?;
