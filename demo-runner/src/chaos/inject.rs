@@ -22,8 +22,8 @@ async fn stream_placement(stack: &Stack) -> anyhow::Result<(String, Vec<String>)
     Ok(placement)
 }
 
-/// One look at the stream's placement.
-async fn try_stream_placement(stack: &Stack) -> anyhow::Result<(String, Vec<String>)> {
+/// The saga stream's info, on a connection of its own.
+async fn saga_stream_info(stack: &Stack) -> anyhow::Result<async_nats::jetstream::stream::Info> {
     let client = demo_services::platform::NatsConfig {
         url: stack.nats_url.clone(),
         ..demo_services::platform::NatsConfig::default()
@@ -32,7 +32,12 @@ async fn try_stream_placement(stack: &Stack) -> anyhow::Result<(String, Vec<Stri
     .await?;
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream(events::STREAM).await?;
-    let info = stream.info().await?;
+    Ok(stream.info().await?.clone())
+}
+
+/// One look at the stream's placement.
+async fn try_stream_placement(stack: &Stack) -> anyhow::Result<(String, Vec<String>)> {
+    let info = saga_stream_info(stack).await?;
     let cluster = info
         .cluster
         .clone()
@@ -60,17 +65,7 @@ async fn stream_last_sequence(stack: &Stack) -> anyhow::Result<u64> {
         Duration::from_secs(30),
         Duration::from_millis(250),
         "the stream's last sequence",
-        || async {
-            let client = demo_services::platform::NatsConfig {
-                url: stack.nats_url.clone(),
-                ..demo_services::platform::NatsConfig::default()
-            }
-            .connect()
-            .await?;
-            let js = async_nats::jetstream::new(client);
-            let mut stream = js.get_stream(events::STREAM).await?;
-            anyhow::Ok(Some(stream.info().await?.state.last_sequence))
-        },
+        || async { anyhow::Ok(Some(saga_stream_info(stack).await?.state.last_sequence)) },
     )
     .await
     .map_err(Into::into)
