@@ -559,11 +559,16 @@ pub async fn vacuum(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
 }
 
 /// Deletes rows by id (the WAL relay's cleanup of rows it read from the log and published);
-/// returns how many were deleted.
-pub async fn delete_by_ids(conn: &mut PgConnection, ids: &[Uuid]) -> Result<u64, sqlx::Error> {
-    let done = sqlx::query("DELETE FROM outbox_message WHERE id = ANY($1)")
+/// returns the ids of the rows it deleted. A row whose inserting transaction is committed
+/// but not yet visible (its commit is in the log, its backend has not finished committing,
+/// for example while it waits for a synchronous standby) is not deleted: the caller tells
+/// that apart from a row already gone by the transaction's visibility.
+pub async fn delete_by_ids(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("DELETE FROM outbox_message WHERE id = ANY($1) RETURNING id")
         .bind(ids)
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected())
+        .fetch_all(conn)
+        .await
 }

@@ -38,3 +38,7 @@ pub const WAL_OLDEST_UNCONFIRMED_AGE: &str = "relay_wal_oldest_unconfirmed_age_s
 pub const WAL_UNRESOLVED: &str = "relay_wal_unresolved";
 /// WAL source: 1 while this instance streams the slot, 0 as a standby or reconnecting.
 pub const WAL_STREAMING: &str = "relay_wal_streaming";
+/// WAL source, counter: times a confirmation waited for table rows that the log shows
+/// committed but a DELETE cannot see yet (their commit still finishing, for example waiting
+/// for a synchronous standby).
+pub const WAL_INVISIBLE_ROW_WAITS: &str = "relay_wal_invisible_row_waits_total";

@@ -410,9 +410,48 @@ async fn start_errors_name_the_missing_prerequisite() {
     assert!(!exit.success());
     let log = relay.log_tail();
     assert!(
-        log.contains("role plain lacks DELETE on outbox_message, INSERT on dead_letter, INSERT, UPDATE on outbox_wal_progress"),
+        log.contains("role plain lacks DELETE on outbox_message; SELECT, INSERT, UPDATE on dead_letter; SELECT, INSERT, UPDATE on outbox_wal_progress: grant them"),
         "{log}"
     );
+
+    // Exactly what the error named is enough: the relay publishes, deletes the rows it
+    // read, and records its position.
+    sqlx::raw_sql(
+        "GRANT DELETE ON outbox_message TO plain;
+         GRANT SELECT, INSERT, UPDATE ON dead_letter, outbox_wal_progress TO plain;",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("grant the rest");
+    let expected = enqueue_mixed(&env.pool, 0, 300, 5).await;
+    let written = wal_position(&env.pool).await;
+    let _relay = spawn_relay_with_url(&env, plain.as_str(), "wal-p", &["--source", "wal"]);
+    let client = env.nats_client().await;
+    wait_until(
+        Duration::from_secs(60),
+        "published, rows deleted, position recorded",
+        || async {
+            stream_count(&client).await as usize >= expected.len()
+                && rows(&env.pool).await == 0
+                && recorded_at_least(&env.pool, &written).await
+        },
+    )
+    .await
+    .expect("relayed with the named privileges");
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+}
+
+/// Whether the relay's recorded position (`outbox_wal_progress`) has reached `lsn`.
+async fn recorded_at_least(pool: &PgPool, lsn: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT confirmed_lsn >= $1::pg_lsn FROM outbox_wal_progress WHERE slot_name = 'outbox_relay'",
+    )
+    .bind(lsn)
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// PostgreSQL restarted (immediate stop: a crash) and the broker killed and restarted under
@@ -617,5 +656,174 @@ async fn a_transaction_of_many_rows_is_deleted_in_bounded_statements() {
         "statement sizes {sizes:?}"
     );
     let client = env.nats_client().await;
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+}
+
+/// Backends waiting on their commit for a synchronous standby.
+async fn commits_waiting_for_a_standby(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0)
+}
+
+/// The log has a transaction once its commit record is flushed, before its rows are
+/// visible: in between (long, while the commit waits for a synchronous standby) the relay
+/// publishes the row's message, but a DELETE cannot see the row. The relay deletes it once
+/// the transaction is visible, and only then confirms; a relay that took the DELETE's zero
+/// rows for done would leave the row behind for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_published_before_its_commit_is_visible_is_still_deleted() {
+    let env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    let relay = spawn_relay(&env, "wal-v", &["--source", "wal"]);
+    let client = env.nats_client().await;
+
+    // Commits wait for a standby that never comes; keep writing until one does wait (the
+    // setting reaches the server's processes a moment after the reload).
+    sqlx::query("CREATE TABLE ghost_probe (n int)")
+        .execute(&env.pool)
+        .await
+        .expect("probe table");
+    sqlx::query("ALTER SYSTEM SET synchronous_standby_names = 'ghost'")
+        .execute(&env.pool)
+        .await
+        .expect("set synchronous_standby_names");
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&env.pool)
+        .await
+        .expect("reload");
+    let probe_pool = env.pool.clone();
+    let probe = tokio::spawn(async move {
+        while sqlx::query("INSERT INTO ghost_probe VALUES (1)")
+            .execute(&probe_pool)
+            .await
+            .is_ok()
+        {}
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "a commit waits for the standby",
+        || async { commits_waiting_for_a_standby(&env.pool).await > 0 },
+    )
+    .await
+    .expect("commits wait");
+
+    let producer_pool = env.pool.clone();
+    let (message, key) = message(0, 1);
+    let producer = tokio::spawn(async move {
+        let table = Outbox::new("relay-test").expect("outbox");
+        let mut conn = producer_pool.acquire().await.expect("acquire");
+        table.enqueue_message(&mut conn, message).await
+    });
+    wait_until(
+        Duration::from_secs(30),
+        "the relay published the row and found it not visible yet",
+        || async {
+            stream_count(&client).await >= 1
+                && counter(&relay, "relay_wal_invisible_row_waits_total").await >= 1.0
+        },
+    )
+    .await
+    .expect("published while the commit waits");
+    assert!(
+        !producer.is_finished(),
+        "premise: the producer's commit still waits for the standby"
+    );
+
+    sqlx::query("ALTER SYSTEM RESET synchronous_standby_names")
+        .execute(&env.pool)
+        .await
+        .expect("reset synchronous_standby_names");
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&env.pool)
+        .await
+        .expect("reload");
+    let id = tokio::time::timeout(Duration::from_secs(30), producer)
+        .await
+        .expect("the commit finishes once no standby is required")
+        .expect("producer task")
+        .expect("enqueue");
+    probe.abort();
+    let written = wal_position(&env.pool).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the row deleted and its transaction confirmed",
+        || async { rows(&env.pool).await == 0 && slot_confirmed(&env.pool, &written).await },
+    )
+    .await
+    .expect("the row is not left behind");
+    assert_exactly_once_in_key_order(&[(id, key)], &stream_messages(&client).await);
+}
+
+/// An idle relay writes nothing: a keepalive's position past everything confirmed is told
+/// to the slot without being recorded (a record would move the log's end, which brings the
+/// next keepalive: a write every second, forever). So the slot's confirmed position
+/// reaches the end of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_lets_the_slot_reach_the_end_of_the_log() {
+    let env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    let expected = enqueue_mixed(&env.pool, 0, 300, 5).await;
+    let written = wal_position(&env.pool).await;
+    let _relay = spawn_relay(&env, "wal-i", &["--source", "wal"]);
+    let client = env.nats_client().await;
+    wait_until(
+        Duration::from_secs(60),
+        "published and recorded",
+        || async {
+            stream_count(&client).await as usize >= expected.len()
+                && recorded_at_least(&env.pool, &written).await
+        },
+    )
+    .await
+    .expect("published");
+    wait_until(
+        Duration::from_secs(30),
+        "the slot's confirmed position at the end of the log",
+        || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT confirmed_flush_lsn = pg_current_wal_lsn() FROM pg_replication_slots
+                 WHERE slot_name = 'outbox_relay'",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .unwrap_or(false)
+        },
+    )
+    .await
+    .expect("an idle relay stops writing");
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+}
+
+/// A recorded position ahead of everything the server has written cannot be this server's
+/// (a restored backup brought the row, or the slot was recreated by hand): a relay that
+/// started from it would skip every message before it. The relay removes it, starts from
+/// the slot's position and publishes everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_position_ahead_of_the_log_is_not_trusted() {
+    let env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    sqlx::query(
+        "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn) VALUES ('outbox_relay', 'FF/0')",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("a record from elsewhere");
+    let expected = enqueue_mixed(&env.pool, 0, 300, 5).await;
+    let written = wal_position(&env.pool).await;
+    let _relay = spawn_relay(&env, "wal-s", &["--source", "wal"]);
+    let client = env.nats_client().await;
+    wait_until(
+        Duration::from_secs(60),
+        "everything published and recorded from the slot's position",
+        || async {
+            stream_count(&client).await as usize >= expected.len()
+                && recorded_at_least(&env.pool, &written).await
+                && !recorded_at_least(&env.pool, "FF/0").await
+        },
+    )
+    .await
+    .expect("published");
     assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
 }

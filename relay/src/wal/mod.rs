@@ -11,7 +11,8 @@
 //!   deduplicated by the broker (`Nats-Msg-Id`) inside its duplicate window.
 //! - One key's messages are published in commit order, never two of a key unacknowledged.
 //! - The slot's confirmed position only passes transactions whose every message is
-//!   acknowledged or dead-lettered (and whose table rows are deleted), and it is reported to
+//!   acknowledged or dead-lettered (and whose table rows are deleted, waiting for rows the
+//!   log has before they are visible), and it is reported to
 //!   the server at least every second: after a crash, at most the unconfirmed tail is sent
 //!   again, and the duplicate window absorbs it.
 //! - The confirmed position is committed to `outbox_wal_progress` before the slot is told,
@@ -32,10 +33,12 @@
 //! - `decode` (private): replication records to outbox messages (log messages, `pgoutput`
 //!   INSERTs in binary format).
 //! - `pipeline` (private): per-key publishing, retries, dead letters, the confirmed position.
+//! - `cleanup` (private): deleting the table rows of resolved transactions, none left behind.
 //! - `progress` (private): the confirmed position, recorded before the slot is told.
 //! - `session` (private): the replication connection, standby and reconnection.
 //! - `metrics` (private): the WAL gauges.
 
+mod cleanup;
 mod decode;
 mod metrics;
 mod pipeline;

@@ -15,7 +15,8 @@
 //! (other keys go on); a permanent one does too, until `max_permanent_attempts`, then the
 //! message is dead-lettered with the broker's reason. Poison messages are dead-lettered at
 //! once. A dead letter or delete that cannot be written is retried with backoff: nothing
-//! is confirmed past it meanwhile.
+//! is confirmed past it meanwhile; nor past a row not yet visible to the delete (see
+//! [`super::cleanup`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -31,14 +32,12 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::cleanup::{self, DELETE_CHUNK, Failure, Resolved};
 use super::decode::{Decoded, Poison};
 use super::store;
 use crate::config::RelayConfig;
 use crate::metrics as m;
 use crate::publisher::{Ack, PublishError, Publisher};
-
-/// The most table rows one DELETE statement names.
-const DELETE_CHUNK: usize = 5_000;
 
 /// The queue of poison messages: no partition key can be empty, so no key collides.
 const POISON_QUEUE: &str = "";
@@ -68,6 +67,8 @@ enum What {
 /// A transaction's progress.
 struct Txn {
     no: u64,
+    /// Its id as the log gives it (0 outside a transaction).
+    xid: u32,
     /// `None` for a message outside a transaction.
     commit_time_micros: Option<i64>,
     /// Known once its Commit arrived.
@@ -92,9 +93,9 @@ enum Done {
         key: Arc<str>,
     },
     Confirm {
-        lsn: Option<Lsn>,
-        rows: Vec<Uuid>,
-        result: Result<(), String>,
+        /// With only the rows still to delete.
+        batch: Vec<Resolved>,
+        result: Result<(), Failure>,
     },
     /// The pause after a failed confirmation is over.
     ConfirmAgain,
@@ -118,11 +119,13 @@ pub(crate) struct Pipeline<P> {
     pending: FuturesUnordered<BoxFuture<Done>>,
     /// Between a Begin and its Commit.
     in_transaction: bool,
-    /// Resolved transactions not yet confirmed: their end and table rows.
-    resolved: Vec<(Option<Lsn>, Vec<Uuid>)>,
+    /// Resolved transactions not yet confirmed, in commit order.
+    resolved: VecDeque<Resolved>,
     confirming: bool,
     confirm_failures: u32,
     confirmed: Option<Lsn>,
+    /// See [`Pipeline::idle_position`].
+    idle: Option<Lsn>,
 }
 
 impl<P: Publisher> Pipeline<P> {
@@ -140,28 +143,30 @@ impl<P: Publisher> Pipeline<P> {
             unresolved: 0,
             pending: FuturesUnordered::new(),
             in_transaction: false,
-            resolved: Vec::new(),
+            resolved: VecDeque::new(),
             confirming: false,
             confirm_failures: 0,
             confirmed: None,
+            idle: None,
         }
     }
 
     /// Opens the next transaction (its messages follow, then [`Pipeline::commit`]).
     pub(crate) fn begin(&mut self) {
-        self.open_transaction(None);
+        self.open_transaction(None, 0);
     }
 
-    /// Opens the next transaction, committed at `commit_time_micros` (since 2000-01-01, as
-    /// the stream gives it).
-    pub(crate) fn begin_at(&mut self, commit_time_micros: i64) {
-        self.open_transaction(Some(commit_time_micros));
+    /// Opens the next transaction, `xid`, committed at `commit_time_micros` (since
+    /// 2000-01-01), as the stream gives them.
+    pub(crate) fn begin_at(&mut self, commit_time_micros: i64, xid: u32) {
+        self.open_transaction(Some(commit_time_micros), xid);
     }
 
-    fn open_transaction(&mut self, commit_time_micros: Option<i64>) {
+    fn open_transaction(&mut self, commit_time_micros: Option<i64>, xid: u32) {
         self.in_transaction = true;
         self.txns.push_back(Txn {
             commit_time_micros,
+            xid,
             no: self.next_txn,
             end_lsn: None,
             committed: false,
@@ -262,11 +267,19 @@ impl<P: Publisher> Pipeline<P> {
         self.confirmed
     }
 
-    /// Confirms a position with nothing before it outstanding (a keepalive's, when idle).
+    /// Notes a position with nothing before it outstanding (a keepalive's, when idle).
     pub(crate) fn confirm_idle(&mut self, lsn: Lsn) {
-        if self.is_idle() && self.confirmed.is_none_or(|c| lsn > c) {
-            self.confirmed = Some(lsn);
+        if self.is_idle() && self.idle.max(self.confirmed).is_none_or(|c| lsn > c) {
+            self.idle = Some(lsn);
         }
+    }
+
+    /// A keepalive's position past [`Pipeline::confirmed`] with nothing outstanding before
+    /// it: reading the log again up to it publishes nothing, so it needs no record before
+    /// the slot is told (and an idle relay writes nothing).
+    pub(crate) fn idle_position(&self) -> Option<Lsn> {
+        self.idle
+            .filter(|idle| self.confirmed.is_none_or(|c| *idle > c))
     }
 
     /// Whether [`Pipeline::step`] has anything to wait for.
@@ -326,20 +339,34 @@ impl<P: Publisher> Pipeline<P> {
                 self.busy.remove(&key);
                 self.ready.push_back(key);
             }
-            Done::Confirm { lsn, rows, result } => {
+            Done::Confirm { batch, result } => {
                 self.confirming = false;
                 match result {
                     Ok(()) => {
                         self.confirm_failures = 0;
+                        let lsn = batch.iter().filter_map(|t| t.end_lsn).max();
                         if lsn.is_some() {
                             self.confirmed = lsn.max(self.confirmed);
                         }
                     }
-                    Err(e) => {
+                    Err(failure) => {
                         self.confirm_failures += 1;
-                        tracing::warn!(error = %e, "cannot delete relayed outbox rows; retrying before confirming");
+                        match failure {
+                            Failure::Database(e) => {
+                                tracing::warn!(error = %e, "cannot delete relayed outbox rows; retrying before confirming")
+                            }
+                            Failure::NotVisible(rows) => {
+                                metrics::counter!(m::WAL_INVISIBLE_ROW_WAITS).increment(1);
+                                tracing::debug!(
+                                    rows,
+                                    "relayed outbox rows are committed in the log but not visible yet; deleting them later, before confirming"
+                                )
+                            }
+                        }
                         // Back in front, in order; nothing is confirmed until they are gone.
-                        self.resolved.insert(0, (lsn, rows));
+                        for txn in batch.into_iter().rev() {
+                            self.resolved.push_front(txn);
+                        }
                         self.confirming = true;
                         let delay = self.delay(self.confirm_failures);
                         self.pending.push(Box::pin(async move {
@@ -445,7 +472,11 @@ impl<P: Publisher> Pipeline<P> {
             .is_some_and(|t| t.committed && t.open == 0)
         {
             if let Some(txn) = self.txns.pop_front() {
-                self.resolved.push((txn.end_lsn, txn.rows));
+                self.resolved.push_back(Resolved {
+                    end_lsn: txn.end_lsn,
+                    xid: txn.xid,
+                    rows: txn.rows,
+                });
             }
         }
         self.start_confirm();
@@ -463,15 +494,14 @@ impl<P: Publisher> Pipeline<P> {
         let mut take = 0;
         let mut rows = 0;
         while take < self.resolved.len()
-            && (take == 0 || rows + self.resolved[take].1.len() <= DELETE_CHUNK)
+            && (take == 0 || rows + self.resolved[take].rows.len() <= DELETE_CHUNK)
         {
-            rows += self.resolved[take].1.len();
+            rows += self.resolved[take].rows.len();
             take += 1;
         }
-        let batch: Vec<(Option<Lsn>, Vec<Uuid>)> = self.resolved.drain(..take).collect();
-        let lsn = batch.iter().filter_map(|(lsn, _)| *lsn).max();
-        let rows: Vec<Uuid> = batch.into_iter().flat_map(|(_, rows)| rows).collect();
-        if rows.is_empty() {
+        let batch: Vec<Resolved> = self.resolved.drain(..take).collect();
+        if rows == 0 {
+            let lsn = batch.iter().filter_map(|t| t.end_lsn).max();
             if lsn.is_some() {
                 self.confirmed = lsn.max(self.confirmed);
             }
@@ -481,16 +511,8 @@ impl<P: Publisher> Pipeline<P> {
         let pool = self.pool.clone();
         let timeout = self.config.db_timeout;
         self.pending.push(Box::pin(async move {
-            // One transaction can hold more rows than a chunk: one statement per chunk (a
-            // retry after a failure deletes again what is already gone, harmlessly).
-            let mut result = Ok(());
-            for chunk in rows.chunks(DELETE_CHUNK) {
-                if let Err(e) = store::delete_relayed(&pool, chunk, timeout).await {
-                    result = Err(e.to_string());
-                    break;
-                }
-            }
-            Done::Confirm { lsn, rows, result }
+            let (batch, result) = cleanup::delete_rows(pool, batch, timeout).await;
+            Done::Confirm { batch, result }
         }));
     }
 

@@ -5,7 +5,9 @@
 //! there would publish again what it had confirmed, and the broker, whose duplicate window
 //! is shorter, would store it twice. So a position the pipeline confirms is first committed
 //! to `outbox_wal_progress` (at most once per [`SAVE_INTERVAL`]), and only then reported to
-//! the slot; a session starts from the greater of the two.
+//! the slot; a session starts from the greater of the two. A keepalive's position past
+//! everything confirmed is not written: nothing before it would be published again, and
+//! writing it would move the log's end, bringing the next keepalive, every second.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -62,6 +64,11 @@ impl Progress {
             let result = store::save_progress(&pool, &slot, &lsn.to_string(), timeout).await;
             (lsn, result)
         }));
+    }
+
+    /// The position last made durable (or the start).
+    pub(crate) fn saved(&self) -> Lsn {
+        self.saved
     }
 
     /// Whether a write is under way ([`Progress::step`] has something to wait for).

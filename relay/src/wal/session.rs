@@ -86,24 +86,26 @@ pub(crate) async fn run<P: Publisher>(
             Ok(Some(s)) => {
                 // From the greater of the slot's position and the relay's record of it (a
                 // crash can set the slot's back); never report a position below either.
-                let lsn = |l: Option<&str>| l.and_then(|l| Lsn::parse(l).ok()).unwrap_or(Lsn::ZERO);
-                let start = lsn(s.confirmed_flush_lsn.as_deref())
-                    .max(lsn(s.relay_confirmed_lsn.as_deref()));
-                session(
-                    &config,
-                    &settings,
-                    replication
-                        .clone()
-                        .with_start_lsn(start)
-                        .with_ack_lsn(start),
-                    start,
-                    &pool,
-                    publisher.clone(),
-                    &health,
-                    &stop,
-                    &mut failures,
-                )
-                .await?
+                match start_position(&s, &pool, &settings.slot, config.db_timeout).await {
+                    Err(e) => Ended::Broken(e),
+                    Ok(start) => {
+                        session(
+                            &config,
+                            &settings,
+                            replication
+                                .clone()
+                                .with_start_lsn(start)
+                                .with_ack_lsn(start),
+                            start,
+                            &pool,
+                            publisher.clone(),
+                            &health,
+                            &stop,
+                            &mut failures,
+                        )
+                        .await?
+                    }
+                }
             }
         };
         match ended {
@@ -135,6 +137,30 @@ pub(crate) async fn run<P: Publisher>(
             () = tokio::time::sleep(pause) => {}
         }
     }
+}
+
+/// Where a session starts: the greater of the slot's confirmed position and the relay's
+/// record of it. A record ahead of everything the server has written is not this server's
+/// (a restored backup, a slot recreated by hand): trusting it would skip messages, so it
+/// is removed and the slot's position used.
+async fn start_position(
+    s: &store::SlotStatus,
+    pool: &PgPool,
+    slot: &super::SlotName,
+    timeout: Duration,
+) -> Result<Lsn, String> {
+    let lsn = |l: Option<&str>| l.and_then(|l| Lsn::parse(l).ok()).unwrap_or(Lsn::ZERO);
+    let slot_position = lsn(s.confirmed_flush_lsn.as_deref());
+    let record = lsn(s.relay_confirmed_lsn.as_deref());
+    let current = lsn(s.current_lsn.as_deref());
+    if record > current && current > Lsn::ZERO {
+        tracing::warn!(slot = %slot, record = %record, current = %current, "the relay's recorded position is ahead of the server's WAL; removing it and resuming from the slot's position");
+        store::forget_progress(pool, slot, timeout)
+            .await
+            .map_err(|e| format!("cannot remove the stale recorded position: {e}"))?;
+        return Ok(slot_position);
+    }
+    Ok(slot_position.max(record))
 }
 
 /// One replication session, from `start` (confirmed: by the slot or in the relay's record).
@@ -208,6 +234,9 @@ async fn session<P: Publisher>(
         }
         // Recorded first, reported to the slot when recorded (above).
         progress.offer(pipeline.confirmed());
+        if let Some(idle) = idle_report(&pipeline, &progress) {
+            client.update_applied_lsn(idle);
+        }
     };
     if matches!(ended, Ended::Stopped) {
         // Finish what is on the wire, confirm it, and see the confirmation sent.
@@ -216,6 +245,7 @@ async fn session<P: Publisher>(
             let _ = tokio::time::timeout_at(deadline, pipeline.step()).await;
         }
         let saved = progress.save_now(pipeline.confirmed()).await;
+        let saved = idle_report(&pipeline, &progress).map_or(saved, |idle| idle.max(saved));
         if saved > start {
             client.update_applied_lsn(saved);
             let until = Instant::now() + Duration::from_secs(3);
@@ -232,6 +262,13 @@ async fn session<P: Publisher>(
     Ok(ended)
 }
 
+/// The pipeline's idle position, once everything confirmed before it is recorded: the slot
+/// may be told without a record of its own (see [`Pipeline::idle_position`]).
+fn idle_report<P: Publisher>(pipeline: &Pipeline<P>, progress: &Progress) -> Option<Lsn> {
+    let recorded = pipeline.confirmed().is_none_or(|c| c <= progress.saved());
+    pipeline.idle_position().filter(|_| recorded)
+}
+
 /// Feeds one replication event to the pipeline; an `Err` stops the relay unconfirmed.
 fn handle<P: Publisher>(
     pipeline: &mut Pipeline<P>,
@@ -240,8 +277,10 @@ fn handle<P: Publisher>(
 ) -> Result<(), String> {
     match event {
         ReplicationEvent::Begin {
-            commit_time_micros, ..
-        } => pipeline.begin_at(commit_time_micros),
+            commit_time_micros,
+            xid,
+            ..
+        } => pipeline.begin_at(commit_time_micros, xid),
         ReplicationEvent::Message {
             prefix,
             content,

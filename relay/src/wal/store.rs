@@ -78,6 +78,9 @@ pub struct SlotStatus {
     /// `reserved`, `extended`, `unreserved` or `lost` (WAL removed past
     /// `max_slot_wal_keep_size`: the slot can no longer stream).
     pub wal_status: Option<String>,
+    /// The server's current WAL position (a relay record ahead of it is not this server's:
+    /// a restored backup, or a slot recreated by hand; it is ignored and removed).
+    pub current_lsn: Option<String>,
 }
 
 /// Refuses to start without `wal_level = logical` and a role that may replicate.
@@ -119,26 +122,50 @@ pub async fn check_prerequisites(conn: &mut PgConnection, slot: &SlotName) -> Re
     Ok(())
 }
 
+/// What the WAL relay's role needs, besides REPLICATION: deleting relayed rows (DELETE ..
+/// WHERE .. RETURNING reads them), writing dead letters and recording its position (both
+/// upserts: ON CONFLICT DO UPDATE reads the row it updates).
+const RELAY_PRIVILEGES: &[(&str, &str)] = &[
+    ("outbox_message", "SELECT"),
+    ("outbox_message", "DELETE"),
+    ("dead_letter", "SELECT"),
+    ("dead_letter", "INSERT"),
+    ("dead_letter", "UPDATE"),
+    ("outbox_wal_progress", "SELECT"),
+    ("outbox_wal_progress", "INSERT"),
+    ("outbox_wal_progress", "UPDATE"),
+];
+
 /// Refuses to start a relay whose role could not make its writes: deleting relayed rows,
 /// writing dead letters and recording its position. Without this check each would fail at
 /// its first use and be retried forever, holding back confirmation while WAL piles up.
 pub async fn check_privileges(conn: &mut PgConnection, slot: &SlotName) -> Result<(), Error> {
-    let (delete, dead_letter, progress): (bool, bool, bool) = sqlx::query_as(
-        "SELECT has_table_privilege('outbox_message', 'DELETE'),
-                has_table_privilege('dead_letter', 'INSERT'),
-                has_table_privilege('outbox_wal_progress', 'INSERT')
-                    AND has_table_privilege('outbox_wal_progress', 'UPDATE')",
+    let (tables, privileges): (Vec<&str>, Vec<&str>) = RELAY_PRIVILEGES.iter().copied().unzip();
+    let lacking: Vec<(String, String)> = sqlx::query_as(
+        "SELECT t, p FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(t, p, n)
+         WHERE NOT has_table_privilege(t, p) ORDER BY n",
     )
-    .fetch_one(&mut *conn)
+    .bind(&tables)
+    .bind(&privileges)
+    .fetch_all(&mut *conn)
     .await?;
-    let missing: Vec<&str> = [
-        (delete, "DELETE on outbox_message"),
-        (dead_letter, "INSERT on dead_letter"),
-        (progress, "INSERT, UPDATE on outbox_wal_progress"),
-    ]
-    .into_iter()
-    .filter_map(|(held, what)| (!held).then_some(what))
-    .collect();
+    // "SELECT, DELETE on outbox_message; INSERT on dead_letter": by table, in list order.
+    let mut missing: Vec<String> = Vec::new();
+    let mut current: Option<(String, Vec<String>)> = None;
+    for (table, privilege) in lacking {
+        match &mut current {
+            Some((t, privileges)) if *t == table => privileges.push(privilege),
+            _ => {
+                if let Some((t, privileges)) = current.take() {
+                    missing.push(format!("{} on {t}", privileges.join(", ")));
+                }
+                current = Some((table, vec![privilege]));
+            }
+        }
+    }
+    if let Some((t, privileges)) = current {
+        missing.push(format!("{} on {t}", privileges.join(", ")));
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -147,7 +174,7 @@ pub async fn check_privileges(conn: &mut PgConnection, slot: &SlotName) -> Resul
         .await?;
     Err(Error::Slot {
         slot: slot.to_string(),
-        reason: format!("role {user} lacks {}: grant it", missing.join(", ")),
+        reason: format!("role {user} lacks {}: grant them", missing.join("; ")),
     })
 }
 
@@ -237,7 +264,7 @@ pub async fn status(
                 pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_wal_bytes,
                 pg_wal_lsn_diff(pg_current_wal_lsn(),
                     GREATEST(s.confirmed_flush_lsn, p.confirmed_lsn))::bigint AS lag_bytes,
-                s.wal_status
+                s.wal_status, pg_current_wal_lsn()::text AS current_lsn
          FROM pg_replication_slots s
          LEFT JOIN outbox_wal_progress p ON p.slot_name = s.slot_name
          WHERE s.slot_name = $1",
@@ -298,6 +325,24 @@ pub async fn drop_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<bool,
     Ok(dropped || publication)
 }
 
+/// Removes the relay's record of its position for `slot` (one that cannot be this server's),
+/// on a connection of `pool`, within `timeout`.
+pub(crate) async fn forget_progress(
+    pool: &PgPool,
+    slot: &SlotName,
+    timeout: Duration,
+) -> Result<(), sqlx::Error> {
+    within(timeout, async {
+        let mut conn = pool.acquire().await?;
+        sqlx::query("DELETE FROM outbox_wal_progress WHERE slot_name = $1")
+            .bind(slot.as_str())
+            .execute(&mut *conn)
+            .await
+            .map(drop)
+    })
+    .await
+}
+
 /// Records `lsn` as the relay's confirmed position for `slot` (never moving it back), on a
 /// connection of `pool`, within `timeout`; committed when it returns `Ok`.
 pub(crate) async fn save_progress(
@@ -324,15 +369,44 @@ pub(crate) async fn save_progress(
 }
 
 /// Deletes the table rows the relay read from the log and published, on a connection of
-/// `pool`, within `timeout`.
+/// `pool`, within `timeout`; returns the ids deleted.
 pub(crate) async fn delete_relayed(
     pool: &PgPool,
     rows: &[Uuid],
     timeout: Duration,
-) -> Result<u64, sqlx::Error> {
+) -> Result<Vec<Uuid>, sqlx::Error> {
     within(timeout, async {
         let mut conn = pool.acquire().await?;
         outbox::store::delete_by_ids(&mut conn, rows).await
+    })
+    .await
+}
+
+/// Whether every transaction of `xids` (32-bit ids, as the log gives them, of transactions
+/// the log shows committed) is visible to a statement that starts now: a committed
+/// transaction's rows stay invisible until its backend finishes committing, which can come
+/// well after the log has it (a commit waiting for a synchronous standby). A 32-bit id is
+/// widened with the epoch of the current snapshot (or the one before, for an id above the
+/// snapshot's).
+pub(crate) async fn transactions_visible(
+    pool: &PgPool,
+    xids: &[u32],
+    timeout: Duration,
+) -> Result<bool, sqlx::Error> {
+    let xids: Vec<i64> = xids.iter().map(|x| i64::from(*x)).collect();
+    within(timeout, async {
+        let mut conn = pool.acquire().await?;
+        sqlx::query_scalar(
+            "SELECT coalesce(bool_and(pg_visible_in_snapshot(
+                        (((pg_snapshot_xmax(s)::text::bigint >> 32) << 32) + x
+                          - CASE WHEN x >= (pg_snapshot_xmax(s)::text::bigint & 4294967295)
+                                 THEN 4294967296 ELSE 0 END)::text::xid8,
+                        s)), true)
+             FROM pg_current_snapshot() AS s, unnest($1::bigint[]) AS x",
+        )
+        .bind(&xids)
+        .fetch_one(&mut *conn)
+        .await
     })
     .await
 }
