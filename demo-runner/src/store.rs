@@ -118,6 +118,13 @@ pub(crate) async fn slot_position(
     .await
 }
 
+/// The end of the log now, in bytes from its start.
+pub(crate) async fn current_wal_position(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0')::bigint")
+        .fetch_one(conn)
+        .await
+}
+
 /// The `limit` oldest rows of `outbox_message` not published (by the table relay) or not
 /// deleted (by the WAL relay): id, seq, partition key, age in seconds.
 pub(crate) async fn oldest_unpublished(

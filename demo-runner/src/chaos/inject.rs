@@ -75,9 +75,10 @@ async fn stream_last_sequence(stack: &Stack) -> anyhow::Result<u64> {
 /// and its own record) once no walsender streams the slot any more (the killed relay's
 /// walsender notices the lost connection and lets go).
 async fn released_slot_position(stack: &Stack, relay: Relay) -> anyhow::Result<i64> {
-    let (pool, slot) = match relay {
-        Relay::Order => (&stack.db.orders, ORDER_SLOT),
-        Relay::Inventory => (&stack.db.inventory, INVENTORY_SLOT),
+    let pool = relay_database(stack, relay);
+    let slot = match relay {
+        Relay::Order => ORDER_SLOT,
+        Relay::Inventory => INVENTORY_SLOT,
     };
     testkit::wait_for(
         Duration::from_secs(30),
@@ -93,6 +94,14 @@ async fn released_slot_position(stack: &Stack, relay: Relay) -> anyhow::Result<i
     )
     .await
     .map_err(Into::into)
+}
+
+/// The database `relay` reads.
+fn relay_database(stack: &Stack, relay: Relay) -> &sqlx::PgPool {
+    match relay {
+        Relay::Order => &stack.db.orders,
+        Relay::Inventory => &stack.db.inventory,
+    }
 }
 
 /// The name of `relay`'s outbox in the stream check.
@@ -156,6 +165,10 @@ async fn inject(stack: &mut Stack, fault: Fault) -> anyhow::Result<Option<Resend
                 println!("chaos:   (the stream did not grow: killing it idle)");
             }
             process(stack, relay).kill()?;
+            let killed_at_lsn = {
+                let mut conn = relay_database(stack, relay).acquire().await?;
+                store::current_wal_position(&mut conn).await?
+            };
             let confirmed_lsn = released_slot_position(stack, relay).await?;
             println!("chaos:   it had confirmed up to LSN {confirmed_lsn}");
             tokio::time::sleep(down).await;
@@ -165,6 +178,7 @@ async fn inject(stack: &mut Stack, fault: Fault) -> anyhow::Result<Option<Resend
             return Ok(Some(ResendAllowance {
                 outbox: outbox_of(relay),
                 confirmed_lsn,
+                killed_at_lsn,
                 stream_seq_at_restart,
             }));
         }

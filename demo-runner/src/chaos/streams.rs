@@ -48,6 +48,9 @@ pub struct ResendAllowance {
     /// The relay's confirmed position (the greater of its slot's and its own record, where
     /// it resumes) once the killed relay had let go of the slot.
     pub confirmed_lsn: i64,
+    /// The end of the log just after the relay was killed: it cannot have read anything
+    /// committed later.
+    pub killed_at_lsn: i64,
     /// The stream's last sequence just before the relay was restarted.
     pub stream_seq_at_restart: u64,
 }
@@ -171,7 +174,9 @@ pub fn check_stream_contents(
         let resent = resends.is_some_and(|allowed| {
             by_id.get(id).is_some_and(|row| {
                 row.outbox == allowed.outbox
-                    && row.end_lsn.is_some_and(|end| end > allowed.confirmed_lsn)
+                    && row.end_lsn.is_some_and(|end| {
+                        end > allowed.confirmed_lsn && end <= allowed.killed_at_lsn
+                    })
             }) && at.len() == 2
                 && at[0].seq <= allowed.stream_seq_at_restart
                 && at[1].seq > allowed.stream_seq_at_restart
@@ -545,15 +550,17 @@ mod tests {
             witnessed("orders", 1, 100),
             witnessed("orders", 2, 200),
             witnessed("inventory", 1, 300),
+            witnessed("orders", 3, 400),
         ];
         let allowed = ResendAllowance {
             outbox: "orders",
             confirmed_lsn: 150,
+            killed_at_lsn: 250,
             stream_seq_at_restart: 3,
         };
         let faithful: Vec<StreamEntry> =
             vec![entry(1, &rows[0]), entry(2, &rows[1]), entry(3, &rows[2])];
-        let found = check_stream_contents(&rows, &[], &faithful, Some(allowed));
+        let found = check_stream_contents(&rows[..3], &[], &faithful, Some(allowed));
         assert!(
             found.clean(),
             "no PubAck is expected of witnessed rows: {found:?}"
@@ -563,19 +570,24 @@ mod tests {
         // re-send. Seq 1 was confirmed, and the inventory relay was not down: duplicates.
         let mut entries = faithful.clone();
         entries.push(entry(4, &rows[1]));
-        let found = check_stream_contents(&rows, &[], &entries, Some(allowed));
+        let found = check_stream_contents(&rows[..3], &[], &entries, Some(allowed));
         assert_eq!((found.resends, found.dups), (1, 0), "{found:?}");
         assert!(found.clean());
         entries.push(entry(5, &rows[0]));
         entries.push(entry(6, &rows[2]));
-        let found = check_stream_contents(&rows, &[], &entries, Some(allowed));
+        let found = check_stream_contents(&rows[..3], &[], &entries, Some(allowed));
         assert_eq!((found.resends, found.dups), (1, 2), "{found:?}");
+        // Seq 3 committed after the kill: the relay never read it before, so a copy of it
+        // before the restart and another after is a duplicate, not a re-send.
+        let late = vec![entry(1, &rows[3]), entry(4, &rows[3])];
+        let found = check_stream_contents(&rows[3..], &[], &late, Some(allowed));
+        assert_eq!((found.resends, found.dups), (0, 1), "{found:?}");
         // A copy stored before the restart is no re-send of it either.
         let early = vec![entry(1, &rows[0]), entry(2, &rows[1]), entry(3, &rows[1])];
         let found = check_stream_contents(&rows[..2], &[], &early, Some(allowed));
         assert_eq!((found.resends, found.dups), (0, 1), "{found:?}");
         // Without an allowance every copy is a duplicate.
-        let found = check_stream_contents(&rows, &[], &entries, None);
+        let found = check_stream_contents(&rows[..3], &[], &entries, None);
         assert_eq!((found.resends, found.dups), (0, 3), "{found:?}");
     }
 }
