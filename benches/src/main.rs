@@ -190,6 +190,10 @@ struct BacklogArgs {
     source: String,
 }
 
+/// The relay runs in this process: it allocates as the `relay` daemon does (mimalloc).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

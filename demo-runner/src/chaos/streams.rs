@@ -546,7 +546,7 @@ mod tests {
             end_lsn: Some(end_lsn),
             ..row(outbox, seq, "k", 0)
         };
-        let rows = vec![
+        let rows = [
             witnessed("orders", 1, 100),
             witnessed("orders", 2, 200),
             witnessed("inventory", 1, 300),
