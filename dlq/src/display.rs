@@ -1,5 +1,7 @@
-//! Text for the operator's terminal: dead letters carry whatever a hostile or broken producer
-//! put in them, so control characters are shown as escapes, never sent to the terminal.
+//! Text for the operator's terminal or page: dead letters carry whatever a hostile or broken
+//! producer put in them, so control characters are shown as escapes, never sent to the
+//! terminal (the `dlq` CLI) or left to hide and reorder text (the console, which also
+//! HTML-escapes).
 //!
 //! `--json` output does not go through here: serde_json escapes C0 control characters itself
 //! and the decoded strings stay exact.
@@ -14,12 +16,12 @@ use std::fmt::Write;
 /// character, so nothing in it is interpreted by a terminal; text without them is returned
 /// unchanged. Escapes: `\n`, `\r`, `\t`, `\x1b` for other ASCII controls, `\u{9b}` for the
 /// rest. Backslashes are not escaped (`--json` is the exact form).
-pub(crate) fn line(text: &str) -> String {
+pub fn line(text: &str) -> String {
     escape(text, false)
 }
 
 /// Like [`line`], but keeps line breaks (`\n`) and tabs: for a multi-line payload.
-pub(crate) fn block(text: &str) -> String {
+pub fn block(text: &str) -> String {
     escape(text, true)
 }
 

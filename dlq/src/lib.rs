@@ -8,6 +8,10 @@
 //! - [`reason`]: the `dead_letter.reason` values the toolkit writes, as constants.
 //! - [`DeadLetter`]: a parked message as written; [`Source`]: who parked it.
 //! - [`retry_to_outbox`]: a relay dead letter goes back to the outbox.
+//! - [`display`]: dead-letter text made inert for a terminal or a page (control and
+//!   invisible characters shown as escapes).
+//! - [`actions`]: retry and purge as the CLI and the console do them (same checks, one
+//!   transaction each).
 //!
 //! The `dlq` binary (`src/main.rs`) lists, shows, retries, purges and counts dead letters.
 //! Retry semantics: a consumer's dead letter is marked `retry_requested` and re-run by that
@@ -15,6 +19,8 @@
 //! new status; no other consumer sees it again, however long after the original publish);
 //! a relay dead letter returns to the outbox with its original id.
 
+pub mod actions;
+pub mod display;
 pub mod reason;
 pub mod store;
 

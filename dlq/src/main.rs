@@ -6,12 +6,12 @@
 //! Text output (tables, `show`, messages) escapes control characters, so a dead letter cannot
 //! drive the operator's terminal (see `display`); `--json` output is exact.
 
-mod display;
-
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use dlq::actions::{self, ActionError};
+use dlq::display;
 use dlq::store::{self, Filter, Stored};
 use sqlx::{Connection, PgConnection};
 use time::OffsetDateTime;
@@ -130,6 +130,18 @@ fn fail<T>(code: u8, message: impl Into<String>) -> Result<T, Failure> {
         code,
         message: message.into(),
     })
+}
+
+/// Exit 3 for what names nothing to act on, 1 for what failed.
+fn action_failure(e: ActionError) -> Failure {
+    let code = match e {
+        ActionError::NotFound(_) | ActionError::NotDead { .. } | ActionError::NothingMatches => 3,
+        _ => 1,
+    };
+    Failure {
+        code,
+        message: e.to_string(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -465,38 +477,17 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 );
             }
             let mut conn = connect(url).await?;
-            let mut filter = Filter {
+            let filter = Filter {
                 consumer,
                 subject,
-                status: Some("dead".into()),
+                ids: (!ids.is_empty()).then_some(ids),
                 ..Filter::default()
             };
-            if !ids.is_empty() {
-                for id in &ids {
-                    match store::get(&mut conn, *id).await? {
-                        None => return fail(3, format!("no dead letter with id {id}")),
-                        Some(l) if l.status != "dead" => {
-                            return fail(
-                                3,
-                                format!(
-                                    "dead letter {id} is {}, not dead: nothing to retry",
-                                    l.status
-                                ),
-                            );
-                        }
-                        Some(_) => {}
-                    }
-                }
-                filter.ids = Some(ids);
-            }
-            let mut tx = conn.begin().await?;
-            let letters = store::list(&mut tx, &filter, i64::MAX).await?;
-            if letters.is_empty() {
-                return fail(3, "no dead letters match");
-            }
-            let (relay, consumers): (Vec<&Stored>, Vec<&Stored>) =
-                letters.iter().partition(|l| l.source == "relay");
             if dry_run {
+                let letters = actions::retry_candidates(&mut conn, &filter)
+                    .await
+                    .map_err(action_failure)?;
+                let relay = letters.iter().filter(|l| l.source == "relay").count();
                 for l in &letters {
                     let how = if l.source == "relay" {
                         "back to the outbox"
@@ -514,27 +505,19 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                 println!(
                     "would retry {} dead letters ({} by consumers, {} back to the outbox)",
                     letters.len(),
-                    consumers.len(),
-                    relay.len()
+                    letters.len() - relay,
+                    relay
                 );
                 return Ok(());
             }
-            let consumer_ids: Vec<i64> = consumers.iter().map(|l| l.id).collect();
-            store::request_retry(&mut tx, &consumer_ids).await?;
-            for letter in &relay {
-                dlq::retry_to_outbox(&mut tx, letter)
-                    .await
-                    .map_err(|e| Failure {
-                        code: 1,
-                        message: e.to_string(),
-                    })?;
-            }
-            tx.commit().await?;
+            let retried = actions::retry(&mut conn, &filter)
+                .await
+                .map_err(action_failure)?;
             println!(
                 "retry requested for {} dead letters ({} re-run by their consumers, {} back to the outbox)",
-                letters.len(),
-                consumers.len(),
-                relay.len()
+                retried.total(),
+                retried.by_consumers,
+                retried.to_outbox
             );
             Ok(())
         }
@@ -569,7 +552,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
                     return fail(2, "purge cancelled");
                 }
             }
-            let deleted = store::purge(&mut conn, &filter).await?;
+            let deleted = actions::purge(&mut conn, &filter).await?;
             println!("purged {deleted} dead letters");
             Ok(())
         }

@@ -184,6 +184,12 @@ pub struct Filter {
     pub since: Option<time::OffsetDateTime>,
     /// Last failed before.
     pub until: Option<time::OffsetDateTime>,
+    /// This source: `relay` or `consumer`.
+    pub source: Option<String>,
+    /// This partition key.
+    pub partition_key: Option<String>,
+    /// Error chains containing this text, ignoring case.
+    pub error_text: Option<String>,
 }
 
 const FILTER: &str = "($1::bigint[] IS NULL OR id = ANY($1))
@@ -192,7 +198,10 @@ const FILTER: &str = "($1::bigint[] IS NULL OR id = ANY($1))
     AND ($4::text IS NULL OR reason = $4)
     AND ($5::text IS NULL OR status = $5)
     AND ($6::timestamptz IS NULL OR last_failed_at >= $6)
-    AND ($7::timestamptz IS NULL OR last_failed_at < $7)";
+    AND ($7::timestamptz IS NULL OR last_failed_at < $7)
+    AND ($8::text IS NULL OR source = $8)
+    AND ($9::text IS NULL OR partition_key = $9)
+    AND ($10::text IS NULL OR strpos(lower(error_chain::text), lower($10)) > 0)";
 
 macro_rules! bind_filter {
     ($query:expr, $f:expr) => {
@@ -204,6 +213,9 @@ macro_rules! bind_filter {
             .bind(&$f.status)
             .bind($f.since)
             .bind($f.until)
+            .bind(&$f.source)
+            .bind(&$f.partition_key)
+            .bind(&$f.error_text)
     };
 }
 
@@ -214,10 +226,41 @@ pub async fn list(
     limit: i64,
 ) -> Result<Vec<Stored>, sqlx::Error> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM dead_letter WHERE {FILTER} ORDER BY last_failed_at DESC, id DESC LIMIT $8"
+        "SELECT {COLUMNS} FROM dead_letter WHERE {FILTER} ORDER BY last_failed_at DESC, id DESC LIMIT $11"
     );
     bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
         .bind(limit)
+        .fetch_all(conn)
+        .await
+}
+
+/// Where a page of [`list_page`] ends: the next page starts after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The last letter's `last_failed_at`.
+    pub last_failed_at: time::OffsetDateTime,
+    /// The last letter's id.
+    pub id: i64,
+}
+
+/// Up to `limit` dead letters matching `filter`, newest failure first, after `after` (keyset
+/// pagination: the cost of a page does not grow with how deep it is, and no count is
+/// taken).
+pub async fn list_page(
+    conn: &mut PgConnection,
+    filter: &Filter,
+    after: Option<Cursor>,
+    limit: i64,
+) -> Result<Vec<Stored>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM dead_letter WHERE {FILTER}
+           AND ($12::timestamptz IS NULL OR (last_failed_at, id) < ($12, $13))
+         ORDER BY last_failed_at DESC, id DESC LIMIT $11"
+    );
+    bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
+        .bind(limit)
+        .bind(after.map(|c| c.last_failed_at))
+        .bind(after.map(|c| c.id))
         .fetch_all(conn)
         .await
 }

@@ -109,6 +109,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_wal_progress",
         sql: include_str!("../sql/0013_outbox_wal_progress.sql"),
     },
+    Migration {
+        version: 14,
+        name: "console_audit",
+        sql: include_str!("../sql/0014_console_audit.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -41,8 +41,13 @@ struct Cli {
 enum Command {
     /// Start everything, run the scenario, print a summary, check the invariants, stop.
     Run,
-    /// Start everything on ports 3001-3003 with the demo products, until ctrl-c.
-    Up,
+    /// Start everything on ports 3001-3003 with the demo products, and the operator console
+    /// on 3000 (actions allowed), until ctrl-c.
+    Up {
+        /// The console's port on 127.0.0.1.
+        #[arg(long, env = "CONSOLE_PORT", default_value_t = 3000)]
+        console_port: u16,
+    },
 }
 
 #[tokio::main]
@@ -71,7 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         relay_bin: cli.relay_bin.unwrap_or_else(|| bin_dir.join("relay")),
         bin_dir,
         ports: match cli.command {
-            Command::Up => Some([3001, 3002, 3003]),
+            Command::Up { .. } => Some([3001, 3002, 3003]),
             Command::Run => None,
         },
         payment: PaymentSimulation {
@@ -112,19 +117,55 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stopped?;
             println!("demo: ok");
         }
-        Command::Up => {
+        Command::Up { console_port } => {
             let seeded = stack.seed().await;
             if let Err(e) = seeded {
                 let _ = stack.stop().await;
                 return Err(e);
             }
+            let console = match serve_console(&stack, console_port).await {
+                Ok(console) => console,
+                Err(e) => {
+                    let _ = stack.stop().await;
+                    return Err(e);
+                }
+            };
             println!("{}", scenario::curl_examples(&stack.urls));
+            println!(
+                "demo: the operator console: http://127.0.0.1:{console_port}/ (actions allowed, payloads shown)"
+            );
             println!("demo: running; ctrl-c stops everything");
             demo_services::platform::shutdown_signal().await;
             println!("demo: stopping");
+            console.abort();
             stack.stop().await?;
             println!("demo: stopped");
         }
     }
     Ok(())
+}
+
+/// Serves the operator console for the stack's three databases on 127.0.0.1:`port`, with
+/// actions allowed and payloads shown (demo data), open access (loopback only).
+async fn serve_console(stack: &Stack, port: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let config = console::Config {
+        allow_actions: true,
+        show_payloads: true,
+        ..console::Config::new(vec![
+            console::Database::new("orders", stack.db.orders.clone()),
+            console::Database::new("inventory", stack.db.inventory.clone()),
+            console::Database::new("email", stack.db.email.clone()),
+        ])
+    };
+    let app = console::router(config).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("the console cannot listen on 127.0.0.1:{port}: {e} (set CONSOLE_PORT)")
+        })?;
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("demo: the console stopped: {e}");
+        }
+    }))
 }

@@ -1,0 +1,246 @@
+//! `POST /db/{database}/dead-letters/retry` and `.../purge`, as plain forms (no script
+//! needed), through `dlq::actions` (the code the `dlq` CLI runs).
+//!
+//! Scope `selected` names ids (`id` fields); scope `all` carries the list's filter. A purge,
+//! and any action on all matching letters, first counts what it would take and answers with
+//! a confirmation page carrying that count; the action runs only when the confirmed count
+//! is still the count (else the page is shown again with the new one), and takes what it
+//! counted: count and action share one snapshot. The action and its audit row commit
+//! together.
+
+use std::sync::Arc;
+
+use axum::extract::{Extension, Path, RawForm, State as Extract};
+use axum::http::StatusCode;
+use axum::response::Html;
+use maud::{Markup, html};
+
+use super::dead_letters::FilterParams;
+use super::{database, layout};
+use crate::error::Failure;
+use crate::security::{Actor, State};
+use crate::store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Retry,
+    Purge,
+}
+
+impl Kind {
+    fn verb(self) -> &'static str {
+        match self {
+            Kind::Retry => "retry",
+            Kind::Purge => "purge",
+        }
+    }
+}
+
+/// What the form asks to act on.
+enum Scope {
+    Selected(Vec<i64>),
+    All(FilterParams),
+}
+
+/// `POST .../retry`.
+pub(crate) async fn retry(
+    Extract(state): Extract<Arc<State>>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+    RawForm(body): RawForm,
+) -> Result<Html<String>, Failure> {
+    act(&state, &actor, &name, &body, Kind::Retry).await
+}
+
+/// `POST .../purge`.
+pub(crate) async fn purge(
+    Extract(state): Extract<Arc<State>>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+    RawForm(body): RawForm,
+) -> Result<Html<String>, Failure> {
+    act(&state, &actor, &name, &body, Kind::Purge).await
+}
+
+async fn act(
+    state: &State,
+    actor: &Actor,
+    name: &str,
+    body: &[u8],
+    kind: Kind,
+) -> Result<Html<String>, Failure> {
+    let db = database(state, name)?;
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
+    let field = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    state.check_csrf(actor, field("csrf").unwrap_or_default())?;
+    let scope = match field("scope") {
+        Some("selected") => {
+            let ids = pairs
+                .iter()
+                .filter(|(k, _)| k == "id")
+                .map(|(_, v)| {
+                    v.parse::<i64>().map_err(|_| {
+                        Failure::bad_request(format!(
+                            "{:?} is not a dead-letter id",
+                            super::inert(v)
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<i64>, Failure>>()?;
+            if ids.is_empty() {
+                return Err(Failure::bad_request("select at least one dead letter"));
+            }
+            Scope::Selected(ids)
+        }
+        Some("all") => Scope::All(FilterParams::from_pairs(&pairs)),
+        _ => return Err(Failure::bad_request("scope must be selected or all")),
+    };
+    let (filter, described) = match &scope {
+        Scope::Selected(ids) => (
+            dlq::store::Filter {
+                ids: Some(ids.clone()),
+                ..dlq::store::Filter::default()
+            },
+            format!(
+                "dead letters {}",
+                ids.iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        Scope::All(params) => (params.filter()?, params.describe()),
+    };
+    let mut tx = store::begin_snapshot(&db.pool, state.config.statement_timeout).await?;
+    let count = match kind {
+        Kind::Retry => {
+            let dead = dlq::store::Filter {
+                status: Some("dead".to_owned()),
+                ..filter.clone()
+            };
+            dlq::store::count(&mut tx, &dead).await?
+        }
+        Kind::Purge => dlq::store::count(&mut tx, &filter).await?,
+    };
+    if count == 0 {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            format!(
+                "no dead letters match ({described}): nothing to {}",
+                kind.verb()
+            ),
+        ));
+    }
+    let confirm_first = kind == Kind::Purge || matches!(scope, Scope::All(_));
+    let confirmed = field("confirm").and_then(|c| c.parse::<i64>().ok());
+    if confirm_first && confirmed != Some(count) {
+        let base = state.config.base_path.as_str();
+        let title = format!("{} · confirm", db.name);
+        let page = confirmation(
+            state, actor, &db.name, kind, &scope, &described, count, confirmed,
+        );
+        return Ok(Html(layout(state, base, &title, page).into_string()));
+    }
+    let (affected, summary) = match kind {
+        Kind::Retry => {
+            let retried = dlq::actions::retry(&mut tx, &filter)
+                .await
+                .map_err(action_failure)?;
+            (
+                retried.total() as i64,
+                format!(
+                    "Retried {} dead letters: {} re-run by their consumers, {} back to the outbox.",
+                    retried.total(),
+                    retried.by_consumers,
+                    retried.to_outbox
+                ),
+            )
+        }
+        Kind::Purge => {
+            let deleted = dlq::actions::purge(&mut tx, &filter).await? as i64;
+            (deleted, format!("Purged {deleted} dead letters."))
+        }
+    };
+    let detail = match &scope {
+        Scope::Selected(ids) => serde_json::json!({ "scope": "selected", "ids": ids }),
+        Scope::All(params) => serde_json::json!({
+            "scope": "all",
+            "filter": params.pairs().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        }),
+    };
+    store::audit(&mut tx, &actor.0, kind.verb(), &detail, affected).await?;
+    tx.commit().await?;
+    tracing::info!(actor = %actor.0, action = kind.verb(), database = %db.name, affected, "console action");
+    let base = state.config.base_path.as_str();
+    let back = format!("{base}/db/{}/dead-letters", db.name);
+    let body = html! {
+        p role="status" data-field="outcome" { (summary) }
+        p { a href=(back) { "Back to the dead letters" } }
+    };
+    let title = format!("{} · done", db.name);
+    Ok(Html(layout(state, base, &title, body).into_string()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn confirmation(
+    state: &State,
+    actor: &Actor,
+    database: &str,
+    kind: Kind,
+    scope: &Scope,
+    described: &str,
+    count: i64,
+    asked: Option<i64>,
+) -> Markup {
+    let base = state.config.base_path.as_str();
+    let here = format!("{base}/db/{database}/dead-letters");
+    let verb = match kind {
+        Kind::Retry => "Retry",
+        Kind::Purge => "Purge",
+    };
+    html! {
+        @if let Some(asked) = asked {
+            p.flag role="alert" { "The count changed since you confirmed " (asked) ": nothing was done. Confirm again." }
+        }
+        p data-field="count" { (verb) " " strong { (count) } " dead letters matching " (described) "?" }
+        @if kind == Kind::Purge {
+            p { "A purge deletes them for good." }
+        }
+        form method="post" action={ (here) "/" (kind.verb()) } {
+            input type="hidden" name="csrf" value=(state.csrf_token(actor));
+            input type="hidden" name="confirm" value=(count);
+            @match scope {
+                Scope::Selected(ids) => {
+                    input type="hidden" name="scope" value="selected";
+                    @for id in ids { input type="hidden" name="id" value=(id); }
+                }
+                Scope::All(params) => {
+                    input type="hidden" name="scope" value="all";
+                    @for (k, v) in params.pairs() { input type="hidden" name=(k) value=(v); }
+                }
+            }
+            div.actions {
+                button class=(if kind == Kind::Purge { "danger" } else { "" }) type="submit" { (verb) " " (count) }
+                a href=(here) { "Cancel" }
+            }
+        }
+    }
+}
+
+fn action_failure(e: dlq::actions::ActionError) -> Failure {
+    use dlq::actions::ActionError;
+    match e {
+        ActionError::NotFound(_) => Failure::not_found(e.to_string()),
+        ActionError::NotDead { .. } | ActionError::NothingMatches => {
+            Failure::new(StatusCode::CONFLICT, e.to_string())
+        }
+        ActionError::Rebuild(_) => Failure::new(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        ActionError::Database(e) => Failure::from(e),
+        e => Failure::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
