@@ -16,7 +16,7 @@ demo: $(DEMO_NEEDS) ## Build, start PostgreSQL, nats-server, the 3 services and 
 	$(CARGO) build --locked -q -p demo-services -p demo-runner -p outbox-toolkit-relay --bins
 	$(CARGO) run --locked -q -p demo-runner --bin demo -- run
 
-up: $(DEMO_NEEDS) ## Start the demo stack on ports 3001-3003 in the foreground (ctrl-c stops it)
+up: $(DEMO_NEEDS) ## Start the demo stack on ports 3001-3003 and the operator console on 3000, in the foreground (ctrl-c stops it)
 	$(CARGO) build --locked -q -p demo-services -p demo-runner -p outbox-toolkit-relay --bins
 	$(CARGO) run --locked -q -p demo-runner --bin demo -- up
 

@@ -154,8 +154,9 @@ async fn act(
             (
                 retried.total() as i64,
                 format!(
-                    "Retried {} dead letters: {} re-run by their consumers, {} back to the outbox.",
+                    "Retried {} dead {}: {} re-run by their consumers, {} back to the outbox.",
                     retried.total(),
+                    letters(retried.total() as i64),
                     retried.by_consumers,
                     retried.to_outbox
                 ),
@@ -163,7 +164,10 @@ async fn act(
         }
         Kind::Purge => {
             let deleted = dlq::actions::purge(&mut tx, &filter).await? as i64;
-            (deleted, format!("Purged {deleted} dead letters."))
+            (
+                deleted,
+                format!("Purged {deleted} dead {}.", letters(deleted)),
+            )
         }
     };
     let detail = match &scope {
@@ -207,7 +211,7 @@ fn confirmation(
         @if let Some(asked) = asked {
             p.flag role="alert" { "The count changed since you confirmed " (asked) ": nothing was done. Confirm again." }
         }
-        p data-field="count" { (verb) " " strong { (count) } " dead letters matching " (described) "?" }
+        p data-field="count" { (verb) " " strong { (count) } " dead " (letters(count)) " matching " (described) "?" }
         @if kind == Kind::Purge {
             p { "A purge deletes them for good." }
         }
@@ -230,6 +234,10 @@ fn confirmation(
             }
         }
     }
+}
+
+fn letters(n: i64) -> &'static str {
+    if n == 1 { "letter" } else { "letters" }
 }
 
 fn action_failure(e: dlq::actions::ActionError) -> Failure {

@@ -70,7 +70,12 @@ fn red_flags(state: &State, s: &Summary) -> Vec<String> {
         .map(|d| d.count)
         .sum();
     if dead > 0 {
-        flags.push(format!("{dead} dead letters wait for a retry or a purge"));
+        let (noun, verb) = if dead == 1 {
+            ("letter", "waits")
+        } else {
+            ("letters", "wait")
+        };
+        flags.push(format!("{dead} dead {noun} {verb} for a retry or a purge"));
     }
     flags
 }
@@ -83,15 +88,15 @@ pub(crate) async fn page(Extract(state): Extract<Arc<State>>) -> Html<String> {
         sections.push((db, summary(&state, db).await));
     }
     let body = html! {
-        @for (db, summary) in &sections {
-            section aria-labelledby={ "db-" (db.name) } {
+        div.cards { @for (db, summary) in &sections {
+            section.card aria-labelledby={ "db-" (db.name) } {
                 h2 id={ "db-" (db.name) } { (db.name) }
                 @match summary {
                     Err(e) => p.flag role="alert" { "cannot read this database: " (e.message) },
                     Ok(s) => (database_section(&state, base, db, s)),
                 }
             }
-        }
+        } }
     };
     Html(layout(&state, base, "Overview", body).into_string())
 }
