@@ -4,7 +4,7 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
-.PHONY: help tools test test-containers package lint fmt bench demo up chaos chaos-cluster fuzz
+.PHONY: help tools test test-browser test-containers package lint fmt bench demo up chaos chaos-cluster fuzz
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ tools: ## Install what is missing: PostgreSQL (apt-get when root) and nats-serve
 
 test: tools ## Install what is missing, then run every test against real PostgreSQL and nats-server
 	$(CARGO) test --workspace --locked --no-fail-fast
+
+test-browser: tools ## Install chromium and chromium-driver when missing (root), then drive the console in a headless browser over a demo stack
+	@tools/install-browser.sh
+	$(CARGO) test --locked -p demo-runner --features browser --test browser
 
 # The images test-containers runs: the local builds of tools/images.sh, or set these to images
 # Docker can pull (TESTKIT_POSTGRES_IMAGE=postgres:18 TESTKIT_NATS_IMAGE=nats:2.15.1).

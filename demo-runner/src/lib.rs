@@ -14,10 +14,12 @@
 //! - [`chaos`]: the chaos run (`chaos`): fault schedule, injection, load, checks.
 //! - [`logs`]: reading the services' JSON log files (trace ids, line counts).
 //! - [`client`]: the one HTTP/1.1 JSON client (the runner and the tests use it).
+//! - [`console`]: the operator console over the stack's databases, served in-process.
 //! - [`store`]: the runner's SQL (recreating the demo databases, reading outbox rows).
 
 pub mod chaos;
 pub mod client;
+pub mod console;
 pub mod logs;
 pub mod scenario;
 pub mod stack;

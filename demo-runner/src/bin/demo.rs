@@ -123,7 +123,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let _ = stack.stop().await;
                 return Err(e);
             }
-            let console = match serve_console(&stack, console_port).await {
+            let console = match demo_runner::console::serve(&stack, console_port).await {
                 Ok(console) => console,
                 Err(e) => {
                     let _ = stack.stop().await;
@@ -137,35 +137,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("demo: running; ctrl-c stops everything");
             demo_services::platform::shutdown_signal().await;
             println!("demo: stopping");
-            console.abort();
+            drop(console);
             stack.stop().await?;
             println!("demo: stopped");
         }
     }
     Ok(())
-}
-
-/// Serves the operator console for the stack's three databases on 127.0.0.1:`port`, with
-/// actions allowed and payloads shown (demo data), open access (loopback only).
-async fn serve_console(stack: &Stack, port: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let config = console::Config {
-        allow_actions: true,
-        show_payloads: true,
-        ..console::Config::new(vec![
-            console::Database::new("orders", stack.db.orders.clone()),
-            console::Database::new("inventory", stack.db.inventory.clone()),
-            console::Database::new("email", stack.db.email.clone()),
-        ])
-    };
-    let app = console::router(config).map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!("the console cannot listen on 127.0.0.1:{port}: {e} (set CONSOLE_PORT)")
-        })?;
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            eprintln!("demo: the console stopped: {e}");
-        }
-    }))
 }
