@@ -6,7 +6,9 @@
 //! gap is long while the commit waits for a synchronous standby. A DELETE in that gap finds
 //! nothing. So a row a DELETE does not find is looked for again once its transaction is
 //! visible; only then is a row not found taken as already gone (deleted by an earlier
-//! attempt whose reply was lost, or by hand). Until then the transaction is not confirmed.
+//! attempt whose reply was lost, or by hand). Until then the transaction is not confirmed,
+//! nor any after it; the ones before it are (the pipeline confirms the batch's prefix whose
+//! rows are all gone).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -41,7 +43,8 @@ pub(crate) enum Failure {
 }
 
 /// Deletes the rows of `batch` in statements of at most [`DELETE_CHUNK`] ids, within
-/// `timeout` each. Returns the batch with only the rows still to delete: none when `Ok`.
+/// `timeout` each. Returns the batch with only the rows still to delete: none when `Ok`;
+/// on an error, the transactions before the first with rows left are done.
 pub(crate) async fn delete_rows(
     pool: PgPool,
     mut batch: Vec<Resolved>,
@@ -60,21 +63,27 @@ pub(crate) async fn delete_rows(
         return (batch, Ok(()));
     }
     keep_undeleted(&mut batch, &ids, &deleted);
-    let xids: Vec<u32> = batch
-        .iter()
-        .filter(|t| !t.rows.is_empty() && t.xid != 0)
-        .map(|t| t.xid)
+    // Each transaction with rows not found: visible now (its rows, if any, are gone or
+    // visible to the next statement) or still committing (try it later).
+    let waiting: Vec<usize> = (0..batch.len())
+        .filter(|i| !batch[*i].rows.is_empty())
         .collect();
-    match store::transactions_visible(&pool, &xids, timeout).await {
+    let xids: Vec<u32> = waiting.iter().map(|i| batch[*i].xid).collect();
+    let visible = match store::transactions_visible(&pool, &xids, timeout).await {
+        Ok(visible) => visible,
         Err(e) => return (batch, Err(Failure::Database(e.to_string()))),
-        Ok(false) => {
-            let rows = batch.iter().map(|t| t.rows.len()).sum();
-            return (batch, Err(Failure::NotVisible(rows)));
+    };
+    let mut missing: Vec<Uuid> = Vec::new();
+    let mut invisible = 0;
+    for (i, visible) in waiting.iter().zip(&visible) {
+        // xid 0: no transaction (no rows); treated as visible.
+        if *visible || batch[*i].xid == 0 {
+            missing.append(&mut batch[*i].rows);
+        } else {
+            invisible += batch[*i].rows.len();
         }
-        Ok(true) => {}
     }
     // Visible now, so a statement from here on sees whichever of these rows still exist.
-    let missing: Vec<Uuid> = batch.iter().flat_map(|t| t.rows.iter().copied()).collect();
     match delete(&pool, &missing, timeout).await {
         Ok(deleted) => {
             if deleted.len() < missing.len() {
@@ -83,14 +92,22 @@ pub(crate) async fn delete_rows(
                     "relayed outbox rows were already deleted"
                 );
             }
-            clear(&mut batch);
-            (batch, Ok(()))
         }
         Err((deleted, e)) => {
-            keep_undeleted(&mut batch, &missing, &deleted);
-            (batch, Err(e))
+            // Put back the ones not deleted, in their transactions: simplest, all at once.
+            let deleted: HashSet<&Uuid> = deleted.iter().collect();
+            let left: Vec<Uuid> = missing
+                .into_iter()
+                .filter(|id| !deleted.contains(id))
+                .collect();
+            restore(&mut batch, &left, &waiting);
+            return (batch, Err(e));
         }
     }
+    if invisible > 0 {
+        return (batch, Err(Failure::NotVisible(invisible)));
+    }
+    (batch, Ok(()))
 }
 
 /// Deletes `ids` chunk by chunk; returns the ids deleted, with the error that stopped it.
@@ -117,6 +134,19 @@ fn keep_undeleted(batch: &mut [Resolved], ids: &[Uuid], deleted: &[Uuid]) {
     let deleted: HashSet<&Uuid> = deleted.iter().collect();
     for txn in batch {
         txn.rows.retain(|id| !deleted.contains(id));
+    }
+}
+
+/// Gives the rows of `left` (not deleted when the second delete failed part way) back to
+/// the batch: to the first of `waiting` that is now empty, the earliest transaction they
+/// can have come from. That holds back confirmation of it and of everything after it until
+/// they are deleted; nothing is confirmed early.
+fn restore(batch: &mut [Resolved], left: &[Uuid], waiting: &[usize]) {
+    if left.is_empty() {
+        return;
+    }
+    if let Some(first) = waiting.iter().find(|i| batch[**i].rows.is_empty()) {
+        batch[*first].rows.extend_from_slice(left);
     }
 }
 

@@ -39,6 +39,9 @@ use crate::config::RelayConfig;
 use crate::metrics as m;
 use crate::publisher::{Ack, PublishError, Publisher};
 
+/// How often rows the log has but a DELETE cannot see yet are looked for again.
+const INVISIBLE_ROWS_POLL: Duration = Duration::from_millis(20);
+
 /// The queue of poison messages: no partition key can be empty, so no key collides.
 const POISON_QUEUE: &str = "";
 
@@ -123,6 +126,8 @@ pub(crate) struct Pipeline<P> {
     resolved: VecDeque<Resolved>,
     confirming: bool,
     confirm_failures: u32,
+    /// Consecutive confirmations that found rows not visible yet.
+    invisible_polls: u32,
     confirmed: Option<Lsn>,
     /// See [`Pipeline::idle_position`].
     idle: Option<Lsn>,
@@ -146,6 +151,7 @@ impl<P: Publisher> Pipeline<P> {
             resolved: VecDeque::new(),
             confirming: false,
             confirm_failures: 0,
+            invisible_polls: 0,
             confirmed: None,
             idle: None,
         }
@@ -344,31 +350,44 @@ impl<P: Publisher> Pipeline<P> {
                 match result {
                     Ok(()) => {
                         self.confirm_failures = 0;
+                        self.invisible_polls = 0;
                         let lsn = batch.iter().filter_map(|t| t.end_lsn).max();
                         if lsn.is_some() {
                             self.confirmed = lsn.max(self.confirmed);
                         }
                     }
                     Err(failure) => {
-                        self.confirm_failures += 1;
-                        match failure {
+                        // The transactions before the first with rows left are done.
+                        let done = batch.iter().take_while(|t| t.rows.is_empty()).count();
+                        let lsn = batch[..done].iter().filter_map(|t| t.end_lsn).max();
+                        if lsn.is_some() {
+                            self.confirmed = lsn.max(self.confirmed);
+                        }
+                        let delay = match failure {
                             Failure::Database(e) => {
-                                tracing::warn!(error = %e, "cannot delete relayed outbox rows; retrying before confirming")
+                                self.confirm_failures += 1;
+                                tracing::warn!(error = %e, "cannot delete relayed outbox rows; retrying before confirming");
+                                self.delay(self.confirm_failures)
                             }
                             Failure::NotVisible(rows) => {
+                                // Not a failure: a commit still finishing. Look again soon (20
+                                // ms, doubling to at most 1 s while it lasts), whatever the
+                                // retry backoff is.
                                 metrics::counter!(m::WAL_INVISIBLE_ROW_WAITS).increment(1);
                                 tracing::debug!(
                                     rows,
                                     "relayed outbox rows are committed in the log but not visible yet; deleting them later, before confirming"
-                                )
+                                );
+                                self.invisible_polls += 1;
+                                (INVISIBLE_ROWS_POLL * (1 << self.invisible_polls.min(6)) / 2)
+                                    .min(Duration::from_secs(1))
                             }
-                        }
+                        };
                         // Back in front, in order; nothing is confirmed until they are gone.
-                        for txn in batch.into_iter().rev() {
+                        for txn in batch.into_iter().skip(done).rev() {
                             self.resolved.push_front(txn);
                         }
                         self.confirming = true;
-                        let delay = self.delay(self.confirm_failures);
                         self.pending.push(Box::pin(async move {
                             tokio::time::sleep(delay).await;
                             Done::ConfirmAgain

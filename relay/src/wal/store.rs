@@ -382,32 +382,45 @@ pub(crate) async fn delete_relayed(
     .await
 }
 
-/// Whether every transaction of `xids` (32-bit ids, as the log gives them, of transactions
-/// the log shows committed) is visible to a statement that starts now: a committed
+/// For each transaction of `xids` (32-bit ids, as the log gives them, of transactions the
+/// log shows committed), whether it is visible to a statement that starts now: a committed
 /// transaction's rows stay invisible until its backend finishes committing, which can come
-/// well after the log has it (a commit waiting for a synchronous standby). A 32-bit id is
-/// widened with the epoch of the current snapshot (or the one before, for an id above the
-/// snapshot's).
+/// well after the log has it (a commit waiting for a synchronous standby).
 pub(crate) async fn transactions_visible(
     pool: &PgPool,
     xids: &[u32],
     timeout: Duration,
-) -> Result<bool, sqlx::Error> {
-    let xids: Vec<i64> = xids.iter().map(|x| i64::from(*x)).collect();
+) -> Result<Vec<bool>, sqlx::Error> {
     within(timeout, async {
         let mut conn = pool.acquire().await?;
-        sqlx::query_scalar(
-            "SELECT coalesce(bool_and(pg_visible_in_snapshot(
-                        (((pg_snapshot_xmax(s)::text::bigint >> 32) << 32) + x
-                          - CASE WHEN x >= (pg_snapshot_xmax(s)::text::bigint & 4294967295)
-                                 THEN 4294967296 ELSE 0 END)::text::xid8,
-                        s)), true)
-             FROM pg_current_snapshot() AS s, unnest($1::bigint[]) AS x",
-        )
-        .bind(&xids)
-        .fetch_one(&mut *conn)
-        .await
+        visible_in(&mut conn, xids, None).await
     })
+    .await
+}
+
+/// [`transactions_visible`] against `snapshot` (`pg_snapshot` text), or the statement's own
+/// when `None`. A 32-bit id is widened to the full id nearest the snapshot's `xmax` (within
+/// 2^31 either way, by signed 32-bit distance): a transaction still committing can be at or
+/// above `xmax` (latest completed + 1), and one from before an epoch boundary below it.
+async fn visible_in(
+    conn: &mut PgConnection,
+    xids: &[u32],
+    snapshot: Option<&str>,
+) -> Result<Vec<bool>, sqlx::Error> {
+    let xids: Vec<i64> = xids.iter().map(|x| i64::from(*x)).collect();
+    sqlx::query_scalar(
+        "SELECT pg_visible_in_snapshot(
+                    (r + (((x - (r & 4294967295)) % 4294967296 + 4294967296 + 2147483648)
+                          % 4294967296) - 2147483648)::text::xid8,
+                    s)
+         FROM (SELECT coalesce($2::text::pg_snapshot, pg_current_snapshot()) AS s) AS snap
+         CROSS JOIN LATERAL (SELECT pg_snapshot_xmax(snap.s)::text::bigint AS r) AS reference
+         CROSS JOIN unnest($1::bigint[]) WITH ORDINALITY AS u(x, n)
+         ORDER BY n",
+    )
+    .bind(&xids)
+    .bind(snapshot)
+    .fetch_all(&mut *conn)
     .await
 }
 
@@ -440,4 +453,36 @@ pub(crate) async fn record_dead_letter(
         dlq::store::record(&mut conn, letter).await.map(drop)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In epoch 1 (ids above 2^32), with transaction 2^32+103 in progress and 2^32+105 the
+    /// next to complete: an id at or above `xmax` is not visible (it is still committing),
+    /// nor one in progress; the ones before, and one from the end of epoch 0, are.
+    #[tokio::test]
+    async fn ids_are_widened_by_their_distance_to_the_snapshot() {
+        let pg = testkit::Postgres::start().await.expect("PostgreSQL");
+        let url = pg.fresh_database().await.expect("db");
+        let mut conn = <PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .expect("connect");
+        let snapshot = "4294967396:4294967401:4294967399";
+        let cases: [(u32, bool); 6] = [
+            (102, true),
+            (103, false),
+            (104, true),
+            (105, false),
+            (200, false),
+            (u32::MAX, true),
+        ];
+        let xids: Vec<u32> = cases.iter().map(|(x, _)| *x).collect();
+        let visible = visible_in(&mut conn, &xids, Some(snapshot))
+            .await
+            .expect("query");
+        let expected: Vec<bool> = cases.iter().map(|(_, v)| *v).collect();
+        assert_eq!(visible, expected, "for {xids:?}");
+    }
 }
