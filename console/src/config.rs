@@ -63,6 +63,10 @@ pub struct Config {
     pub duplicate_window: Duration,
     /// Dead letters per page.
     pub page_size: i64,
+    /// The host names the console answers to (the `Host` header, port aside). Empty: with
+    /// [`Access::Open`], loopback names only (`localhost`, `127.0.0.1`, `[::1]`), so that a
+    /// page on another site cannot reach it through DNS rebinding; with authentication, any.
+    pub allowed_hosts: Vec<String>,
     /// Where the router is mounted (`/console` for `Router::nest("/console", ..)`), for the
     /// links it renders; empty at the root.
     pub base_path: String,
@@ -83,6 +87,7 @@ impl Config {
             lease_ttl: Duration::from_secs(5),
             duplicate_window: Duration::from_secs(120),
             page_size: 50,
+            allowed_hosts: Vec::new(),
             base_path: String::new(),
             csrf_secret: None,
         }

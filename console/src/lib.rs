@@ -21,8 +21,12 @@
 //!   the console's own host; anything else is refused (403) and changes nothing.
 //! - Every action is written to `console_audit` (who, what, how many) in the action's own
 //!   transaction: no action without its audit row.
-//! - "All matching" actions re-run the filter and show the count before acting; an action
-//!   confirmed for a count that has changed since is shown again, not taken.
+//! - "All matching" actions (and every purge) re-run the filter and show the count before
+//!   acting; an action confirmed for a count that has changed since is shown again, not
+//!   taken, and a confirmed one takes only the letters counted (none parked after). At most
+//!   10 000 letters per action.
+//! - An unauthenticated console answers only to loopback host names (or to
+//!   [`Config::allowed_hosts`]): no other site reaches it by DNS rebinding.
 //! - Every query runs under [`Config::statement_timeout`].
 //! - Dead-letter content (subjects, headers, payloads, errors) is HTML-escaped and its
 //!   control and invisible characters shown as escapes; payloads are hidden unless

@@ -44,6 +44,10 @@ struct Cli {
     /// The stream's duplicate window, in seconds (an older unpublished row is flagged).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     duplicate_window_secs: u64,
+    /// A host name the console answers to (repeat for several). Without any, an
+    /// unauthenticated console answers to localhost names only (DNS rebinding).
+    #[arg(long = "public-host", value_name = "NAME")]
+    public_hosts: Vec<String>,
     /// Where the console is reached under a proxy's path (e.g. /console).
     #[arg(long, default_value = "")]
     base_path: String,
@@ -199,6 +203,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
         lease_ttl: Duration::from_secs(cli.lease_ttl_secs),
         duplicate_window: Duration::from_secs(cli.duplicate_window_secs),
         base_path: cli.base_path.clone(),
+        allowed_hosts: cli.public_hosts.clone(),
         ..Config::new(databases)
     })
 }

@@ -67,6 +67,9 @@ pub(crate) async fn guard(
     mut request: Request<Body>,
     next: Next,
 ) -> Response {
+    if let Err(failure) = check_host(&state.config, request.headers()) {
+        return failure.into_response();
+    }
     let actor = match authenticate(&state.config.access, request.headers()) {
         Ok(actor) => actor,
         Err(response) => return *response,
@@ -159,6 +162,48 @@ fn authenticate(access: &Access, headers: &HeaderMap) -> Result<Actor, Box<Respo
     }
 }
 
+/// The `Host` must be one the console answers to (see [`Config::allowed_hosts`]): a page
+/// of another site whose name is made to resolve to the console's address (DNS rebinding)
+/// sends its own name, and is refused before it can read a page or a token.
+fn check_host(config: &Config, headers: &HeaderMap) -> Result<(), Failure> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let name = host_name(host);
+    let allowed = if !config.allowed_hosts.is_empty() {
+        config
+            .allowed_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+    } else if config.access == Access::Open {
+        name.eq_ignore_ascii_case("localhost")
+            || name == "[::1]"
+            || name
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    } else {
+        true
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Failure::forbidden(format!(
+            "host {:?} is not one this console answers to: reach it as localhost, or start it with --public-host {}",
+            dlq::display::line(host),
+            dlq::display::line(name)
+        )))
+    }
+}
+
+/// `host` without its port: `console.example`, `127.0.0.1`, `[::1]`.
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
 /// A POST must come from a page of this host: its `Origin` (or, without one, its
 /// `Referer`) names the host the request was sent to.
 fn check_origin(headers: &HeaderMap) -> Result<(), Failure> {
@@ -242,6 +287,35 @@ mod tests {
                 Err(StatusCode::FORBIDDEN)
             );
         }
+    }
+
+    #[test]
+    fn an_open_console_answers_to_loopback_names_only() {
+        let open = Config::new(Vec::new());
+        let host = |h: &str| headers(&[("host", h)]);
+        for ok in [
+            "localhost:3000",
+            "127.0.0.1:3000",
+            "127.0.0.2",
+            "[::1]:3000",
+            "LOCALHOST",
+        ] {
+            assert!(check_host(&open, &host(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "evil.example:3000",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "",
+        ] {
+            assert!(check_host(&open, &host(bad)).is_err(), "{bad}");
+        }
+        let public = Config {
+            allowed_hosts: vec!["console.example".into()],
+            ..Config::new(Vec::new())
+        };
+        assert!(check_host(&public, &host("console.example:8443")).is_ok());
+        assert!(check_host(&public, &host("localhost:3000")).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use testkit::Postgres;
 use tower::ServiceExt;
 
-const HOST: &str = "console.test";
+const HOST: &str = "127.0.0.1:3000";
 
 struct Db {
     _pg: Postgres,
@@ -460,16 +460,28 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         )
         .await;
     }
-    let purge_all = |confirm: Option<&str>| {
+    let purge_all = |confirm: Option<(&str, &str)>| {
         let mut fields = vec![
             ("csrf", token.as_str()),
             ("scope", "all"),
             ("reason", "decode"),
         ];
-        if let Some(c) = confirm {
-            fields.push(("confirm", c));
+        if let Some((count, max_id)) = confirm {
+            fields.push(("confirm", count));
+            fields.push(("max_id", max_id));
         }
         auth(form("/db/orders/dead-letters/purge", &fields))
+    };
+    let max_id_of = |page: &str| {
+        let at = page.find(r#"name="max_id" value=""#).expect("max_id")
+            + r#"name="max_id" value=""#.len();
+        page[at..at + page[at..].find('"').expect("end")].to_owned()
+    };
+    let decode_left = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letter WHERE reason = 'decode'")
+            .fetch_one(&db.pool)
+            .await
+            .expect("count")
     };
     let (status, page) = send(&app, purge_all(None)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
@@ -477,29 +489,47 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         page.contains("Purge <strong>4</strong> dead letters matching reason = decode"),
         "{page}"
     );
-    record(
-        &db.pool,
-        &letter(Source::Consumer, "billing", "decode", 20, b"{}"),
-    )
-    .await;
-    let (_, page) = send(&app, purge_all(Some("4"))).await;
+    let shown = max_id_of(&page);
+    // Meanwhile one of those is purged elsewhere and two new ones arrive: the count of what
+    // was shown changed, so nothing is done and the new count is asked for.
+    sqlx::query("DELETE FROM dead_letter WHERE id = (SELECT min(id) FROM dead_letter WHERE reason = 'decode')")
+        .execute(&db.pool)
+        .await
+        .expect("purged elsewhere");
+    for n in [20, 21] {
+        record(
+            &db.pool,
+            &letter(Source::Consumer, "billing", "decode", n, b"{}"),
+        )
+        .await;
+    }
+    let (_, page) = send(&app, purge_all(Some(("4", &shown)))).await;
     assert!(
         page.contains("The count changed since you confirmed 4")
             && page.contains("<strong>5</strong>"),
         "{page}"
     );
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letter WHERE reason = 'decode'")
-        .fetch_one(&db.pool)
-        .await
-        .expect("count");
-    assert_eq!(left, 5, "nothing purged on a stale count");
-    let (_, page) = send(&app, purge_all(Some("5"))).await;
+    assert_eq!(decode_left().await, 5, "nothing purged on a changed count");
+    // A letter that arrives after the count is not taken by its confirmation.
+    let shown = max_id_of(&page);
+    record(
+        &db.pool,
+        &letter(Source::Consumer, "billing", "decode", 22, b"{}"),
+    )
+    .await;
+    let (_, page) = send(&app, purge_all(Some(("5", &shown)))).await;
     assert!(page.contains("Purged 5 dead letters."), "{page}");
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letter WHERE reason = 'decode'")
-        .fetch_one(&db.pool)
-        .await
-        .expect("count");
-    assert_eq!(left, 0);
+    assert_eq!(decode_left().await, 1, "the letter that came later stays");
+    // Retrying "all" with a status other than dead is refused.
+    let (status, body) = send(
+        &app,
+        auth(form(
+            "/db/orders/dead-letters/retry",
+            &[("csrf", &token), ("scope", "all"), ("status", "retried")],
+        )),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(
         audit_rows(&db.pool).await,
         [
@@ -703,4 +733,51 @@ async fn a_bad_configuration_is_refused() {
         })
         .contains("base path")
     );
+}
+
+/// DNS rebinding: a page of another site whose name resolves to the console's address sends
+/// its own name as `Host`. An open console answers only to loopback names (or to the hosts
+/// it is told to), so such a page reads nothing and gets no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_sites_name_as_host_is_refused() {
+    let db = db().await;
+    let app = app(config(&db.pool));
+    let rebound = |path: &str| {
+        Request::get(path)
+            .header(header::HOST, "rebind.attacker.example:3000")
+            .body(Body::empty())
+            .expect("request")
+    };
+    for path in ["/", "/db/orders/dead-letters"] {
+        let (status, body) = send(&app, rebound(path)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {body}");
+        assert!(
+            !body.contains("csrf") && body.contains("--public-host"),
+            "{body}"
+        );
+    }
+    let (status, _) = send(
+        &app,
+        Request::get("/")
+            .header(header::HOST, "localhost:3000")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let public = self::app(Config {
+        allowed_hosts: vec!["console.example".into()],
+        ..config(&db.pool)
+    });
+    let (status, _) = send(
+        &public,
+        Request::get("/")
+            .header(header::HOST, "console.example")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(&public, rebound("/")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
 }

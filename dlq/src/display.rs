@@ -20,7 +20,7 @@ pub fn line(text: &str) -> String {
     escape(text, false)
 }
 
-/// Like [`line`], but keeps line breaks (`\n`) and tabs: for a multi-line payload.
+/// Like [`line()`], but keeps line breaks (`\n`) and tabs: for a multi-line payload.
 pub fn block(text: &str) -> String {
     escape(text, true)
 }

@@ -190,6 +190,9 @@ pub struct Filter {
     pub partition_key: Option<String>,
     /// Error chains containing this text, ignoring case.
     pub error_text: Option<String>,
+    /// Ids up to this one (what existed when a count was shown: later letters have higher
+    /// ids).
+    pub max_id: Option<i64>,
 }
 
 const FILTER: &str = "($1::bigint[] IS NULL OR id = ANY($1))
@@ -201,7 +204,8 @@ const FILTER: &str = "($1::bigint[] IS NULL OR id = ANY($1))
     AND ($7::timestamptz IS NULL OR last_failed_at < $7)
     AND ($8::text IS NULL OR source = $8)
     AND ($9::text IS NULL OR partition_key = $9)
-    AND ($10::text IS NULL OR strpos(lower(error_chain::text), lower($10)) > 0)";
+    AND ($10::text IS NULL OR strpos(lower(error_chain::text), lower($10)) > 0)
+    AND ($11::bigint IS NULL OR id <= $11)";
 
 macro_rules! bind_filter {
     ($query:expr, $f:expr) => {
@@ -216,6 +220,7 @@ macro_rules! bind_filter {
             .bind(&$f.source)
             .bind(&$f.partition_key)
             .bind(&$f.error_text)
+            .bind($f.max_id)
     };
 }
 
@@ -226,7 +231,7 @@ pub async fn list(
     limit: i64,
 ) -> Result<Vec<Stored>, sqlx::Error> {
     let sql = format!(
-        "SELECT {COLUMNS} FROM dead_letter WHERE {FILTER} ORDER BY last_failed_at DESC, id DESC LIMIT $11"
+        "SELECT {COLUMNS} FROM dead_letter WHERE {FILTER} ORDER BY last_failed_at DESC, id DESC LIMIT $12"
     );
     bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
         .bind(limit)
@@ -254,8 +259,8 @@ pub async fn list_page(
 ) -> Result<Vec<Stored>, sqlx::Error> {
     let sql = format!(
         "SELECT {COLUMNS} FROM dead_letter WHERE {FILTER}
-           AND ($12::timestamptz IS NULL OR (last_failed_at, id) < ($12, $13))
-         ORDER BY last_failed_at DESC, id DESC LIMIT $11"
+           AND ($13::timestamptz IS NULL OR (last_failed_at, id) < ($13, $14))
+         ORDER BY last_failed_at DESC, id DESC LIMIT $12"
     );
     bind_filter!(sqlx::query_as(sqlx::AssertSqlSafe(sql)), filter)
         .bind(limit)
@@ -287,6 +292,14 @@ pub async fn purge(conn: &mut PgConnection, filter: &Filter) -> Result<u64, sqlx
 /// Counts the dead letters matching `filter`.
 pub async fn count(conn: &mut PgConnection, filter: &Filter) -> Result<i64, sqlx::Error> {
     let sql = format!("SELECT count(*) FROM dead_letter WHERE {FILTER}");
+    bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter)
+        .fetch_one(conn)
+        .await
+}
+
+/// The highest id matching `filter`, if any.
+pub async fn max_id(conn: &mut PgConnection, filter: &Filter) -> Result<Option<i64>, sqlx::Error> {
+    let sql = format!("SELECT max(id) FROM dead_letter WHERE {FILTER}");
     bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter)
         .fetch_one(conn)
         .await

@@ -21,6 +21,10 @@ use crate::error::Failure;
 use crate::security::{Actor, State};
 use crate::store;
 
+/// The most letters one action takes: beyond that, narrow the filter (one action is one
+/// transaction, and holds its snapshot while it runs).
+const MAX_PER_ACTION: i64 = 10_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Retry,
@@ -100,7 +104,14 @@ async fn act(
         Some("all") => Scope::All(FilterParams::from_pairs(&pairs)),
         _ => return Err(Failure::bad_request("scope must be selected or all")),
     };
-    let (filter, described) = match &scope {
+    if let (Kind::Retry, Scope::All(params)) = (kind, &scope)
+        && !matches!(params.status.trim(), "" | "dead")
+    {
+        return Err(Failure::bad_request(
+            "only dead letters can be retried: filter by status dead (or none)",
+        ));
+    }
+    let (mut filter, described) = match &scope {
         Scope::Selected(ids) => (
             dlq::store::Filter {
                 ids: Some(ids.clone()),
@@ -116,17 +127,15 @@ async fn act(
         ),
         Scope::All(params) => (params.filter()?, params.describe()),
     };
+    if kind == Kind::Retry {
+        filter.status = Some("dead".to_owned());
+    }
+    let confirmed = field("confirm").and_then(|c| c.parse::<i64>().ok());
+    // What the confirmation was for: the letters that existed when it was counted.
+    let confirmed_max = field("max_id").and_then(|m| m.parse::<i64>().ok());
     let mut tx = store::begin_snapshot(&db.pool, state.config.statement_timeout).await?;
-    let count = match kind {
-        Kind::Retry => {
-            let dead = dlq::store::Filter {
-                status: Some("dead".to_owned()),
-                ..filter.clone()
-            };
-            dlq::store::count(&mut tx, &dead).await?
-        }
-        Kind::Purge => dlq::store::count(&mut tx, &filter).await?,
-    };
+    filter.max_id = confirmed_max.filter(|_| confirmed.is_some());
+    let mut count = dlq::store::count(&mut tx, &filter).await?;
     if count == 0 {
         return Err(Failure::new(
             StatusCode::CONFLICT,
@@ -136,13 +145,31 @@ async fn act(
             ),
         ));
     }
+    if count > MAX_PER_ACTION {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            format!(
+                "{count} dead letters match ({described}); one action takes at most {MAX_PER_ACTION}: narrow the filter (by time, reason or consumer)"
+            ),
+        ));
+    }
     let confirm_first = kind == Kind::Purge || matches!(scope, Scope::All(_));
-    let confirmed = field("confirm").and_then(|c| c.parse::<i64>().ok());
     if confirm_first && confirmed != Some(count) {
+        // Counted afresh, up to the highest id now: the next confirmation acts on these.
+        filter.max_id = None;
+        count = dlq::store::count(&mut tx, &filter).await?;
+        let max_id = dlq::store::max_id(&mut tx, &filter).await?.unwrap_or(0);
         let base = state.config.base_path.as_str();
         let title = format!("{} · confirm", db.name);
         let page = confirmation(
-            state, actor, &db.name, kind, &scope, &described, count, confirmed,
+            state,
+            actor,
+            &db.name,
+            kind,
+            &scope,
+            &described,
+            (count, max_id),
+            confirmed,
         );
         return Ok(Html(layout(state, base, &title, page).into_string()));
     }
@@ -175,6 +202,7 @@ async fn act(
         Scope::All(params) => serde_json::json!({
             "scope": "all",
             "filter": params.pairs().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "max_id": filter.max_id,
         }),
     };
     store::audit(&mut tx, &actor.0, kind.verb(), &detail, affected).await?;
@@ -198,7 +226,7 @@ fn confirmation(
     kind: Kind,
     scope: &Scope,
     described: &str,
-    count: i64,
+    (count, max_id): (i64, i64),
     asked: Option<i64>,
 ) -> Markup {
     let base = state.config.base_path.as_str();
@@ -218,6 +246,7 @@ fn confirmation(
         form method="post" action={ (here) "/" (kind.verb()) } {
             input type="hidden" name="csrf" value=(state.csrf_token(actor));
             input type="hidden" name="confirm" value=(count);
+            input type="hidden" name="max_id" value=(max_id);
             @match scope {
                 Scope::Selected(ids) => {
                     input type="hidden" name="scope" value="selected";

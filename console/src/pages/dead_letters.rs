@@ -84,6 +84,7 @@ impl FilterParams {
             until: parse_time("until", &self.until)?,
             error_text: text(&self.error),
             ids: None,
+            max_id: None,
         })
     }
 
