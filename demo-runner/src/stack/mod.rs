@@ -456,6 +456,16 @@ impl Stack {
                 // Published rows are kept an hour (the relay's default, pinned): the chaos
                 // run's stream check reads them (`id`, `seq`, `stream`, `stream_seq`).
                 ("RELAY_RETENTION", "1h"),
+                // WAL runs use a 20 s duplicate window: a retry chain backing off to the
+                // default 30 s during a broker pause would outlast it and store a legitimate
+                // retry twice. Keep each pause well inside the window.
+                (
+                    "RELAY_RETRY_MAX_DELAY",
+                    match options.source {
+                        Source::Wal => "2s",
+                        Source::Table => "30s",
+                    },
+                ),
                 ("RUST_LOG", "info"),
             ])
         };
