@@ -217,3 +217,41 @@ fn redact(spec: &str) -> String {
         _ => spec.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag the console's table in docs/operations.md names is one the binary has.
+    #[test]
+    fn the_operations_table_names_real_flags() {
+        let docs = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operations.md"
+        ))
+        .expect("docs/operations.md");
+        let start = docs
+            .find("## The operator console")
+            .expect("the console section");
+        let section = &docs[start..];
+        let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+        let cli = Cli::command();
+        let mut checked = 0;
+        for line in section.lines().filter(|l| l.starts_with("| `--")) {
+            let cell = line.split('|').nth(1).unwrap_or_default();
+            for flag in cell.split('`').filter_map(|p| p.strip_prefix("--")) {
+                let name = flag.split_whitespace().next().unwrap_or_default();
+                assert!(
+                    cli.get_arguments().any(|a| a.get_long() == Some(name)),
+                    "docs name --{name}, which `console` does not have"
+                );
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 10,
+            "the table was found ({checked} flags checked)"
+        );
+    }
+}
