@@ -97,16 +97,26 @@ impl Default for RelayConfig {
     }
 }
 
-/// `relay-<hostname>-<pid>-<4 hex>`: unique enough that two processes never share it.
+/// `relay-<hostname>-<pid>-<4 hex>` (with `-<n>` for the n-th further id of one process):
+/// unique enough that two processes, or two relays of one process, never share it.
 pub fn default_instance_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "host".to_owned());
-    // The random bits of a UUIDv7 (its last bytes).
+    // The random bits of a UUIDv7 (its last bytes) tell apart restarts with the same pid
+    // (pid 1 in a container); a count of the ids this process made tells apart relays of one
+    // process (two UUIDv7s of one millisecond can share their last bytes).
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let random = uuid::Uuid::now_v7().as_u128() as u16;
-    format!("relay-{host}-{}-{random:04x}", std::process::id())
+    let pid = std::process::id();
+    if made == 0 {
+        format!("relay-{host}-{pid}-{random:04x}")
+    } else {
+        format!("relay-{host}-{pid}-{random:04x}-{made}")
+    }
 }
 
 impl RelayConfig {
@@ -235,6 +245,9 @@ mod tests {
 
     #[test]
     fn default_instance_ids_differ() {
-        assert_ne!(default_instance_id(), default_instance_id());
+        // Many in a row, most within one millisecond.
+        let ids: std::collections::HashSet<String> =
+            (0..1000).map(|_| default_instance_id()).collect();
+        assert_eq!(ids.len(), 1000);
     }
 }
