@@ -94,7 +94,7 @@ pub(crate) async fn delete_rows(
             }
         }
         Err((deleted, e)) => {
-            // Put back the ones not deleted, in their transactions: simplest, all at once.
+            // Put back the ones not deleted (see `restore`).
             let deleted: HashSet<&Uuid> = deleted.iter().collect();
             let left: Vec<Uuid> = missing
                 .into_iter()
