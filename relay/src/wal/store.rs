@@ -141,31 +141,16 @@ const RELAY_PRIVILEGES: &[(&str, &str)] = &[
 /// its first use and be retried forever, holding back confirmation while WAL piles up.
 pub async fn check_privileges(conn: &mut PgConnection, slot: &SlotName) -> Result<(), Error> {
     let (tables, privileges): (Vec<&str>, Vec<&str>) = RELAY_PRIVILEGES.iter().copied().unzip();
-    let lacking: Vec<(String, String)> = sqlx::query_as(
-        "SELECT t, p FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(t, p, n)
-         WHERE NOT has_table_privilege(t, p) ORDER BY n",
+    // "SELECT, DELETE on outbox_message", by table in list order.
+    let missing: Vec<String> = sqlx::query_scalar(
+        "SELECT string_agg(p, ', ' ORDER BY n) || ' on ' || t
+         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(t, p, n)
+         WHERE NOT has_table_privilege(t, p) GROUP BY t ORDER BY min(n)",
     )
     .bind(&tables)
     .bind(&privileges)
     .fetch_all(&mut *conn)
     .await?;
-    // "SELECT, DELETE on outbox_message; INSERT on dead_letter": by table, in list order.
-    let mut missing: Vec<String> = Vec::new();
-    let mut current: Option<(String, Vec<String>)> = None;
-    for (table, privilege) in lacking {
-        match &mut current {
-            Some((t, privileges)) if *t == table => privileges.push(privilege),
-            _ => {
-                if let Some((t, privileges)) = current.take() {
-                    missing.push(format!("{} on {t}", privileges.join(", ")));
-                }
-                current = Some((table, vec![privilege]));
-            }
-        }
-    }
-    if let Some((t, privileges)) = current {
-        missing.push(format!("{} on {t}", privileges.join(", ")));
-    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -205,10 +190,7 @@ pub async fn create_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<boo
         }
         None => {
             // A position recorded for an earlier slot of this name means nothing to this one.
-            sqlx::query("DELETE FROM outbox_wal_progress WHERE slot_name = $1")
-                .bind(slot.as_str())
-                .execute(&mut *conn)
-                .await?;
+            delete_progress(conn, slot).await?;
             sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
                 .bind(slot.as_str())
                 .execute(&mut *conn)
@@ -307,10 +289,7 @@ pub async fn drop_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<bool,
             .await?;
         dropped = true;
     }
-    sqlx::query("DELETE FROM outbox_wal_progress WHERE slot_name = $1")
-        .bind(slot.as_str())
-        .execute(&mut *conn)
-        .await?;
+    delete_progress(conn, slot).await?;
     let publication: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)")
             .bind(slot.as_str())
@@ -325,8 +304,17 @@ pub async fn drop_slot(conn: &mut PgConnection, slot: &SlotName) -> Result<bool,
     Ok(dropped || publication)
 }
 
-/// Removes the relay's record of its position for `slot` (one that cannot be this server's),
-/// on a connection of `pool`, within `timeout`.
+/// Removes the relay's record of its position for `slot`.
+async fn delete_progress(conn: &mut PgConnection, slot: &SlotName) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox_wal_progress WHERE slot_name = $1")
+        .bind(slot.as_str())
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// [`delete_progress`] of a record that cannot be this server's, on a connection of `pool`,
+/// within `timeout`.
 pub(crate) async fn forget_progress(
     pool: &PgPool,
     slot: &SlotName,
@@ -334,11 +322,7 @@ pub(crate) async fn forget_progress(
 ) -> Result<(), sqlx::Error> {
     within(timeout, async {
         let mut conn = pool.acquire().await?;
-        sqlx::query("DELETE FROM outbox_wal_progress WHERE slot_name = $1")
-            .bind(slot.as_str())
-            .execute(&mut *conn)
-            .await
-            .map(drop)
+        delete_progress(&mut conn, slot).await
     })
     .await
 }
