@@ -133,11 +133,17 @@ fn form(path: &str, fields: &[(&str, &str)]) -> Request<Body> {
 async fn token(app: &Router, path: &str) -> String {
     let (status, page) = get(app, path).await;
     assert_eq!(status, StatusCode::OK, "{page}");
+    hidden_value(&page, "csrf")
+}
+
+/// The value of the first form field `name` on `page`.
+fn hidden_value(page: &str, name: &str) -> String {
+    let field = format!(r#"name="{name}" value=""#);
     let at = page
-        .find(r#"name="csrf" value=""#)
-        .unwrap_or_else(|| panic!("no csrf field in {page}"));
-    let rest = &page[at + r#"name="csrf" value=""#.len()..];
-    rest[..rest.find('"').expect("end")].to_owned()
+        .find(&field)
+        .unwrap_or_else(|| panic!("no {name} field in {page}"))
+        + field.len();
+    page[at..at + page[at..].find('"').expect("end")].to_owned()
 }
 
 async fn status_of(pool: &PgPool, id: i64) -> Option<String> {
@@ -393,9 +399,7 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{page}");
-        let at =
-            page.find(r#"name="csrf" value=""#).expect("csrf") + r#"name="csrf" value=""#.len();
-        page[at..at + page[at..].find('"').expect("end")].to_owned()
+        hidden_value(&page, "csrf")
     };
 
     // A selection: the consumer's letter is re-run by its consumer, the relay's returns to
@@ -472,11 +476,6 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         }
         auth(form("/db/orders/dead-letters/purge", &fields))
     };
-    let max_id_of = |page: &str| {
-        let at = page.find(r#"name="max_id" value=""#).expect("max_id")
-            + r#"name="max_id" value=""#.len();
-        page[at..at + page[at..].find('"').expect("end")].to_owned()
-    };
     let decode_left = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letter WHERE reason = 'decode'")
             .fetch_one(&db.pool)
@@ -489,7 +488,7 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         page.contains("Purge <strong>4</strong> dead letters matching reason = decode"),
         "{page}"
     );
-    let shown = max_id_of(&page);
+    let shown = hidden_value(&page, "max_id");
     // Meanwhile one of those is purged elsewhere and two new ones arrive: the count of what
     // was shown changed, so nothing is done and the new count is asked for.
     sqlx::query("DELETE FROM dead_letter WHERE id = (SELECT min(id) FROM dead_letter WHERE reason = 'decode')")
@@ -511,7 +510,7 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
     );
     assert_eq!(decode_left().await, 5, "nothing purged on a changed count");
     // A letter that arrives after the count is not taken by its confirmation.
-    let shown = max_id_of(&page);
+    let shown = hidden_value(&page, "max_id");
     record(
         &db.pool,
         &letter(Source::Consumer, "billing", "decode", 22, b"{}"),
@@ -669,8 +668,7 @@ async fn refusals_change_nothing() {
         .body(Body::empty())
         .expect("request");
     let (_, page) = send(&proxied, ann_page).await;
-    let at = page.find(r#"name="csrf" value=""#).expect("csrf") + r#"name="csrf" value=""#.len();
-    let ann_token = page[at..at + page[at..].find('"').expect("end")].to_owned();
+    let ann_token = hidden_value(&page, "csrf");
     let mut as_bob = retry(&ann_token);
     as_bob
         .headers_mut()
