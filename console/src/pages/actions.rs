@@ -155,9 +155,11 @@ async fn act(
     }
     let confirm_first = kind == Kind::Purge || matches!(scope, Scope::All(_));
     if confirm_first && confirmed != Some(count) {
-        // Counted afresh, up to the highest id now: the next confirmation acts on these.
-        filter.max_id = None;
-        count = dlq::store::count(&mut tx, &filter).await?;
+        // Counted afresh (unless it was just counted so), up to the highest id now: the
+        // next confirmation acts on these.
+        if filter.max_id.take().is_some() {
+            count = dlq::store::count(&mut tx, &filter).await?;
+        }
         let max_id = dlq::store::max_id(&mut tx, &filter).await?.unwrap_or(0);
         let base = state.config.base_path.as_str();
         let title = format!("{} · confirm", db.name);
