@@ -64,8 +64,9 @@ pub struct Config {
     /// Dead letters per page.
     pub page_size: i64,
     /// The host names the console answers to (the `Host` header, port aside). Empty: with
-    /// [`Access::Open`], loopback names only (`localhost`, `127.0.0.1`, `[::1]`), so that a
-    /// page on another site cannot reach it through DNS rebinding; with authentication, any.
+    /// [`Access::Open`] or [`Access::TrustedHeader`], loopback names only (`localhost`,
+    /// `127.0.0.1`, `[::1]`), so that a page on another site cannot reach it through DNS
+    /// rebinding (and set the trusted header itself); with basic auth, any.
     pub allowed_hosts: Vec<String>,
     /// Where the router is mounted (`/console` for `Router::nest("/console", ..)`), for the
     /// links it renders; empty at the root.

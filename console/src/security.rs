@@ -176,7 +176,9 @@ fn check_host(config: &Config, headers: &HeaderMap) -> Result<(), Failure> {
             .allowed_hosts
             .iter()
             .any(|h| h.eq_ignore_ascii_case(name))
-    } else if config.access == Access::Open {
+    } else if matches!(config.access, Access::Open | Access::TrustedHeader(_)) {
+        // A rebound page can set any header itself: only basic auth, whose credentials the
+        // browser keeps per site, is safe under any name.
         name.eq_ignore_ascii_case("localhost")
             || name == "[::1]"
             || name
@@ -316,6 +318,12 @@ mod tests {
         };
         assert!(check_host(&public, &host("console.example:8443")).is_ok());
         assert!(check_host(&public, &host("localhost:3000")).is_err());
+        let proxied = Config {
+            access: Access::TrustedHeader("x-user".into()),
+            ..Config::new(Vec::new())
+        };
+        assert!(check_host(&proxied, &host("evil.example:3000")).is_err());
+        assert!(check_host(&proxied, &host("127.0.0.1:3000")).is_ok());
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub async fn retry(conn: &mut PgConnection, filter: &Filter) -> Result<Retried, 
             .await
             .map_err(|e| match e {
                 RetryError::Database(e) => ActionError::Database(e),
+                RetryError::AlreadyRetried(id) => ActionError::NotDead {
+                    id,
+                    status: "retried".to_owned(),
+                },
                 e => ActionError::Rebuild(e),
             })?;
     }

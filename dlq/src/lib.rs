@@ -133,6 +133,9 @@ pub enum RetryError {
         /// What is wrong.
         reason: String,
     },
+    /// Another retry of it committed first: nothing was done.
+    #[error("dead letter {0} was retried meanwhile: nothing done")]
+    AlreadyRetried(i64),
     /// The database failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -148,7 +151,11 @@ pub async fn retry_to_outbox(
         id: letter.id,
         reason: e.to_string(),
     })?;
+    // Marked first, and only if still dead: of two retries at once, the second waits for
+    // the first's row lock, finds it retried and inserts nothing (no second publish).
+    if !store::mark_dead_retried(conn, letter.id).await? {
+        return Err(RetryError::AlreadyRetried(letter.id));
+    }
     outbox::store::insert(conn, &envelope).await?;
-    store::mark_retried(conn, letter.id).await?;
     Ok(())
 }

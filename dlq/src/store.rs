@@ -152,6 +152,20 @@ pub async fn mark_retried(conn: &mut PgConnection, id: i64) -> Result<(), sqlx::
     Ok(())
 }
 
+/// Marks dead letter `id` retried if it is still `dead`; false when it is not (another
+/// retry took it).
+pub async fn mark_dead_retried(conn: &mut PgConnection, id: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE dead_letter SET status = 'retried',
+             history = history || jsonb_build_array(jsonb_build_object('action', 'retried', 'at', now()))
+         WHERE id = $1 AND status = 'dead'",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Asks for another attempt at dead letters `ids` that are `dead`: consumer dead letters are
 /// re-run by that consumer's own runtime; relay dead letters go back to the outbox through
 /// the `dlq` CLI. Returns how many changed.
