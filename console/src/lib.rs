@@ -25,7 +25,7 @@
 //!   acting; an action confirmed for a count that has changed since is shown again, not
 //!   taken, and a confirmed one takes only the letters counted (none parked after). At most
 //!   10 000 letters per action.
-//! - An unauthenticated console answers only to loopback host names (or to
+//! - A console without basic auth answers only to loopback host names (or to
 //!   [`Config::allowed_hosts`]): no other site reaches it by DNS rebinding.
 //! - Every query runs under [`Config::statement_timeout`].
 //! - Dead-letter content (subjects, headers, payloads, errors) is HTML-escaped and its

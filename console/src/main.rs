@@ -44,8 +44,8 @@ struct Cli {
     /// The stream's duplicate window, in seconds (an older unpublished row is flagged).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     duplicate_window_secs: u64,
-    /// A host name the console answers to (repeat for several). Without any, an
-    /// unauthenticated console answers to localhost names only (DNS rebinding).
+    /// A host name the console answers to (repeat for several). Without any, a console
+    /// without --basic-auth answers to localhost names only (DNS rebinding).
     #[arg(long = "public-host", value_name = "NAME")]
     public_hosts: Vec<String>,
     /// Where the console is reached under a proxy's path (e.g. /console).
