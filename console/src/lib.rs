@@ -38,7 +38,7 @@
 //!   it.
 //! - `security` (private): authentication, CSRF tokens, the Origin check.
 //! - `store` (private): the console's own SQL (the audit trail, statement timeouts).
-//! - `pages` (private): the layout and the overview, dead-letter and action pages.
+//! - `pages` (private): the layout and the overview, relays, dead-letter and action pages.
 //! - `error` (private): the JSON error responses.
 
 mod config;
@@ -57,7 +57,8 @@ pub use config::{Access, Config, Database};
 /// The console's routes, relative to where they are mounted: `/` (overview),
 /// `/db/{database}/dead-letters` (list and filters), `/db/{database}/dead-letters/{id}`
 /// (detail), `POST /db/{database}/dead-letters/retry` and `.../purge` (actions),
-/// `/db/{database}/audit` (the actions taken). Refuses a configuration that
+/// `/db/{database}/relays` (instances, partitions, keys waiting out a backoff) and
+/// `POST /db/{database}/relays/retry-now`, `/db/{database}/audit` (the actions taken). Refuses a configuration that
 /// [`Config::validate`] refuses.
 pub fn router(config: Config) -> Result<Router, String> {
     config.validate()?;
@@ -80,8 +81,14 @@ pub fn router(config: Config) -> Result<Router, String> {
             "/db/{database}/dead-letters/purge",
             post(pages::actions::purge),
         )
+        .route("/db/{database}/relays", get(pages::relays::page))
+        .route(
+            "/db/{database}/relays/retry-now",
+            post(pages::relays::retry_now),
+        )
         .route("/db/{database}/audit", get(pages::overview::audit))
         .route("/static/console.css", get(pages::stylesheet))
+        .route("/static/htmx.min.js", get(pages::htmx))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             security::guard,

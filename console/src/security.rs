@@ -96,7 +96,7 @@ pub(crate) async fn guard(
         ("x-content-type-options", "nosniff"),
         (
             "content-security-policy",
-            "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            "default-src 'none'; script-src 'self'; connect-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
         ("referrer-policy", "same-origin"),
         ("cache-control", "no-store"),

@@ -335,6 +335,53 @@ pub struct Stat {
     pub oldest: time::OffsetDateTime,
 }
 
+/// Waiting (`dead`) letters of one consumer and reason, as the console's overview shows
+/// them.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct DeadByReason {
+    /// Consumer (or `relay`).
+    pub consumer: String,
+    /// Reason.
+    pub reason: String,
+    /// How many, counted up to the cap.
+    pub count: i64,
+    /// More than `count` wait: the count stopped at the cap.
+    pub capped: bool,
+}
+
+/// The waiting letters by consumer and reason (at most `groups` of them), each count
+/// stopping after `cap`. Cost: a skip from one (consumer, reason) to the next over
+/// `dead_letter_dead_reason_idx` and at most `cap` index entries per group, whatever the
+/// table's size; `dlq stats` counts exactly, and reads the whole table.
+pub async fn dead_by_reason(
+    conn: &mut PgConnection,
+    groups: i64,
+    cap: i64,
+) -> Result<Vec<DeadByReason>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH RECURSIVE pairs AS (
+             (SELECT consumer, reason FROM dead_letter WHERE status = 'dead'
+              ORDER BY consumer, reason LIMIT 1)
+             UNION ALL
+             SELECT n.consumer, n.reason FROM pairs p CROSS JOIN LATERAL (
+                 SELECT consumer, reason FROM dead_letter
+                 WHERE status = 'dead' AND (consumer, reason) > (p.consumer, p.reason)
+                 ORDER BY consumer, reason LIMIT 1) n
+         ), listed AS (SELECT consumer, reason FROM pairs LIMIT $1)
+         SELECT l.consumer, l.reason, least(c.count, $2) AS count, c.count > $2 AS capped
+         FROM listed l CROSS JOIN LATERAL (
+             SELECT count(*) AS count FROM (
+                 SELECT 1 FROM dead_letter d
+                 WHERE d.status = 'dead' AND d.consumer = l.consumer AND d.reason = l.reason
+                 LIMIT $2 + 1) x) c
+         ORDER BY c.count DESC, l.consumer, l.reason",
+    )
+    .bind(groups)
+    .bind(cap)
+    .fetch_all(conn)
+    .await
+}
+
 /// Counts by consumer, reason and status.
 pub async fn stats(conn: &mut PgConnection) -> Result<Vec<Stat>, sqlx::Error> {
     sqlx::query_as(

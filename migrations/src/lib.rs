@@ -114,6 +114,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "console_audit",
         sql: include_str!("../sql/0014_console_audit.sql"),
     },
+    Migration {
+        version: 15,
+        name: "dead_letter_reason_idx",
+        sql: include_str!("../sql/0015_dead_letter_reason_idx.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -140,11 +140,12 @@ async fn a_migration_blocked_by_a_long_transaction_gives_up_without_holding_writ
          DROP TABLE outbox_wal_progress;
          DROP TABLE console_audit;
          DROP INDEX dead_letter_page_idx;
+         DROP INDEX dead_letter_dead_reason_idx;
          DELETE FROM outbox_toolkit_migration WHERE version >= 9;",
     )
     .execute(&mut conn)
     .await
-    .expect("undo 9 to 14");
+    .expect("undo 9 to 15");
 
     // A reader whose transaction stays open holds ACCESS SHARE on outbox_message.
     let mut reader = connect(&url).await;
@@ -221,5 +222,5 @@ async fn a_migration_blocked_by_a_long_transaction_gives_up_without_holding_writ
     let report = migrate(&mut writer)
         .await
         .expect("applies once the lock is free");
-    assert_eq!(report.applied, [9, 10, 11, 12, 13, 14]);
+    assert_eq!(report.applied, [9, 10, 11, 12, 13, 14, 15]);
 }

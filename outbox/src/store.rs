@@ -1,5 +1,8 @@
 //! All SQL that producers run: rows of `outbox_message` (table storage) and logical
 //! decoding messages (log storage, through `outbox_emit_encoded`).
+//!
+//! - [`inspect`]: what operators look at (the backlog at a glance, per partition, keys
+//!   waiting out a backoff) and "retry now", each bounded whatever the backlog's size.
 
 use envelope::{Envelope, MessageId};
 use sqlx::PgConnection;
@@ -8,6 +11,7 @@ use uuid::Uuid;
 
 use crate::error::Error;
 
+pub mod inspect;
 pub(crate) mod literal;
 
 /// The columns a producer writes, in the order of every insert's values.

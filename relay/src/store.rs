@@ -152,6 +152,78 @@ pub async fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceStatus>, s
     .await
 }
 
+/// The application name a relay instance's database sessions carry (`relay <instance id>`,
+/// cut to PostgreSQL's 63 bytes), so that its sessions and open claims can be told apart.
+pub fn application_name(instance: &str) -> String {
+    let mut name = format!("relay {instance}");
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
+}
+
+/// Who holds each of the 256 partitions.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct PartitionOwner {
+    /// The partition, 0..255.
+    pub partition_id: i16,
+    /// The instance holding a live lease on it; `None` when nobody does.
+    pub owner: Option<String>,
+}
+
+/// Every partition, in order, with its live owner.
+pub async fn partition_owners(conn: &mut PgConnection) -> Result<Vec<PartitionOwner>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT partition_id, CASE WHEN lease_until > now() THEN owner END AS owner
+         FROM relay_partition_lease ORDER BY partition_id",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A registered instance's database sessions, from `pg_stat_activity` (by
+/// [`application_name`]).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct InstanceSessions {
+    /// The instance id.
+    pub instance_id: String,
+    /// Its sessions to this database.
+    pub sessions: i64,
+    /// Of those, the ones inside a transaction: its open claims (each claim is a
+    /// transaction that holds its rows' locks) and any write in progress.
+    pub in_transaction: i64,
+    /// Of those, the ones whose state this role may not see (it needs `pg_read_all_stats`
+    /// or membership in the relay's role): `in_transaction` does not count them.
+    pub hidden: i64,
+}
+
+/// The sessions of every registered instance that has one.
+pub async fn instance_sessions(
+    conn: &mut PgConnection,
+) -> Result<Vec<InstanceSessions>, sqlx::Error> {
+    let instances: Vec<String> =
+        sqlx::query_scalar("SELECT instance_id FROM relay_instance ORDER BY instance_id")
+            .fetch_all(&mut *conn)
+            .await?;
+    let names: Vec<String> = instances.iter().map(|i| application_name(i)).collect();
+    sqlx::query_as(
+        "SELECT i.instance_id,
+                count(*) AS sessions,
+                count(*) FILTER (WHERE a.xact_start IS NOT NULL) AS in_transaction,
+                count(*) FILTER (WHERE a.state IS NULL) AS hidden
+         FROM unnest($1::text[], $2::text[]) AS i(instance_id, application_name)
+         JOIN pg_stat_activity a ON a.application_name = i.application_name
+                                AND a.datname = current_database()
+         GROUP BY i.instance_id ORDER BY i.instance_id",
+    )
+    .bind(&instances)
+    .bind(&names)
+    .fetch_all(conn)
+    .await
+}
+
 /// Installs the statement-level trigger that sends `NOTIFY outbox_message` after inserts,
 /// for relays running with `listen_notify`. It costs producers a notification per
 /// transaction (PostgreSQL serialises commits that notify), which is why it is optional.

@@ -2,11 +2,17 @@
 //!
 //! - `overview`: every database's outbox backlog, relays and dead letters, with red flags.
 //! - `dead_letters`: the filtered, keyset-paginated list and the detail page.
+//! - `relays`: instances, the partition grid, keys waiting out a backoff, "retry now".
 //! - `actions`: retry and purge (a selection, or all matching a filter after a count).
+//!
+//! Pages that change by themselves (overview, relays) refresh their content every few
+//! seconds with htmx (vendored, served from the binary); without JavaScript they are plain
+//! pages, and every action is a plain form.
 
 pub(crate) mod actions;
 pub(crate) mod dead_letters;
 pub(crate) mod overview;
+pub(crate) mod relays;
 
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -19,6 +25,13 @@ use crate::error::Failure;
 use crate::security::State;
 
 const STYLESHEET: &str = include_str!("console.css");
+/// htmx 2.0.8 (`console/vendor/README.md` says where it comes from).
+const HTMX: &str = include_str!("../../vendor/htmx-2.0.8.min.js");
+/// How often a live page refreshes its content.
+const REFRESH: &str = "every 5s";
+/// htmx without `eval`, without its inline style (the CSP allows neither) and without a
+/// history cache (no page content kept in the browser's storage).
+const HTMX_CONFIG: &str = r#"{"allowEval":false,"includeIndicatorStyles":false,"historyCacheSize":0,"refreshOnHistoryMiss":true}"#;
 
 /// `GET /static/console.css`.
 pub(crate) async fn stylesheet() -> impl IntoResponse {
@@ -26,6 +39,24 @@ pub(crate) async fn stylesheet() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
         STYLESHEET,
     )
+}
+
+/// `GET /static/htmx.min.js`.
+pub(crate) async fn htmx() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        HTMX,
+    )
+}
+
+/// `body` refreshed in place every few seconds from `url` (the page's own address): the
+/// server renders the whole page again and htmx swaps this region only.
+pub(crate) fn live(url: &str, body: Markup) -> Markup {
+    html! {
+        div #live hx-get=(url) hx-trigger=(REFRESH) hx-select="#live" hx-swap="outerHTML" {
+            (body)
+        }
+    }
 }
 
 /// A whole page: `title`, the navigation, `body`.
@@ -37,7 +68,9 @@ pub(crate) fn layout(state: &State, base: &str, title: &str, body: Markup) -> Ma
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · outbox console" }
+                meta name="htmx-config" content=(HTMX_CONFIG);
                 link rel="stylesheet" href={ (base) "/static/console.css" };
+                script src={ (base) "/static/htmx.min.js" } defer {}
             }
             body {
                 a.skip href="#main" { "Skip to content" }
@@ -45,8 +78,11 @@ pub(crate) fn layout(state: &State, base: &str, title: &str, body: Markup) -> Ma
                     nav aria-label="Databases" {
                         a href={ (base) "/" } { strong { "outbox console" } }
                         @for db in &state.config.databases {
-                            a href={ (base) "/db/" (db.name) "/dead-letters" } {
-                                (db.name) " dead letters"
+                            span.db {
+                                (db.name) ": "
+                                a href={ (base) "/db/" (db.name) "/relays" } { "relays" }
+                                " · "
+                                a href={ (base) "/db/" (db.name) "/dead-letters" } { "dead letters" }
                             }
                         }
                     }

@@ -1,5 +1,6 @@
-//! `GET /`: per database, the outbox backlog, the relay instances, the dead letters by
-//! reason, and red flags; `GET /db/{database}/audit`: the actions taken.
+//! `GET /`: per database, the outbox backlog, the relay instances, the WAL slots, the dead
+//! letters by reason, and red flags; `GET /db/{database}/audit`: the actions taken. Every
+//! count stops at a cap ([`COUNT_CAP`]), so the page costs the same at a million rows.
 
 use std::sync::Arc;
 
@@ -13,24 +14,41 @@ use crate::error::Failure;
 use crate::security::State;
 use crate::store;
 
+/// Where every count of the overview stops ("more than ...").
+pub(crate) const COUNT_CAP: i64 = 100_000;
+/// The most (consumer, reason) groups of dead letters shown.
+const REASON_GROUPS: i64 = 50;
+
 /// What one database shows.
 struct Summary {
-    backlog: outbox::store::Backlog,
+    backlog: outbox::store::inspect::Glance,
     instances: Vec<relay::store::InstanceStatus>,
-    dead_letters: Vec<dlq::store::Stat>,
+    slots: Vec<relay::wal::store::SlotStatus>,
+    dead_letters: Vec<dlq::store::DeadByReason>,
 }
 
 async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
     let mut tx = store::begin(&db.pool, state.config.statement_timeout).await?;
-    let backlog = outbox::store::backlog(&mut tx).await?;
+    let backlog = outbox::store::inspect::glance(&mut tx, COUNT_CAP).await?;
     let instances = relay::store::instances(&mut tx).await?;
-    let dead_letters = dlq::store::stats(&mut tx).await?;
+    let slots = relay::wal::store::slots(&mut tx).await?;
+    let dead_letters = dlq::store::dead_by_reason(&mut tx, REASON_GROUPS, COUNT_CAP).await?;
     tx.commit().await?;
     Ok(Summary {
         backlog,
         instances,
+        slots,
         dead_letters,
     })
+}
+
+/// `n`, or "more than n" when a count stopped at its cap.
+fn count_text(n: i64, capped: bool) -> String {
+    if capped {
+        format!("more than {n}")
+    } else {
+        n.to_string()
+    }
 }
 
 /// What needs a look, in words.
@@ -63,19 +81,31 @@ fn red_flags(state: &State, s: &Summary) -> Vec<String> {
             age_text(window)
         ));
     }
-    let dead: i64 = s
-        .dead_letters
-        .iter()
-        .filter(|d| d.status == "dead")
-        .map(|d| d.count)
-        .sum();
+    for slot in &s.slots {
+        let name = inert(&slot.slot);
+        if slot.wal_status.as_deref() == Some("lost") {
+            flags.push(format!(
+                "WAL slot {name} is lost (its WAL was removed past max_slot_wal_keep_size): it can no longer stream; what was written since is not published"
+            ));
+        } else if !slot.active {
+            flags.push(format!(
+                "WAL slot {name} is not streamed by any relay: it keeps {} of WAL and its outbox waits",
+                bytes_text(slot.retained_wal_bytes.unwrap_or(0))
+            ));
+        }
+    }
+    let dead: i64 = s.dead_letters.iter().map(|d| d.count).sum();
     if dead > 0 {
-        let (noun, verb) = if dead == 1 {
+        let capped = s.dead_letters.iter().any(|d| d.capped);
+        let (noun, verb) = if dead == 1 && !capped {
             ("letter", "waits")
         } else {
             ("letters", "wait")
         };
-        flags.push(format!("{dead} dead {noun} {verb} for a retry or a purge"));
+        flags.push(format!(
+            "{} dead {noun} {verb} for a retry or a purge",
+            count_text(dead, capped)
+        ));
     }
     flags
 }
@@ -87,29 +117,33 @@ pub(crate) async fn page(Extract(state): Extract<Arc<State>>) -> Html<String> {
     for db in &state.config.databases {
         sections.push((db, summary(&state, db).await));
     }
-    let body = html! {
-        div.cards { @for (db, summary) in &sections {
-            section.card aria-labelledby={ "db-" (db.name) } {
-                h2 id={ "db-" (db.name) } { (db.name) }
-                @match summary {
-                    Err(e) => p.flag role="alert" { "cannot read this database: " (e.message) },
-                    Ok(s) => (database_section(&state, base, db, s)),
+    let body = super::live(
+        &format!("{base}/"),
+        html! {
+            div.cards { @for (db, summary) in &sections {
+                section.card aria-labelledby={ "db-" (db.name) } {
+                    h2 id={ "db-" (db.name) } { (db.name) }
+                    @match summary {
+                        Err(e) => p.flag role="alert" { "cannot read this database: " (e.message) },
+                        Ok(s) => (database_section(&state, base, db, s)),
+                    }
                 }
-            }
-        } }
-    };
+            } }
+        },
+    );
     Html(layout(&state, base, "Overview", body).into_string())
 }
 
 fn database_section(state: &State, base: &str, db: &Database, s: &Summary) -> Markup {
     let flags = red_flags(state, s);
-    let mut by_reason: Vec<(&str, &str, i64)> = s
-        .dead_letters
-        .iter()
-        .filter(|d| d.status == "dead")
-        .map(|d| (d.consumer.as_str(), d.reason.as_str(), d.count))
-        .collect();
-    by_reason.sort_by_key(|d| std::cmp::Reverse(d.2));
+    let unpublished = match (s.backlog.unpublished_capped, s.backlog.unpublished_estimate) {
+        (true, Some(estimate)) if estimate > s.backlog.unpublished => format!(
+            "{} (about {estimate})",
+            count_text(s.backlog.unpublished, true)
+        ),
+        (capped, _) => count_text(s.backlog.unpublished, capped),
+    };
+    let retrying = count_text(s.backlog.retrying, s.backlog.retrying >= COUNT_CAP);
     html! {
         @if flags.is_empty() {
             p.fine { "Nothing needs a look." }
@@ -120,9 +154,10 @@ fn database_section(state: &State, base: &str, db: &Database, s: &Summary) -> Ma
         }
         h3 { "Outbox" }
         dl.fields {
-            dt { "Unpublished" } dd data-field="backlog" { (s.backlog.unpublished) }
-            dt { "Retrying" } dd data-field="retrying" { (s.backlog.retrying) }
+            dt { "Unpublished" } dd data-field="backlog" { (unpublished) }
+            dt { "Retrying" } dd data-field="retrying" { (retrying) }
             dt { "Oldest unpublished" } dd data-field="oldest" { (age_text(s.backlog.oldest_age_seconds)) }
+            dt { "Oldest due" } dd data-field="oldest-due" { (age_text(s.backlog.oldest_due_age_seconds)) }
         }
         h3 { "Relays" }
         @if s.instances.is_empty() {
@@ -141,28 +176,58 @@ fn database_section(state: &State, base: &str, db: &Database, s: &Summary) -> Ma
                 }
             } }
         }
+        @if !s.slots.is_empty() {
+            h3 { "WAL slots" }
+            div.wrap { table {
+                thead { tr { th scope="col" { "Slot" } th scope="col" { "Streamed" } th.num scope="col" { "Behind" } th.num scope="col" { "WAL kept" } th scope="col" { "WAL" } } }
+                tbody {
+                    @for slot in &s.slots {
+                        tr data-slot=(inert(&slot.slot)) {
+                            td { (inert(&slot.slot)) }
+                            td { @if slot.active { "yes" } @else { strong.bad { "no" } } }
+                            td.num { (bytes_text(slot.lag_bytes.unwrap_or(0))) }
+                            td.num { (bytes_text(slot.retained_wal_bytes.unwrap_or(0))) }
+                            td { (slot.wal_status.as_deref().map(inert).unwrap_or_default()) }
+                        }
+                    }
+                }
+            } }
+        }
         h3 { "Dead letters" }
-        @if by_reason.is_empty() {
+        @if s.dead_letters.is_empty() {
             p { "None waiting." }
         } @else {
             div.wrap { table {
                 thead { tr { th scope="col" { "Consumer" } th scope="col" { "Reason" } th.num scope="col" { "Dead" } } }
                 tbody {
-                    @for (consumer, reason, count) in &by_reason {
+                    @for d in &s.dead_letters {
                         tr {
-                            td { (inert(consumer)) }
-                            td { a href={ (base) "/db/" (db.name) "/dead-letters?status=dead&consumer=" (query_value(consumer)) "&reason=" (query_value(reason)) } { (inert(reason)) } }
-                            td.num { (count) }
+                            td { (inert(&d.consumer)) }
+                            td { a href={ (base) "/db/" (db.name) "/dead-letters?status=dead&consumer=" (query_value(&d.consumer)) "&reason=" (query_value(&d.reason)) } { (inert(&d.reason)) } }
+                            td.num { (count_text(d.count, d.capped)) }
                         }
                     }
                 }
             } }
         }
         p {
+            a href={ (base) "/db/" (db.name) "/relays" } { "Relays and partitions" }
+            " · "
             a href={ (base) "/db/" (db.name) "/dead-letters" } { "All dead letters" }
             " · "
             a href={ (base) "/db/" (db.name) "/audit" } { "Actions taken" }
         }
+    }
+}
+
+/// A byte count, short: `512 B`, `3.2 kB`, `41 MB`.
+pub(crate) fn bytes_text(n: i64) -> String {
+    let n = n.max(0) as f64;
+    match n {
+        n if n < 1000.0 => format!("{n:.0} B"),
+        n if n < 1e6 => format!("{:.1} kB", n / 1e3),
+        n if n < 1e9 => format!("{:.1} MB", n / 1e6),
+        n => format!("{:.1} GB", n / 1e9),
     }
 }
 

@@ -171,6 +171,11 @@ impl Global {
 
     /// A lazily connecting pool of up to `connections` connections to `--database-url`.
     fn pool(&self, connections: u32) -> anyhow::Result<PgPool> {
+        self.pool_named(connections, "relay")
+    }
+
+    /// Like [`Global::pool`], its sessions named `application_name`.
+    fn pool_named(&self, connections: u32, application_name: &str) -> anyhow::Result<PgPool> {
         let url = self.database_url()?;
         let options: PgConnectOptions = url
             .parse()
@@ -178,7 +183,7 @@ impl Global {
         Ok(PgPoolOptions::new()
             .max_connections(connections)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options.application_name("relay")))
+            .connect_lazy_with(options.application_name(application_name)))
     }
 }
 

@@ -127,7 +127,10 @@ impl RunArgs {
 pub(super) async fn run(global: &Global, args: RunArgs) -> anyhow::Result<()> {
     let config = args.config();
     config.validate()?;
-    let pool = global.pool(config.min_connections() + 2)?;
+    let pool = global.pool_named(
+        config.min_connections() + 2,
+        &relay::store::application_name(&config.instance_id),
+    )?;
     if args.migrate {
         migrations::migrate(&mut *pool.acquire().await?).await?;
     }

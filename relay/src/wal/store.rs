@@ -232,27 +232,40 @@ pub async fn check_usable(
     Ok(())
 }
 
+/// A slot's state and the relay's record of it; `WHERE` follows.
+const SLOT_STATUS: &str = "SELECT s.slot_name::text AS slot, s.plugin::text AS plugin,
+        s.database::text AS database, s.active, s.active_pid,
+        s.confirmed_flush_lsn::text AS confirmed_flush_lsn,
+        p.confirmed_lsn::text AS relay_confirmed_lsn,
+        s.restart_lsn::text AS restart_lsn,
+        pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_wal_bytes,
+        pg_wal_lsn_diff(pg_current_wal_lsn(),
+            GREATEST(s.confirmed_flush_lsn, p.confirmed_lsn))::bigint AS lag_bytes,
+        s.wal_status, pg_current_wal_lsn()::text AS current_lsn
+    FROM pg_replication_slots s
+    LEFT JOIN outbox_wal_progress p ON p.slot_name = s.slot_name";
+
 /// The slot's state, or `None` when there is no such slot.
 pub async fn status(
     conn: &mut PgConnection,
     slot: &SlotName,
 ) -> Result<Option<SlotStatus>, sqlx::Error> {
-    sqlx::query_as::<_, SlotStatus>(
-        "SELECT s.slot_name::text AS slot, s.plugin::text AS plugin,
-                s.database::text AS database, s.active, s.active_pid,
-                s.confirmed_flush_lsn::text AS confirmed_flush_lsn,
-                p.confirmed_lsn::text AS relay_confirmed_lsn,
-                s.restart_lsn::text AS restart_lsn,
-                pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_wal_bytes,
-                pg_wal_lsn_diff(pg_current_wal_lsn(),
-                    GREATEST(s.confirmed_flush_lsn, p.confirmed_lsn))::bigint AS lag_bytes,
-                s.wal_status, pg_current_wal_lsn()::text AS current_lsn
-         FROM pg_replication_slots s
-         LEFT JOIN outbox_wal_progress p ON p.slot_name = s.slot_name
-         WHERE s.slot_name = $1",
-    )
+    sqlx::query_as::<_, SlotStatus>(sqlx::AssertSqlSafe(format!(
+        "{SLOT_STATUS} WHERE s.slot_name = $1"
+    )))
     .bind(slot.as_str())
     .fetch_optional(&mut *conn)
+    .await
+}
+
+/// Every logical `pgoutput` slot of the connection's database, by name (the console's
+/// overview: a relay's slot, and any other that keeps WAL).
+pub async fn slots(conn: &mut PgConnection) -> Result<Vec<SlotStatus>, sqlx::Error> {
+    sqlx::query_as::<_, SlotStatus>(sqlx::AssertSqlSafe(format!(
+        "{SLOT_STATUS} WHERE s.database = current_database() AND s.plugin = 'pgoutput'
+         ORDER BY s.slot_name"
+    )))
+    .fetch_all(&mut *conn)
     .await
 }
 
