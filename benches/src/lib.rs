@@ -13,10 +13,12 @@
 //! - [`producer`]: `producer-overhead`, business transactions with and without an enqueue.
 //! - [`backlog`]: `relay-backlog`, drain rate with a large backlog against a small one.
 //! - [`inbox`]: `inbox-consume`, the inbox consumer against raw pull consumption.
+//! - [`console`]: `console`, the operator console's page times on a big database.
 //! - [`wal_read`]: `wal-read`, a logical replication reader against raw JetStream publishing.
 //! - [`stats`]: rates, percentiles and number formatting.
 
 pub mod backlog;
+pub mod console;
 pub mod drain;
 pub mod env;
 pub mod inbox;

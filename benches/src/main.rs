@@ -7,6 +7,7 @@
 //! cargo run --release -p bench -- relay-backlog --events 1000000
 //! cargo run --release -p bench -- inbox-consume --mode strict|batched --events 100000
 //! cargo run --release -p bench -- wal-read --events 100000 --per-txn 1 --rate 1000
+//! cargo run --release -p bench -- console --letters 1000000 --backlog 1000000
 //! ```
 //!
 //! Progress and the durability settings go to stderr. On failure it prints one line,
@@ -15,6 +16,7 @@
 use std::process::ExitCode;
 
 use bench::backlog::BacklogConfig;
+use bench::console::ConsoleConfig;
 use bench::drain::DrainConfig;
 use bench::inbox::InboxConfig;
 use bench::latency::LatencyConfig;
@@ -52,6 +54,25 @@ enum Scenario {
     /// A logical replication reader streaming emitted messages and table INSERTs, against
     /// raw JetStream publishing, with the walsender's CPU and live commit-to-receive latency.
     WalRead(WalReadArgs),
+    /// The operator console's pages (p99) with a million dead letters and a million-row
+    /// backlog, against the dead-letter page's raw keyset query.
+    Console(ConsoleArgs),
+}
+
+#[derive(Args)]
+struct ConsoleArgs {
+    /// Dead letters in the database.
+    #[arg(long, default_value_t = ConsoleConfig::default().letters)]
+    letters: usize,
+    /// Pending outbox rows.
+    #[arg(long, default_value_t = ConsoleConfig::default().backlog)]
+    backlog: usize,
+    /// Distinct partition keys of the backlog.
+    #[arg(long, default_value_t = ConsoleConfig::default().keys)]
+    keys: usize,
+    /// Requests per page (after a warm-up of 5).
+    #[arg(long, default_value_t = ConsoleConfig::default().requests)]
+    requests: usize,
 }
 
 #[derive(Args)]
@@ -317,6 +338,15 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 source: source(&a.source),
             };
             bench::backlog::run(&config, fast).await
+        }
+        Scenario::Console(a) => {
+            let config = ConsoleConfig {
+                letters: a.letters,
+                backlog: a.backlog,
+                keys: a.keys,
+                requests: a.requests,
+            };
+            bench::console::run(&config, fast).await
         }
     }
 }

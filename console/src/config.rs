@@ -59,7 +59,8 @@ pub struct Config {
     /// flagged.
     pub lease_ttl: Duration,
     /// The stream's duplicate window (2 min by default): an unpublished row older than this
-    /// is flagged (a publish retried after it is not deduplicated).
+    /// is flagged (a publish retried after it is not deduplicated). With a [`Config::broker`],
+    /// the smallest window of its streams is used instead.
     pub duplicate_window: Duration,
     /// Dead letters per page.
     pub page_size: i64,
@@ -74,6 +75,15 @@ pub struct Config {
     /// The secret that CSRF tokens are derived from (random when `None`: tokens then last
     /// as long as the process).
     pub csrf_secret: Option<Vec<u8>>,
+    /// The NATS connection to read JetStream from (streams, durable consumers); without
+    /// it the consumers page says so, and `duplicate_window` is taken as given.
+    pub broker: Option<async_nats::Client>,
+    /// The longest the broker may take to answer a page's questions.
+    pub broker_timeout: Duration,
+    /// How long the consumers keep inbox rows (their `inbox_retention`, 7 days by
+    /// default): a durable that may still be delivered a message older than this is flagged
+    /// (a handled message delivered again after its row is gone would run again).
+    pub inbox_retention: Duration,
 }
 
 impl Config {
@@ -91,6 +101,9 @@ impl Config {
             allowed_hosts: Vec::new(),
             base_path: String::new(),
             csrf_secret: None,
+            broker: None,
+            broker_timeout: Duration::from_secs(3),
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 

@@ -37,10 +37,14 @@
 //! - [`Config`], [`Database`], [`Access`] (`config`): what the console reads and who may use
 //!   it.
 //! - `security` (private): authentication, CSRF tokens, the Origin check.
+//! - `broker` (private): what JetStream shows (streams, durable consumers), within a
+//!   deadline.
 //! - `store` (private): the console's own SQL (the audit trail, statement timeouts).
-//! - `pages` (private): the layout and the overview, relays, dead-letter and action pages.
+//! - `pages` (private): the layout and the overview, relays, consumers, dead-letter and
+//!   action pages.
 //! - `error` (private): the JSON error responses.
 
+mod broker;
 mod config;
 mod error;
 mod pages;
@@ -58,7 +62,8 @@ pub use config::{Access, Config, Database};
 /// `/db/{database}/dead-letters` (list and filters), `/db/{database}/dead-letters/{id}`
 /// (detail), `POST /db/{database}/dead-letters/retry` and `.../purge` (actions),
 /// `/db/{database}/relays` (instances, partitions, keys waiting out a backoff) and
-/// `POST /db/{database}/relays/retry-now`, `/db/{database}/audit` (the actions taken). Refuses a configuration that
+/// `POST /db/{database}/relays/retry-now`, `/db/{database}/consumers` (durables and
+/// inboxes), `/db/{database}/audit` (the actions taken). Refuses a configuration that
 /// [`Config::validate`] refuses.
 pub fn router(config: Config) -> Result<Router, String> {
     config.validate()?;
@@ -86,6 +91,7 @@ pub fn router(config: Config) -> Result<Router, String> {
             "/db/{database}/relays/retry-now",
             post(pages::relays::retry_now),
         )
+        .route("/db/{database}/consumers", get(pages::consumers::page))
         .route("/db/{database}/audit", get(pages::overview::audit))
         .route("/static/console.css", get(pages::stylesheet))
         .route("/static/htmx.min.js", get(pages::htmx))

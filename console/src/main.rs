@@ -51,6 +51,15 @@ struct Cli {
     /// Where the console is reached under a proxy's path (e.g. /console).
     #[arg(long, default_value = "")]
     base_path: String,
+    /// The NATS server to read JetStream from: durable consumers on the consumers page,
+    /// and the streams' duplicate window (instead of --duplicate-window-secs). Without it,
+    /// the console reads the databases only.
+    #[arg(long, env = "NATS_URL", value_name = "URL")]
+    nats_url: Option<String>,
+    /// How long the consumers keep inbox rows (their inbox_retention), in seconds: a
+    /// durable that may still be delivered an older message is flagged.
+    #[arg(long, value_name = "SECS", default_value_t = 7 * 24 * 3600)]
+    inbox_retention_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -76,13 +85,28 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let config = match config(&cli) {
+    let mut config = match config(&cli) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("console: {e}");
             return ExitCode::from(2);
         }
     };
+    if let Some(url) = cli.nats_url.as_deref().filter(|u| !u.is_empty()) {
+        // Connects in the background: a broker that is down shows as such on the pages.
+        match async_nats::ConnectOptions::new()
+            .name("outbox-console")
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+        {
+            Ok(client) => config.broker = Some(client),
+            Err(e) => {
+                eprintln!("console: --nats-url {url:?}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let names: Vec<String> = config.databases.iter().map(|d| d.name.clone()).collect();
     let (read_only, base) = (!config.allow_actions, config.base_path.clone());
     let app = match console::router(config) {
@@ -202,6 +226,7 @@ fn config(cli: &Cli) -> Result<Config, String> {
         statement_timeout: Duration::from_millis(cli.statement_timeout_ms),
         lease_ttl: Duration::from_secs(cli.lease_ttl_secs),
         duplicate_window: Duration::from_secs(cli.duplicate_window_secs),
+        inbox_retention: Duration::from_secs(cli.inbox_retention_secs),
         base_path: cli.base_path.clone(),
         allowed_hosts: cli.public_hosts.clone(),
         ..Config::new(databases)

@@ -185,6 +185,11 @@ async fn dead_letters_filter_and_page_by_keyset_and_show_their_detail() {
         "{page}"
     );
     assert_eq!(page.matches("<tr data-id=").count(), 1, "{page}");
+    // The error text is plain text: % and _ match only themselves.
+    for pattern in ["handler%25for", "handler_failed", "for%20_"] {
+        let (_, page) = get(&app, &format!("/db/orders/dead-letters?error={pattern}")).await;
+        assert!(page.contains("No dead letters match"), "{pattern}: {page}");
+    }
     let (_, page) = get(&app, "/db/orders/dead-letters?until=2000-01-01T00:00").await;
     assert!(page.contains("No dead letters match"), "{page}");
     let (status, body) = get(&app, "/db/orders/dead-letters?since=yesterday").await;

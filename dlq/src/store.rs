@@ -202,7 +202,9 @@ pub struct Filter {
     pub source: Option<String>,
     /// This partition key.
     pub partition_key: Option<String>,
-    /// Error chains containing this text, ignoring case.
+    /// Error chains containing this text, ignoring case (`%` and `_` are plain characters).
+    /// A scan of the letters unless the optional trigram index exists (docs/operations.md:
+    /// `dead_letter_error_trgm_idx`).
     pub error_text: Option<String>,
     /// Ids up to this one (what existed when a count was shown: later letters have higher
     /// ids).
@@ -218,7 +220,8 @@ const FILTER: &str = "($1::bigint[] IS NULL OR id = ANY($1))
     AND ($7::timestamptz IS NULL OR last_failed_at < $7)
     AND ($8::text IS NULL OR source = $8)
     AND ($9::text IS NULL OR partition_key = $9)
-    AND ($10::text IS NULL OR strpos(lower(error_chain::text), lower($10)) > 0)
+    AND ($10::text IS NULL OR lower(error_chain::text) LIKE '%' || replace(replace(replace(
+        lower($10), '\\', '\\\\'), '%', '\\%'), '_', '\\_') || '%')
     AND ($11::bigint IS NULL OR id <= $11)";
 
 macro_rules! bind_filter {

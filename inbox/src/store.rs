@@ -294,3 +294,49 @@ pub async fn cancel_backend_statement(
         .fetch_one(conn)
         .await
 }
+
+/// One consumer's inbox, as the operator console shows it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ConsumerActivity {
+    /// The consumer (its durable's name).
+    pub consumer: String,
+    /// Messages it took (handled or parked) in the last minute.
+    pub last_minute: i64,
+}
+
+/// Every consumer with an inbox row (at most `limit`, by name, found by skipping from one
+/// name to the next over the primary key) and what it took in the last minute (from
+/// `inbox_message_received_at_idx`: a minute's rows, however large the inbox).
+pub async fn consumer_activity(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<ConsumerActivity>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH RECURSIVE names AS (
+             (SELECT consumer FROM inbox_message ORDER BY consumer LIMIT 1)
+             UNION ALL
+             SELECT n.consumer FROM names p CROSS JOIN LATERAL (
+                 SELECT consumer FROM inbox_message WHERE consumer > p.consumer
+                 ORDER BY consumer LIMIT 1) n
+         ), listed AS (SELECT consumer FROM names LIMIT $1),
+         recent AS (
+             SELECT consumer, count(*) AS n FROM inbox_message
+             WHERE received_at > now() - interval '1 minute' GROUP BY consumer)
+         SELECT l.consumer, coalesce(r.n, 0) AS last_minute
+         FROM listed l LEFT JOIN recent r USING (consumer)
+         ORDER BY l.consumer",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Seconds since the oldest inbox row was written (`None` when the inbox is empty): how far
+/// back the inbox still recognises a message it took, whichever consumer's.
+pub async fn oldest_row_age(conn: &mut PgConnection) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - min(received_at))::float8 FROM inbox_message",
+    )
+    .fetch_one(conn)
+    .await
+}

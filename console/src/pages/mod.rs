@@ -3,13 +3,15 @@
 //! - `overview`: every database's outbox backlog, relays and dead letters, with red flags.
 //! - `dead_letters`: the filtered, keyset-paginated list and the detail page.
 //! - `relays`: instances, the partition grid, keys waiting out a backoff, "retry now".
+//! - `consumers`: durable consumers (from JetStream) beside their inboxes.
 //! - `actions`: retry and purge (a selection, or all matching a filter after a count).
 //!
-//! Pages that change by themselves (overview, relays) refresh their content every few
+//! Pages that change by themselves (overview, relays, consumers) refresh their content every few
 //! seconds with htmx (vendored, served from the binary); without JavaScript they are plain
 //! pages, and every action is a plain form.
 
 pub(crate) mod actions;
+pub(crate) mod consumers;
 pub(crate) mod dead_letters;
 pub(crate) mod overview;
 pub(crate) mod relays;
@@ -81,6 +83,8 @@ pub(crate) fn layout(state: &State, base: &str, title: &str, body: Markup) -> Ma
                             span.db {
                                 (db.name) ": "
                                 a href={ (base) "/db/" (db.name) "/relays" } { "relays" }
+                                " · "
+                                a href={ (base) "/db/" (db.name) "/consumers" } { "consumers" }
                                 " · "
                                 a href={ (base) "/db/" (db.name) "/dead-letters" } { "dead letters" }
                             }

@@ -1,6 +1,7 @@
 //! `GET /`: per database, the outbox backlog, the relay instances, the WAL slots, the dead
 //! letters by reason, and red flags; `GET /db/{database}/audit`: the actions taken. Every
-//! count stops at a cap ([`COUNT_CAP`]), so the page costs the same at a million rows.
+//! count stops at a cap ([`COUNT_CAP`] rows of backlog, [`REASON_CAP`] letters a reason),
+//! so the page costs about the same at a million rows.
 
 use std::sync::Arc;
 
@@ -9,13 +10,16 @@ use axum::response::Html;
 use maud::{Markup, html};
 
 use super::{age_text, database, inert, layout, time_text};
+use crate::broker::{self, BrokerView};
 use crate::config::Database;
 use crate::error::Failure;
 use crate::security::State;
 use crate::store;
 
-/// Where every count of the overview stops ("more than ...").
+/// Where the backlog's counts stop ("more than ...").
 pub(crate) const COUNT_CAP: i64 = 100_000;
+/// Where each (consumer, reason) group's count of dead letters stops.
+const REASON_CAP: i64 = 1_000;
 /// The most (consumer, reason) groups of dead letters shown.
 const REASON_GROUPS: i64 = 50;
 
@@ -25,6 +29,7 @@ struct Summary {
     instances: Vec<relay::store::InstanceStatus>,
     slots: Vec<relay::wal::store::SlotStatus>,
     dead_letters: Vec<dlq::store::DeadByReason>,
+    consumers: Vec<inbox::store::ConsumerActivity>,
 }
 
 async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
@@ -32,13 +37,15 @@ async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
     let backlog = outbox::store::inspect::glance(&mut tx, COUNT_CAP).await?;
     let instances = relay::store::instances(&mut tx).await?;
     let slots = relay::wal::store::slots(&mut tx).await?;
-    let dead_letters = dlq::store::dead_by_reason(&mut tx, REASON_GROUPS, COUNT_CAP).await?;
+    let dead_letters = dlq::store::dead_by_reason(&mut tx, REASON_GROUPS, REASON_CAP).await?;
+    let consumers = inbox::store::consumer_activity(&mut tx, 200).await?;
     tx.commit().await?;
     Ok(Summary {
         backlog,
         instances,
         slots,
         dead_letters,
+        consumers,
     })
 }
 
@@ -52,7 +59,11 @@ fn count_text(n: i64, capped: bool) -> String {
 }
 
 /// What needs a look, in words.
-fn red_flags(state: &State, s: &Summary) -> Vec<String> {
+fn red_flags(
+    state: &State,
+    s: &Summary,
+    broker: Option<&Result<BrokerView, String>>,
+) -> Vec<String> {
     let mut flags = Vec::new();
     let lease = state.config.lease_ttl.as_secs_f64();
     for i in &s.instances {
@@ -73,7 +84,14 @@ fn red_flags(state: &State, s: &Summary) -> Vec<String> {
             relay::store::PARTITIONS
         ));
     }
-    let window = state.config.duplicate_window.as_secs_f64();
+    if let Some(Err(e)) = broker {
+        flags.push(format!("cannot read the broker: {e}"));
+    }
+    let window = broker
+        .and_then(|b| b.as_ref().ok())
+        .and_then(BrokerView::duplicate_window)
+        .unwrap_or(state.config.duplicate_window)
+        .as_secs_f64();
     if s.backlog.unpublished > 0 && s.backlog.oldest_age_seconds > window {
         flags.push(format!(
             "the oldest unpublished row is {} old, past the stream's duplicate window ({}): a publish retried now is not deduplicated by the broker",
@@ -113,6 +131,10 @@ fn red_flags(state: &State, s: &Summary) -> Vec<String> {
 /// `GET /`.
 pub(crate) async fn page(Extract(state): Extract<Arc<State>>) -> Html<String> {
     let base = state.config.base_path.as_str();
+    let broker = match &state.config.broker {
+        Some(client) => Some(broker::read(client, state.config.broker_timeout).await),
+        None => None,
+    };
     let mut sections = Vec::with_capacity(state.config.databases.len());
     for db in &state.config.databases {
         sections.push((db, summary(&state, db).await));
@@ -125,7 +147,7 @@ pub(crate) async fn page(Extract(state): Extract<Arc<State>>) -> Html<String> {
                     h2 id={ "db-" (db.name) } { (db.name) }
                     @match summary {
                         Err(e) => p.flag role="alert" { "cannot read this database: " (e.message) },
-                        Ok(s) => (database_section(&state, base, db, s)),
+                        Ok(s) => (database_section(&state, base, db, s, broker.as_ref())),
                     }
                 }
             } }
@@ -134,8 +156,24 @@ pub(crate) async fn page(Extract(state): Extract<Arc<State>>) -> Html<String> {
     Html(layout(&state, base, "Overview", body).into_string())
 }
 
-fn database_section(state: &State, base: &str, db: &Database, s: &Summary) -> Markup {
-    let flags = red_flags(state, s);
+fn database_section(
+    state: &State,
+    base: &str,
+    db: &Database,
+    s: &Summary,
+    broker: Option<&Result<BrokerView, String>>,
+) -> Markup {
+    let flags = red_flags(state, s, broker);
+    let names: Vec<&str> = s
+        .consumers
+        .iter()
+        .map(|c| c.consumer.as_str())
+        .chain(s.dead_letters.iter().map(|d| d.consumer.as_str()))
+        .collect();
+    let durables: Vec<&broker::DurableView> = match broker {
+        Some(Ok(view)) => super::consumers::belongs(view, &names).collect(),
+        _ => Vec::new(),
+    };
     let unpublished = match (s.backlog.unpublished_capped, s.backlog.unpublished_estimate) {
         (true, Some(estimate)) if estimate > s.backlog.unpublished => format!(
             "{} (about {estimate})",
@@ -193,6 +231,25 @@ fn database_section(state: &State, base: &str, db: &Database, s: &Summary) -> Ma
                 }
             } }
         }
+        h3 { "Consumers" }
+        @if durables.is_empty() {
+            p {
+                @if broker.is_none() { "Start the console with --nats-url to see the durable consumers. " }
+                (s.consumers.len()) " inbox " (if s.consumers.len() == 1 { "consumer" } else { "consumers" }) "."
+            }
+        } @else {
+            div.wrap { table {
+                thead { tr { th scope="col" { "Durable" } th.num scope="col" { "Pending" } th.num scope="col" { "Ack pending" } th.num scope="col" { "Redelivered" } } }
+                tbody { @for d in &durables {
+                    tr data-durable=(inert(&d.name)) {
+                        td { (inert(&d.name)) }
+                        td.num { @if d.pending > 0 { strong { (d.pending) } } @else { "0" } }
+                        td.num { (d.ack_pending) }
+                        td.num { (d.redelivered) }
+                    }
+                } }
+            } }
+        }
         h3 { "Dead letters" }
         @if s.dead_letters.is_empty() {
             p { "None waiting." }
@@ -212,6 +269,8 @@ fn database_section(state: &State, base: &str, db: &Database, s: &Summary) -> Ma
         }
         p {
             a href={ (base) "/db/" (db.name) "/relays" } { "Relays and partitions" }
+            " · "
+            a href={ (base) "/db/" (db.name) "/consumers" } { "Consumers" }
             " · "
             a href={ (base) "/db/" (db.name) "/dead-letters" } { "All dead letters" }
             " · "
