@@ -39,6 +39,7 @@
 //! - `security` (private): authentication, CSRF tokens, the Origin check.
 //! - `broker` (private): what JetStream shows (streams, durable consumers), within a
 //!   deadline.
+//! - `rates` (private): the publish rate of the last hour, settled minutes kept in memory.
 //! - `store` (private): the console's own SQL (the audit trail, statement timeouts).
 //! - `pages` (private): the layout and the overview, relays, consumers, dead-letter and
 //!   action pages.
@@ -48,6 +49,7 @@ mod broker;
 mod config;
 mod error;
 mod pages;
+mod rates;
 mod security;
 mod store;
 

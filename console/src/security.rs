@@ -20,9 +20,12 @@ use sha2::Sha256;
 use crate::config::{Access, Config};
 use crate::error::Failure;
 
-/// The console's shared state: its settings and the CSRF secret.
+/// The console's shared state: its settings, the publish rates counted so far, the CSRF
+/// secret.
 pub(crate) struct State {
     pub(crate) config: Config,
+    /// The publish rates' settled minutes.
+    pub(crate) rates: crate::rates::Rates,
     secret: Vec<u8>,
 }
 
@@ -34,7 +37,11 @@ impl State {
             getrandom::fill(&mut bytes).expect("the operating system's random source");
             bytes
         });
-        State { config, secret }
+        State {
+            config,
+            rates: crate::rates::Rates::default(),
+            secret,
+        }
     }
 
     /// The CSRF token of `actor`.

@@ -37,6 +37,13 @@ pub(crate) async fn begin_snapshot(
     Ok(tx)
 }
 
+/// The transaction's time (its snapshot's), in microseconds since 1970-01-01 UTC.
+pub(crate) async fn now_micros(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT (extract(epoch FROM now()) * 1000000)::bigint")
+        .fetch_one(conn)
+        .await
+}
+
 /// One action, as the audit trail keeps it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub(crate) struct AuditEntry {

@@ -266,6 +266,34 @@ async fn overview_counts_stop_at_their_cap_and_wal_slots_are_shown() {
         page.contains("WAL slot orders_relay is not streamed by any relay"),
         "{page}"
     );
+    // The publish rate of the last hour: two rows five minutes ago, one now.
+    sqlx::raw_sql(
+        "UPDATE outbox_message SET status = 'published', published_at = now() - interval '5 minutes'
+          WHERE partition_key IN ('k-1', 'k-2');
+         UPDATE outbox_message SET status = 'published', published_at = now()
+          WHERE partition_key = 'k-3';",
+    )
+    .execute(&db.pool)
+    .await
+    .expect("publish");
+    // A console started now (one that had looked before counts a settled minute once: it
+    // would not see rows dated back into it).
+    let app = self::app(config(&db.pool));
+    let (_, page) = get(&app, "/").await;
+    assert!(page.contains("3 published in the last hour"), "{page}");
+    assert_eq!(
+        page.matches("<rect ").count(),
+        2,
+        "two minutes with rows: {page}"
+    );
+    // A settled minute is counted once: the cleaner deleting its rows does not erase it.
+    sqlx::query("DELETE FROM outbox_message WHERE partition_key IN ('k-1', 'k-2')")
+        .execute(&db.pool)
+        .await
+        .expect("clean");
+    let (_, page) = get(&app, "/").await;
+    assert!(page.contains("3 published in the last hour"), "{page}");
+
     // The page refreshes itself with the vendored htmx, served by the console.
     assert!(page.contains(r#"hx-get="/""#), "{page}");
     let (status, script) = get(&app, "/static/htmx.min.js").await;

@@ -373,15 +373,16 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         )
         .await;
     }
-    let purge_all = |confirm: Option<(&str, &str)>| {
+    let purge_all = |confirm: Option<(&str, &str, &str)>| {
         let mut fields = vec![
             ("csrf", token.as_str()),
             ("scope", "all"),
             ("reason", "decode"),
         ];
-        if let Some((count, max_id)) = confirm {
+        if let Some((count, max_id, counted_at)) = confirm {
             fields.push(("confirm", count));
             fields.push(("max_id", max_id));
+            fields.push(("counted_at", counted_at));
         }
         auth(form("/db/orders/dead-letters/purge", &fields))
     };
@@ -398,6 +399,7 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         "{page}"
     );
     let shown = hidden_value(&page, "max_id");
+    let shown_at = hidden_value(&page, "counted_at");
     // Meanwhile one of those is purged elsewhere and two new ones arrive: the count of what
     // was shown changed, so nothing is done and the new count is asked for.
     sqlx::query("DELETE FROM dead_letter WHERE id = (SELECT min(id) FROM dead_letter WHERE reason = 'decode')")
@@ -411,7 +413,7 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         )
         .await;
     }
-    let (_, page) = send(&app, purge_all(Some(("4", &shown)))).await;
+    let (_, page) = send(&app, purge_all(Some(("4", &shown, &shown_at)))).await;
     assert!(
         page.contains("The count changed since you confirmed 4")
             && page.contains("<strong>5</strong>"),
@@ -420,14 +422,43 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
     assert_eq!(decode_left().await, 5, "nothing purged on a changed count");
     // A letter that arrives after the count is not taken by its confirmation.
     let shown = hidden_value(&page, "max_id");
+    let shown_at = hidden_value(&page, "counted_at");
     record(
         &db.pool,
         &letter(Source::Consumer, "billing", "decode", 22, b"{}"),
     )
     .await;
-    let (_, page) = send(&app, purge_all(Some(("5", &shown)))).await;
+    let (_, page) = send(&app, purge_all(Some(("5", &shown, &shown_at)))).await;
     assert!(page.contains("Purged 5 dead letters."), "{page}");
     assert_eq!(decode_left().await, 1, "the letter that came later stays");
+    // Nor is a letter that fails again after the count (it keeps its id, below the highest
+    // counted), even when the count happens to hold.
+    let (_, page) = send(&app, purge_all(None)).await;
+    assert!(page.contains("Purge <strong>1</strong>"), "{page}");
+    let (shown, shown_at) = (
+        hidden_value(&page, "max_id"),
+        hidden_value(&page, "counted_at"),
+    );
+    sqlx::query("DELETE FROM dead_letter WHERE reason = 'decode'")
+        .execute(&db.pool)
+        .await
+        .expect("purged elsewhere");
+    let (consumer, message_id): (String, String) = sqlx::query_as(
+        "SELECT consumer, message_id FROM dead_letter WHERE reason <> 'decode' ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .expect("an older letter");
+    let mut again = letter(Source::Consumer, &consumer, "decode", 40, b"{}");
+    again.message_id = message_id;
+    let reparked = record(&db.pool, &again).await;
+    assert!(
+        reparked <= shown.parse::<i64>().expect("id"),
+        "premise: an older id"
+    );
+    let (status, body) = send(&app, purge_all(Some(("1", &shown, &shown_at)))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(decode_left().await, 1, "the letter that failed again stays");
     // Retrying "all" with a status other than dead is refused.
     let (status, body) = send(
         &app,

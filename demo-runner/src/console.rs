@@ -27,12 +27,19 @@ impl Drop for ConsoleServer {
 }
 
 /// Serves the console for `stack`'s orders, inventory and email databases on 127.0.0.1:`port`
-/// (0: a free port), with actions allowed and payloads shown (demo data) and open access
-/// (loopback only).
+/// (0: a free port), with actions allowed and payloads shown (demo data), open access
+/// (loopback only), and the stack's broker (durable consumers, the streams' window).
 pub async fn serve(stack: &Stack, port: u16) -> anyhow::Result<ConsoleServer> {
+    let broker = async_nats::ConnectOptions::new()
+        .name("outbox-console")
+        .retry_on_initial_connect()
+        .connect(stack.nats_url.as_str())
+        .await
+        .map_err(|e| anyhow::anyhow!("the console cannot reach the broker: {e}"))?;
     let config = console::Config {
         allow_actions: true,
         show_payloads: true,
+        broker: Some(broker),
         ..console::Config::new(vec![
             console::Database::new("orders", stack.db.orders.clone()),
             console::Database::new("inventory", stack.db.inventory.clone()),

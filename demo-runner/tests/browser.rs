@@ -101,6 +101,58 @@ async fn an_operator_filters_dead_letters_retries_one_and_the_consumer_processes
         .screenshot(&shots.join("overview.png"))
         .await
         .expect("shot");
+    // The vendored htmx runs under the console's CSP and refreshes the overview in place:
+    // the marked region is replaced by a fresh one.
+    assert_eq!(
+        browser.execute("return typeof htmx").await.expect("script"),
+        "object"
+    );
+    browser
+        .execute("document.getElementById('live').dataset.marked = 'yes'")
+        .await
+        .expect("mark");
+    testkit::wait_until(
+        Duration::from_secs(20),
+        "the overview refreshed itself",
+        || async {
+            browser
+                .execute("return document.getElementById('live').dataset.marked || 'fresh'")
+                .await
+                .is_ok_and(|v| v == "fresh")
+        },
+    )
+    .await
+    .expect("live refresh");
+
+    browser
+        .goto(&format!("{}/db/orders/relays", console.url()))
+        .await
+        .expect("relays");
+    assert_eq!(
+        browser.count("td[data-partition]").await.expect("grid"),
+        256
+    );
+    assert!(browser.count("tr[data-instance]").await.expect("instances") >= 1);
+    browser
+        .screenshot(&shots.join("relays.png"))
+        .await
+        .expect("shot");
+    browser
+        .goto(&format!("{}/db/inventory/consumers", console.url()))
+        .await
+        .expect("consumers");
+    assert!(
+        browser.count("tr[data-durable]").await.expect("durables") >= 1,
+        "the inventory consumer's durable is listed"
+    );
+    browser
+        .screenshot(&shots.join("consumers.png"))
+        .await
+        .expect("shot");
+    browser
+        .goto(&format!("{}/", console.url()))
+        .await
+        .expect("overview");
 
     browser
         .click("a[href='/db/inventory/dead-letters']")

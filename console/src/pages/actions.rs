@@ -14,6 +14,7 @@ use axum::extract::{Extension, Path, RawForm, State as Extract};
 use axum::http::StatusCode;
 use axum::response::Html;
 use maud::{Markup, html};
+use time::OffsetDateTime;
 
 use super::dead_letters::FilterParams;
 use super::{database, layout};
@@ -131,10 +132,22 @@ async fn act(
         filter.status = Some("dead".to_owned());
     }
     let confirmed = field("confirm").and_then(|c| c.parse::<i64>().ok());
-    // What the confirmation was for: the letters that existed when it was counted.
+    // What the confirmation was for: the letters that existed when it was counted (ids up
+    // to the highest counted), as they were then (failed last before the count: a letter
+    // that fails again keeps its id, and must not be taken unseen).
     let confirmed_max = field("max_id").and_then(|m| m.parse::<i64>().ok());
+    let counted_at = field("counted_at")
+        .and_then(|t| t.parse::<i128>().ok())
+        .and_then(|micros| OffsetDateTime::from_unix_timestamp_nanos(micros * 1000).ok());
+    let asked_until = filter.until;
     let mut tx = store::begin_snapshot(&db.pool, state.config.statement_timeout).await?;
-    filter.max_id = confirmed_max.filter(|_| confirmed.is_some());
+    if confirmed.is_some() {
+        filter.max_id = confirmed_max;
+        if let Some(at) = counted_at {
+            let bound = at + time::Duration::microseconds(1);
+            filter.until = Some(asked_until.map_or(bound, |u| u.min(bound)));
+        }
+    }
     let mut count = dlq::store::count(&mut tx, &filter).await?;
     if count == 0 {
         return Err(Failure::new(
@@ -157,10 +170,12 @@ async fn act(
     if confirm_first && confirmed != Some(count) {
         // Counted afresh (unless it was just counted so), up to the highest id now: the
         // next confirmation acts on these.
-        if filter.max_id.take().is_some() {
+        if filter.max_id.take().is_some() || filter.until != asked_until {
+            filter.until = asked_until;
             count = dlq::store::count(&mut tx, &filter).await?;
         }
         let max_id = dlq::store::max_id(&mut tx, &filter).await?.unwrap_or(0);
+        let counted_at = store::now_micros(&mut tx).await?;
         let base = state.config.base_path.as_str();
         let title = format!("{} · confirm", db.name);
         let page = confirmation(
@@ -170,7 +185,7 @@ async fn act(
             kind,
             &scope,
             &described,
-            (count, max_id),
+            (count, max_id, counted_at),
             confirmed,
         );
         return Ok(Html(layout(state, base, &title, page).into_string()));
@@ -205,6 +220,7 @@ async fn act(
             "scope": "all",
             "filter": params.pairs().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
             "max_id": filter.max_id,
+            "counted_before": filter.until.map(super::time_text),
         }),
     };
     store::audit(&mut tx, &actor.0, kind.verb(), &detail, affected).await?;
@@ -228,7 +244,7 @@ fn confirmation(
     kind: Kind,
     scope: &Scope,
     described: &str,
-    (count, max_id): (i64, i64),
+    (count, max_id, counted_at): (i64, i64, i64),
     asked: Option<i64>,
 ) -> Markup {
     let base = state.config.base_path.as_str();
@@ -249,6 +265,7 @@ fn confirmation(
             input type="hidden" name="csrf" value=(state.csrf_token(actor));
             input type="hidden" name="confirm" value=(count);
             input type="hidden" name="max_id" value=(max_id);
+            input type="hidden" name="counted_at" value=(counted_at);
             @match scope {
                 Scope::Selected(ids) => {
                     input type="hidden" name="scope" value="selected";

@@ -15,6 +15,7 @@ pub(crate) mod consumers;
 pub(crate) mod dead_letters;
 pub(crate) mod overview;
 pub(crate) mod relays;
+pub(crate) mod sparkline;
 
 use axum::http::header;
 use axum::response::IntoResponse;

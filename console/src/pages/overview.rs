@@ -30,6 +30,8 @@ struct Summary {
     slots: Vec<relay::wal::store::SlotStatus>,
     dead_letters: Vec<dlq::store::DeadByReason>,
     consumers: Vec<inbox::store::ConsumerActivity>,
+    /// Rows published in each of the last 60 minutes.
+    published: Vec<i64>,
 }
 
 async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
@@ -39,6 +41,7 @@ async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
     let slots = relay::wal::store::slots(&mut tx).await?;
     let dead_letters = dlq::store::dead_by_reason(&mut tx, REASON_GROUPS, REASON_CAP).await?;
     let consumers = inbox::store::consumer_activity(&mut tx, 200).await?;
+    let published = state.rates.last_hour(&db.name, &mut tx).await?;
     tx.commit().await?;
     Ok(Summary {
         backlog,
@@ -46,6 +49,7 @@ async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
         slots,
         dead_letters,
         consumers,
+        published,
     })
 }
 
@@ -196,6 +200,11 @@ fn database_section(
             dt { "Retrying" } dd data-field="retrying" { (retrying) }
             dt { "Oldest unpublished" } dd data-field="oldest" { (age_text(s.backlog.oldest_age_seconds)) }
             dt { "Oldest due" } dd data-field="oldest-due" { (age_text(s.backlog.oldest_due_age_seconds)) }
+            dt { "Published, last hour" }
+            dd data-field="published" {
+                (super::sparkline::bars(&s.published, &rate_label(&s.published)))
+                span.note { (rate_short(&s.published)) }
+            }
         }
         h3 { "Relays" }
         @if s.instances.is_empty() {
@@ -239,13 +248,12 @@ fn database_section(
             }
         } @else {
             div.wrap { table {
-                thead { tr { th scope="col" { "Durable" } th.num scope="col" { "Pending" } th.num scope="col" { "Ack pending" } th.num scope="col" { "Redelivered" } } }
+                thead { tr { th scope="col" { "Durable" } th.num scope="col" { "Pending" } th.num scope="col" { "Unacked" } } }
                 tbody { @for d in &durables {
                     tr data-durable=(inert(&d.name)) {
                         td { (inert(&d.name)) }
                         td.num { @if d.pending > 0 { strong { (d.pending) } } @else { "0" } }
                         td.num { (d.ack_pending) }
-                        td.num { (d.redelivered) }
                     }
                 } }
             } }
@@ -277,6 +285,23 @@ fn database_section(
             a href={ (base) "/db/" (db.name) "/audit" } { "Actions taken" }
         }
     }
+}
+
+/// The sparkline's words: the hour's total, the busiest minute, the last full minute.
+fn rate_label(per_minute: &[i64]) -> String {
+    let total: i64 = per_minute.iter().sum();
+    let peak = per_minute.iter().copied().max().unwrap_or(0);
+    let last = per_minute.len().checked_sub(2).map_or(0, |i| per_minute[i]);
+    format!(
+        "{total} published in the last hour (table rows); busiest minute {peak}, last full minute {last}"
+    )
+}
+
+/// The sparkline's words, short: the hour's total and the busiest minute.
+fn rate_short(per_minute: &[i64]) -> String {
+    let total: i64 = per_minute.iter().sum();
+    let peak = per_minute.iter().copied().max().unwrap_or(0);
+    format!("{total} in the hour, peak {peak}/min")
 }
 
 /// A byte count, short: `512 B`, `3.2 kB`, `41 MB`.

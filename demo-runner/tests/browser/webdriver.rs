@@ -182,6 +182,16 @@ impl Session {
         Ok(v.as_str().unwrap_or_default().to_owned())
     }
 
+    /// What `script` (a function body) returns in the page.
+    pub(crate) async fn execute(&self, script: &str) -> anyhow::Result<Value> {
+        self.call(
+            "POST",
+            "/execute/sync",
+            json!({ "script": script, "args": [] }),
+        )
+        .await
+    }
+
     /// The current page's URL.
     pub(crate) async fn url(&self) -> anyhow::Result<String> {
         let v = self.call("GET", "/url", Value::Null).await?;

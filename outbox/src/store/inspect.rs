@@ -143,3 +143,27 @@ pub async fn retry_key_now(
     .await?;
     Ok(done.rows_affected())
 }
+
+/// Rows published per minute from minute `since_minute` on (minutes since 1970-01-01 UTC),
+/// as `(minute, rows)` in order (minutes without a row are left out), and the database's
+/// current minute. Published rows stay until the relay's cleaner deletes them (after
+/// `--retention`, an hour by default); a WAL relay keeps none. Cost: the rows of
+/// `outbox_message_published_at_idx` since then.
+pub async fn published_per_minute(
+    conn: &mut PgConnection,
+    since_minute: i64,
+) -> Result<(Vec<(i64, i64)>, i64), sqlx::Error> {
+    let now: i64 = sqlx::query_scalar("SELECT floor(extract(epoch FROM now()) / 60)::bigint")
+        .fetch_one(&mut *conn)
+        .await?;
+    let rows = sqlx::query_as(
+        "SELECT floor(extract(epoch FROM published_at) / 60)::bigint AS minute, count(*) AS rows
+         FROM outbox_message
+         WHERE status = 'published' AND published_at >= to_timestamp($1::float8 * 60)
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind(since_minute)
+    .fetch_all(conn)
+    .await?;
+    Ok((rows, now))
+}
