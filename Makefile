@@ -83,6 +83,7 @@ bench: tools ## Run the end-to-end scenarios (relay, producer, inbox), then the 
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode strict --events 20000
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched --handler batch
 	$(CARGO) run --release --locked -p bench -- inbox-consume --mode batched --handler per-message
+	$(CARGO) run --release --locked -p bench -- console
 	$(CARGO) bench --locked -p bench
 
 fmt: ## Format the code

@@ -41,7 +41,7 @@ pub struct ConsoleConfig {
     pub backlog: usize,
     /// Distinct partition keys of the backlog. Defaults to 10 000.
     pub keys: usize,
-    /// Requests per page (after 5 of warm-up). Defaults to 200.
+    /// Requests per page (after 5 of warm-up). Defaults to 100.
     pub requests: usize,
 }
 
@@ -51,7 +51,7 @@ impl Default for ConsoleConfig {
             letters: 1_000_000,
             backlog: 1_000_000,
             keys: 10_000,
-            requests: 200,
+            requests: 100,
         }
     }
 }

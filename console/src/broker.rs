@@ -35,8 +35,13 @@ pub(crate) struct DurableView {
     pub(crate) max_deliver: i64,
     pub(crate) ack_wait: Duration,
     /// When the oldest message the broker may still deliver to it (the first after the ack
-    /// floor) was stored; `None` when it is fully acknowledged.
+    /// floor) was stored; `None` when it is fully acknowledged or that message could not be
+    /// read (`horizon_unknown`). With a filter subject, the first message after the floor
+    /// may be another subject's, so this can be older than the oldest it may really get.
     pub(crate) horizon: Option<OffsetDateTime>,
+    /// Behind, but the message after its ack floor could not be read (deleted from the
+    /// middle of the stream, or the broker refused).
+    pub(crate) horizon_unknown: bool,
 }
 
 /// Everything the broker shows.
@@ -101,10 +106,12 @@ async fn read_all(client: &async_nats::Client) -> Result<BrokerView, String> {
                 // The first message after the floor may have been removed (limits, purge):
                 // then the stream's first message is the oldest that can come.
                 let seq = next.max(info.state.first_sequence);
-                stream.get_raw_message(seq).await.ok().map(|m| m.time)
+                Some(stream.get_raw_message(seq).await.ok().map(|m| m.time))
             } else {
                 None
             };
+            let horizon_unknown = matches!(horizon, Some(None));
+            let horizon = horizon.flatten();
             view.durables.push(DurableView {
                 stream: info.config.name.clone(),
                 name: c.name.clone(),
@@ -115,6 +122,7 @@ async fn read_all(client: &async_nats::Client) -> Result<BrokerView, String> {
                 max_deliver: c.config.max_deliver,
                 ack_wait: c.config.ack_wait,
                 horizon,
+                horizon_unknown,
             });
         }
         view.streams.push(StreamView {

@@ -97,6 +97,7 @@ pub fn router(config: Config) -> Result<Router, String> {
         .route("/db/{database}/audit", get(pages::overview::audit))
         .route("/static/console.css", get(pages::stylesheet))
         .route("/static/htmx.min.js", get(pages::htmx))
+        .route("/static/console.js", get(pages::script))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             security::guard,

@@ -34,16 +34,16 @@ impl Rates {
         database: &str,
         conn: &mut PgConnection,
     ) -> Result<Vec<i64>, sqlx::Error> {
-        let wall = time::OffsetDateTime::now_utc().unix_timestamp() / 60;
         let settled_until = self
             .databases
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(database)
             .map_or(0, |c| c.settled_until);
-        // From the first unsettled minute on, never more than the hour shown.
-        let since = settled_until.max(wall - MINUTES);
-        let (rows, now) = outbox::store::inspect::published_per_minute(conn, since).await?;
+        // From the first unsettled minute on, never more than the hour shown (by the
+        // database's clock).
+        let (rows, now, since) =
+            outbox::store::inspect::published_per_minute(conn, settled_until, MINUTES).await?;
         let fresh: BTreeMap<i64, i64> = rows.into_iter().collect();
         let first = now - MINUTES + 1;
         let settle = now - SETTLE_MINUTES;

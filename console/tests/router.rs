@@ -252,12 +252,14 @@ async fn hostile_content_is_rendered_inert() {
     ] {
         let (status, page) = get(&app, &path).await;
         assert_eq!(status, StatusCode::OK, "{path}: {page}");
-        // The console's own script, and nothing else.
-        let page = page.replacen(
-            r#"<script src="/static/htmx.min.js" defer></script>"#,
-            "",
-            1,
-        );
+        // The console's own scripts, and nothing else.
+        let page = page
+            .replacen(
+                r#"<script src="/static/htmx.min.js" defer></script>"#,
+                "",
+                1,
+            )
+            .replacen(r#"<script src="/static/console.js" defer></script>"#, "", 1);
         assert!(!page.contains("<script"), "{path}: {page}");
         assert!(!page.contains("<img"), "{path}: {page}");
         assert!(!page.contains("<b>email"), "{path}: {page}");
@@ -373,16 +375,17 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         )
         .await;
     }
-    let purge_all = |confirm: Option<(&str, &str, &str)>| {
+    let purge_all = |confirm: Option<(&str, &str, &str, &str)>| {
         let mut fields = vec![
             ("csrf", token.as_str()),
             ("scope", "all"),
             ("reason", "decode"),
         ];
-        if let Some((count, max_id, counted_at)) = confirm {
+        if let Some((count, max_id, counted_at, fingerprint)) = confirm {
             fields.push(("confirm", count));
             fields.push(("max_id", max_id));
             fields.push(("counted_at", counted_at));
+            fields.push(("fingerprint", fingerprint));
         }
         auth(form("/db/orders/dead-letters/purge", &fields))
     };
@@ -400,6 +403,7 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
     );
     let shown = hidden_value(&page, "max_id");
     let shown_at = hidden_value(&page, "counted_at");
+    let shown_print = hidden_value(&page, "fingerprint");
     // Meanwhile one of those is purged elsewhere and two new ones arrive: the count of what
     // was shown changed, so nothing is done and the new count is asked for.
     sqlx::query("DELETE FROM dead_letter WHERE id = (SELECT min(id) FROM dead_letter WHERE reason = 'decode')")
@@ -413,23 +417,56 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         )
         .await;
     }
-    let (_, page) = send(&app, purge_all(Some(("4", &shown, &shown_at)))).await;
+    let (_, page) = send(
+        &app,
+        purge_all(Some(("4", &shown, &shown_at, &shown_print))),
+    )
+    .await;
     assert!(
-        page.contains("The count changed since you confirmed 4")
+        page.contains("The letters changed since you confirmed 4")
             && page.contains("<strong>5</strong>"),
         "{page}"
     );
     assert_eq!(decode_left().await, 5, "nothing purged on a changed count");
-    // A letter that arrives after the count is not taken by its confirmation.
+    // Then a letter arrives after the count, and one of those counted fails once more.
     let shown = hidden_value(&page, "max_id");
     let shown_at = hidden_value(&page, "counted_at");
+    let shown_print = hidden_value(&page, "fingerprint");
     record(
         &db.pool,
         &letter(Source::Consumer, "billing", "decode", 22, b"{}"),
     )
     .await;
-    let (_, page) = send(&app, purge_all(Some(("5", &shown, &shown_at)))).await;
-    assert!(page.contains("Purged 5 dead letters."), "{page}");
+    // The same number of letters in another state is not what was confirmed.
+    sqlx::query("UPDATE dead_letter SET attempts = attempts + 1 WHERE id = (SELECT min(id) FROM dead_letter WHERE reason = 'decode')")
+        .execute(&db.pool)
+        .await
+        .expect("failed once more");
+    let (_, page) = send(
+        &app,
+        purge_all(Some(("5", &shown, &shown_at, &shown_print))),
+    )
+    .await;
+    assert!(
+        page.contains("The letters changed since you confirmed 5"),
+        "{page}"
+    );
+    assert_eq!(decode_left().await, 6, "nothing purged");
+    let shown = hidden_value(&page, "max_id");
+    let shown_at = hidden_value(&page, "counted_at");
+    let shown_print = hidden_value(&page, "fingerprint");
+    // A letter that arrives after this count is not taken by its confirmation.
+    record(
+        &db.pool,
+        &letter(Source::Consumer, "billing", "decode", 23, b"{}"),
+    )
+    .await;
+    let (_, page) = send(
+        &app,
+        purge_all(Some(("6", &shown, &shown_at, &shown_print))),
+    )
+    .await;
+    assert!(page.contains("Purged 6 dead letters."), "{page}");
     assert_eq!(decode_left().await, 1, "the letter that came later stays");
     // Nor is a letter that fails again after the count (it keeps its id, below the highest
     // counted), even when the count happens to hold.
@@ -456,7 +493,11 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         reparked <= shown.parse::<i64>().expect("id"),
         "premise: an older id"
     );
-    let (status, body) = send(&app, purge_all(Some(("1", &shown, &shown_at)))).await;
+    let (status, body) = send(
+        &app,
+        purge_all(Some(("1", &shown, &shown_at, &shown_print))),
+    )
+    .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(decode_left().await, 1, "the letter that failed again stays");
     // Retrying "all" with a status other than dead is refused.
@@ -473,7 +514,7 @@ async fn retry_and_purge_go_through_the_dlq_code_and_are_audited() {
         audit_rows(&db.pool).await,
         [
             ("ops".to_owned(), "retry".to_owned(), 2),
-            ("ops".to_owned(), "purge".to_owned(), 5)
+            ("ops".to_owned(), "purge".to_owned(), 6)
         ]
     );
     let (status, page) = send(

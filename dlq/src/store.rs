@@ -221,7 +221,7 @@ const FILTER: &str = "($1::bigint[] IS NULL OR id = ANY($1))
     AND ($8::text IS NULL OR source = $8)
     AND ($9::text IS NULL OR partition_key = $9)
     AND ($10::text IS NULL OR lower(error_chain::text) LIKE '%' || replace(replace(replace(
-        lower($10), '\\', '\\\\'), '%', '\\%'), '_', '\\_') || '%')
+        lower($10), '!', '!!'), '%', '!%'), '_', '!_') || '%' ESCAPE '!')
     AND ($11::bigint IS NULL OR id <= $11)";
 
 macro_rules! bind_filter {
@@ -317,6 +317,21 @@ pub async fn count(conn: &mut PgConnection, filter: &Filter) -> Result<i64, sqlx
 /// The highest id matching `filter`, if any.
 pub async fn max_id(conn: &mut PgConnection, filter: &Filter) -> Result<Option<i64>, sqlx::Error> {
     let sql = format!("SELECT max(id) FROM dead_letter WHERE {FILTER}");
+    bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter)
+        .fetch_one(conn)
+        .await
+}
+
+/// A fingerprint of the letters matching `filter` as they are now (each one's id, status,
+/// attempts and last failure): equal fingerprints mean the same letters in the same state,
+/// whatever their count. The console confirms an action on what the operator was shown
+/// with it.
+pub async fn fingerprint(conn: &mut PgConnection, filter: &Filter) -> Result<String, sqlx::Error> {
+    let sql = format!(
+        "SELECT coalesce(sum(hashtextextended(
+                    id || ':' || status || ':' || attempts || ':' || last_failed_at, 0)::numeric), 0)::text
+         FROM dead_letter WHERE {FILTER}"
+    );
     bind_filter!(sqlx::query_scalar(sqlx::AssertSqlSafe(sql)), filter)
         .fetch_one(conn)
         .await

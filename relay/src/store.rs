@@ -152,16 +152,26 @@ pub async fn instances(conn: &mut PgConnection) -> Result<Vec<InstanceStatus>, s
     .await
 }
 
-/// The application name a relay instance's database sessions carry (`relay <instance id>`,
-/// cut to PostgreSQL's 63 bytes), so that its sessions and open claims can be told apart.
+/// The application name a relay instance's database sessions carry, so that its sessions
+/// and open claims can be told apart: `relay <instance id>`; for an id that would not fit
+/// PostgreSQL's 63 bytes or is not printable ASCII (which PostgreSQL would rewrite), its
+/// printable ASCII start and a hash of the whole id (`relay <start>~<16 hex digits>`), so that
+/// two instances never share a name.
 pub fn application_name(instance: &str) -> String {
-    let mut name = format!("relay {instance}");
-    let mut end = name.len().min(63);
-    while !name.is_char_boundary(end) {
-        end -= 1;
+    let plain = format!("relay {instance}");
+    if plain.len() <= 63 && instance.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return plain;
     }
-    name.truncate(end);
-    name
+    // FNV-1a, 64 bits: stable across processes and versions (the console computes it too).
+    let hash = instance.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let start: String = instance
+        .chars()
+        .filter(|c| (' '..='~').contains(c))
+        .take(63 - "relay ".len() - 17)
+        .collect();
+    format!("relay {start}~{hash:016x}")
 }
 
 /// Who holds each of the 256 partitions.
@@ -264,4 +274,22 @@ pub async fn notify_enabled(conn: &mut PgConnection) -> Result<bool, sqlx::Error
     )
     .fetch_one(conn)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::application_name;
+
+    #[test]
+    fn application_names_fit_and_stay_distinct() {
+        assert_eq!(application_name("relay-a"), "relay relay-a");
+        let long_a = format!("{}-a", "pod".repeat(30));
+        let long_b = format!("{}-b", "pod".repeat(30));
+        let (a, b) = (application_name(&long_a), application_name(&long_b));
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b, "the cut part still tells them apart");
+        assert_eq!(a, application_name(&long_a), "stable");
+        let odd = application_name("relé-1");
+        assert!(odd.is_ascii() && odd.starts_with("relay rel-1~"), "{odd}");
+    }
 }

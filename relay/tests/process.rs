@@ -38,7 +38,7 @@ async fn a_relay_killed_between_publish_and_mark_loses_and_duplicates_nothing() 
     // server; end the dead relay's sessions first, as the server would on noticing the
     // broken connection.
     sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'relay %'",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'relay %' AND datname = current_database()",
     )
     .execute(&env.pool)
     .await
@@ -49,7 +49,7 @@ async fn a_relay_killed_between_publish_and_mark_loses_and_duplicates_nothing() 
         "the dead relay's sessions are gone",
         || async {
             sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'relay %'",
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'relay %' AND datname = current_database()",
             )
             .fetch_one(&pool)
             .await

@@ -167,7 +167,12 @@ async fn act(
         ));
     }
     let confirm_first = kind == Kind::Purge || matches!(scope, Scope::All(_));
-    if confirm_first && confirmed != Some(count) {
+    // The same count of other letters (one gone, one failed again meanwhile) is not what
+    // was confirmed either.
+    let same_letters = confirmed == Some(count)
+        && field("fingerprint").is_some_and(|f| !f.is_empty())
+        && field("fingerprint") == Some(dlq::store::fingerprint(&mut tx, &filter).await?.as_str());
+    if confirm_first && !same_letters {
         // Counted afresh (unless it was just counted so), up to the highest id now: the
         // next confirmation acts on these.
         if filter.max_id.take().is_some() || filter.until != asked_until {
@@ -176,6 +181,7 @@ async fn act(
         }
         let max_id = dlq::store::max_id(&mut tx, &filter).await?.unwrap_or(0);
         let counted_at = store::now_micros(&mut tx).await?;
+        let fingerprint = dlq::store::fingerprint(&mut tx, &filter).await?;
         let base = state.config.base_path.as_str();
         let title = format!("{} · confirm", db.name);
         let page = confirmation(
@@ -185,7 +191,7 @@ async fn act(
             kind,
             &scope,
             &described,
-            (count, max_id, counted_at),
+            (count, max_id, counted_at, &fingerprint),
             confirmed,
         );
         return Ok(Html(layout(state, base, &title, page).into_string()));
@@ -244,7 +250,7 @@ fn confirmation(
     kind: Kind,
     scope: &Scope,
     described: &str,
-    (count, max_id, counted_at): (i64, i64, i64),
+    (count, max_id, counted_at, fingerprint): (i64, i64, i64, &str),
     asked: Option<i64>,
 ) -> Markup {
     let base = state.config.base_path.as_str();
@@ -255,7 +261,7 @@ fn confirmation(
     };
     html! {
         @if let Some(asked) = asked {
-            p.flag role="alert" { "The count changed since you confirmed " (asked) ": nothing was done. Confirm again." }
+            p.flag role="alert" { "The letters changed since you confirmed " (asked) ": nothing was done. Confirm again." }
         }
         p data-field="count" { (verb) " " strong { (count) } " dead " (letters(count)) " matching " (described) "?" }
         @if kind == Kind::Purge {
@@ -266,6 +272,7 @@ fn confirmation(
             input type="hidden" name="confirm" value=(count);
             input type="hidden" name="max_id" value=(max_id);
             input type="hidden" name="counted_at" value=(counted_at);
+            input type="hidden" name="fingerprint" value=(fingerprint);
             @match scope {
                 Scope::Selected(ids) => {
                     input type="hidden" name="scope" value="selected";

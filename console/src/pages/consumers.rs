@@ -223,7 +223,7 @@ fn durable_table(
                     td.num data-field="ack-pending" { (d.ack_pending) }
                     td.num data-field="redelivered" { (d.redelivered) }
                     td.num { (d.ack_floor) }
-                    td.num { (d.horizon.map(|h| age_text((now - h).as_seconds_f64().max(0.0))).unwrap_or_else(|| "none".to_owned())) }
+                    td.num { @if d.horizon_unknown { "unknown" } @else { (d.horizon.map(|h| age_text((now - h).as_seconds_f64().max(0.0))).unwrap_or_else(|| "none".to_owned())) } }
                     td.num { @if d.max_deliver < 0 { "unlimited" } @else { (d.max_deliver) } }
                     td.num { (age_text(d.ack_wait.as_secs_f64())) }
                 }

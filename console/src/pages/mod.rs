@@ -28,6 +28,8 @@ use crate::error::Failure;
 use crate::security::State;
 
 const STYLESHEET: &str = include_str!("console.css");
+/// The console's own script: a live region whose refresh fails says so.
+const SCRIPT: &str = include_str!("console.js");
 /// htmx 2.0.8 (`console/vendor/README.md` says where it comes from).
 const HTMX: &str = include_str!("../../vendor/htmx-2.0.8.min.js");
 /// How often a live page refreshes its content.
@@ -49,6 +51,14 @@ pub(crate) async fn htmx() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         HTMX,
+    )
+}
+
+/// `GET /static/console.js`.
+pub(crate) async fn script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        SCRIPT,
     )
 }
 
@@ -74,6 +84,7 @@ pub(crate) fn layout(state: &State, base: &str, title: &str, body: Markup) -> Ma
                 meta name="htmx-config" content=(HTMX_CONFIG);
                 link rel="stylesheet" href={ (base) "/static/console.css" };
                 script src={ (base) "/static/htmx.min.js" } defer {}
+                script src={ (base) "/static/console.js" } defer {}
             }
             body {
                 a.skip href="#main" { "Skip to content" }

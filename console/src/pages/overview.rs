@@ -30,6 +30,8 @@ struct Summary {
     slots: Vec<relay::wal::store::SlotStatus>,
     dead_letters: Vec<dlq::store::DeadByReason>,
     consumers: Vec<inbox::store::ConsumerActivity>,
+    /// More (consumer, reason) groups wait than are listed.
+    more_reasons: bool,
     /// Rows published in each of the last 60 minutes.
     published: Vec<i64>,
 }
@@ -39,7 +41,10 @@ async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
     let backlog = outbox::store::inspect::glance(&mut tx, COUNT_CAP).await?;
     let instances = relay::store::instances(&mut tx).await?;
     let slots = relay::wal::store::slots(&mut tx).await?;
-    let dead_letters = dlq::store::dead_by_reason(&mut tx, REASON_GROUPS, REASON_CAP).await?;
+    let mut dead_letters =
+        dlq::store::dead_by_reason(&mut tx, REASON_GROUPS + 1, REASON_CAP).await?;
+    let more_reasons = dead_letters.len() as i64 > REASON_GROUPS;
+    dead_letters.truncate(REASON_GROUPS as usize);
     let consumers = inbox::store::consumer_activity(&mut tx, 200).await?;
     let published = state.rates.last_hour(&db.name, &mut tx).await?;
     tx.commit().await?;
@@ -49,6 +54,7 @@ async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
         slots,
         dead_letters,
         consumers,
+        more_reasons,
         published,
     })
 }
@@ -118,7 +124,7 @@ fn red_flags(
     }
     let dead: i64 = s.dead_letters.iter().map(|d| d.count).sum();
     if dead > 0 {
-        let capped = s.dead_letters.iter().any(|d| d.capped);
+        let capped = s.more_reasons || s.dead_letters.iter().any(|d| d.capped);
         let (noun, verb) = if dead == 1 && !capped {
             ("letter", "waits")
         } else {
@@ -185,7 +191,7 @@ fn database_section(
         ),
         (capped, _) => count_text(s.backlog.unpublished, capped),
     };
-    let retrying = count_text(s.backlog.retrying, s.backlog.retrying >= COUNT_CAP);
+    let retrying = count_text(s.backlog.retrying, s.backlog.retrying_capped);
     html! {
         @if flags.is_empty() {
             p.fine { "Nothing needs a look." }
@@ -274,6 +280,9 @@ fn database_section(
                     }
                 }
             } }
+        }
+        @if s.more_reasons {
+            p.note { "More consumers and reasons have dead letters than are listed: see all dead letters." }
         }
         p {
             a href={ (base) "/db/" (db.name) "/relays" } { "Relays and partitions" }

@@ -39,6 +39,11 @@ async fn read(state: &State, db: &Database) -> Result<Relays, Failure> {
         heads: outbox::store::inspect::partitions_at_head(&mut tx, GRID_HEAD_ROWS).await?,
         stuck: outbox::store::inspect::stuck_keys(&mut tx, STUCK_KEYS_SHOWN).await?,
     };
+    // Oldest first among those read.
+    let mut relays = relays;
+    relays
+        .stuck
+        .sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
     tx.commit().await?;
     Ok(relays)
 }
@@ -52,14 +57,15 @@ pub(crate) async fn page(
     let db = database(&state, &name)?;
     let relays = read(&state, db).await?;
     let url = format!("{}/db/{}/relays", state.config.base_path, db.name);
-    let body = super::live(
-        &url,
-        html! {
+    // The waiting keys and their buttons stay put (a refresh under the pointer could move
+    // another key's button there); the rest refreshes itself.
+    let body = html! {
+        (super::live(&url, html! {
             (instances(&relays))
             (grid(&state, &relays))
-            (stuck_keys(&state, &actor, &db.name, &relays))
-        },
-    );
+        }))
+        (stuck_keys(&state, &actor, &db.name, &relays))
+    };
     let title = format!("{} · relays", db.name);
     Ok(Html(
         layout(&state, &state.config.base_path, &title, body).into_string(),
@@ -186,7 +192,8 @@ fn stuck_keys(state: &State, actor: &Actor, database: &str, relays: &Relays) -> 
             p.fine { "None: no key's head is waiting to be retried." }
         } @else {
             p { "The oldest row of each of these keys failed to publish and waits for its retry; the key's later rows wait behind it (order per key). "
-                @if relays.stuck.len() as i64 >= STUCK_KEYS_SHOWN { "The oldest " (STUCK_KEYS_SHOWN) " are shown." } }
+                @if relays.stuck.len() as i64 >= STUCK_KEYS_SHOWN { "More keys wait: the first " (STUCK_KEYS_SHOWN) " by name are shown, oldest first. " }
+                "This list is as of the page's load: reload it to see the keys now." }
             div.wrap { table {
                 thead { tr {
                     th scope="col" { "Key" } th.num scope="col" { "Partition" } th scope="col" { "Subject" }

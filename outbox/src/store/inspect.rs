@@ -16,6 +16,8 @@ pub struct Glance {
     pub unpublished_estimate: Option<i64>,
     /// Unpublished rows that failed at least once, counted up to the cap.
     pub retrying: i64,
+    /// More than `retrying` rows failed: the count stopped at the cap.
+    pub retrying_capped: bool,
     /// Seconds since the oldest unpublished row was written (0 when none).
     pub oldest_age_seconds: f64,
     /// Seconds since the oldest unpublished row that may be claimed now (not waiting out a
@@ -32,14 +34,15 @@ pub async fn glance(conn: &mut PgConnection, cap: i64) -> Result<Glance, sqlx::E
              SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox_message
                          WHERE status = 'pending' LIMIT $1 + 1) c) AS unpublished,
                     (SELECT count(*) FROM (SELECT 1 FROM outbox_message
-                         WHERE status = 'pending' AND attempts > 0 LIMIT $1) r) AS retrying)
+                         WHERE status = 'pending' AND attempts > 0 LIMIT $1 + 1) r) AS retrying)
          SELECT least(counted.unpublished, $1) AS unpublished,
                 counted.unpublished > $1 AS unpublished_capped,
                 CASE WHEN counted.unpublished > $1 THEN
                     (SELECT nullif(reltuples, -1)::bigint FROM pg_class
                      WHERE oid = to_regclass('outbox_message_claim_idx'))
                 END AS unpublished_estimate,
-                counted.retrying,
+                least(counted.retrying, $1) AS retrying,
+                counted.retrying > $1 AS retrying_capped,
                 coalesce((SELECT extract(epoch FROM now() - created_at)::float8
                           FROM outbox_message WHERE status = 'pending'
                           ORDER BY seq LIMIT 1), 0) AS oldest_age_seconds,
@@ -105,8 +108,10 @@ pub struct StuckKey {
     pub retry_in_seconds: f64,
 }
 
-/// The keys waiting out a backoff, oldest first, at most `limit`. Cost: the rows of
-/// `outbox_message_retrying_key_idx` (pending rows that failed), however large the backlog.
+/// Keys waiting out a backoff, at most `limit`, in key order (the order of
+/// `outbox_message_retrying_key_idx`, so that a broker outage that makes every key's head
+/// wait costs `limit` rows, not all of them), each with its waiting row; the caller may sort
+/// them by age.
 pub async fn stuck_keys(conn: &mut PgConnection, limit: i64) -> Result<Vec<StuckKey>, sqlx::Error> {
     sqlx::query_as(
         "SELECT partition_key, (hashtextextended(partition_key, 0) & 255)::smallint AS partition_id,
@@ -115,7 +120,7 @@ pub async fn stuck_keys(conn: &mut PgConnection, limit: i64) -> Result<Vec<Stuck
                 extract(epoch FROM available_at - now())::float8 AS retry_in_seconds
          FROM outbox_message
          WHERE status = 'pending' AND attempts > 0 AND available_at > now()
-         ORDER BY seq LIMIT $1",
+         ORDER BY partition_key LIMIT $1",
     )
     .bind(limit)
     .fetch_all(conn)
@@ -144,26 +149,32 @@ pub async fn retry_key_now(
     Ok(done.rows_affected())
 }
 
-/// Rows published per minute from minute `since_minute` on (minutes since 1970-01-01 UTC),
-/// as `(minute, rows)` in order (minutes without a row are left out), and the database's
-/// current minute. Published rows stay until the relay's cleaner deletes them (after
-/// `--retention`, an hour by default); a WAL relay keeps none. Cost: the rows of
-/// `outbox_message_published_at_idx` since then.
+/// Rows published per minute, from the minute `settled_until` (minutes since 1970-01-01
+/// UTC) or `minutes` back from the database's current minute, whichever is later: returns
+/// `(rows, now, since)`, the rows as `(minute, rows)` in order (minutes without a row are left
+/// out), the database's current minute and the first minute counted. Published rows stay
+/// until the relay's cleaner deletes them (after `--retention`, an hour by default); a WAL
+/// relay keeps none. Cost: the rows of `outbox_message_published_at_idx` since then.
 pub async fn published_per_minute(
     conn: &mut PgConnection,
-    since_minute: i64,
-) -> Result<(Vec<(i64, i64)>, i64), sqlx::Error> {
-    let now: i64 = sqlx::query_scalar("SELECT floor(extract(epoch FROM now()) / 60)::bigint")
-        .fetch_one(&mut *conn)
-        .await?;
+    settled_until: i64,
+    minutes: i64,
+) -> Result<(Vec<(i64, i64)>, i64, i64), sqlx::Error> {
+    let (now, since): (i64, i64) = sqlx::query_as(
+        "SELECT m, greatest($1, m - $2) FROM (SELECT floor(extract(epoch FROM now()) / 60)::bigint AS m) n",
+    )
+    .bind(settled_until)
+    .bind(minutes)
+    .fetch_one(&mut *conn)
+    .await?;
     let rows = sqlx::query_as(
         "SELECT floor(extract(epoch FROM published_at) / 60)::bigint AS minute, count(*) AS rows
          FROM outbox_message
          WHERE status = 'published' AND published_at >= to_timestamp($1::float8 * 60)
          GROUP BY 1 ORDER BY 1",
     )
-    .bind(since_minute)
+    .bind(since)
     .fetch_all(conn)
     .await?;
-    Ok((rows, now))
+    Ok((rows, now, since))
 }
