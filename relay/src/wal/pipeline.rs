@@ -131,6 +131,10 @@ pub(crate) struct Pipeline<P> {
     confirmed: Option<Lsn>,
     /// See [`Pipeline::idle_position`].
     idle: Option<Lsn>,
+    /// Dead letters being written.
+    writing_dead_letters: usize,
+    /// Stopping: nothing new is sent (see [`Pipeline::stop_sending`]).
+    stopping: bool,
 }
 
 impl<P: Publisher> Pipeline<P> {
@@ -154,7 +158,24 @@ impl<P: Publisher> Pipeline<P> {
             invisible_polls: 0,
             confirmed: None,
             idle: None,
+            writing_dead_letters: 0,
+            stopping: false,
         }
+    }
+
+    /// From now on nothing new goes out: no publish, retry or dead letter starts; what is
+    /// already out is still settled and confirmed ([`Pipeline::settling`]). For a shutdown,
+    /// which should finish what is on the wire and stop, not start what it cannot finish
+    /// (the next relay re-reads everything unconfirmed).
+    pub(crate) fn stop_sending(&mut self) {
+        self.stopping = true;
+    }
+
+    /// Whether something already out can still change what is confirmed: a publish in
+    /// flight, a dead letter being written, a confirmation under way (or waiting to be
+    /// tried again).
+    pub(crate) fn settling(&self) -> bool {
+        self.in_flight > 0 || self.writing_dead_letters > 0 || self.confirming
     }
 
     /// Opens the next transaction (its messages follow, then [`Pipeline::commit`]).
@@ -320,27 +341,30 @@ impl<P: Publisher> Pipeline<P> {
                     Err(e) => self.publish_failed(key, e),
                 }
             }
-            Done::DeadLetter { key, result } => match result {
-                Ok(()) => {
-                    if let Some(Item {
-                        what: What::DeadLetter { reason, .. },
-                        ..
-                    }) = self.queues.get(&key).and_then(|q| q.front())
-                    {
-                        metrics::counter!(m::DEAD_LETTERED, "reason" => *reason).increment(1);
+            Done::DeadLetter { key, result } => {
+                self.writing_dead_letters -= 1;
+                match result {
+                    Ok(()) => {
+                        if let Some(Item {
+                            what: What::DeadLetter { reason, .. },
+                            ..
+                        }) = self.queues.get(&key).and_then(|q| q.front())
+                        {
+                            metrics::counter!(m::DEAD_LETTERED, "reason" => *reason).increment(1);
+                        }
+                        self.resolve_head(&key)
                     }
-                    self.resolve_head(&key)
+                    Err(e) => {
+                        metrics::counter!(m::DEAD_LETTER_WRITE_FAILURES).increment(1);
+                        tracing::error!(error = %e, "cannot write a dead letter; retrying (nothing after it is confirmed meanwhile)");
+                        let attempts = self.head_mut(&key).map_or(1, |item| {
+                            item.attempts += 1;
+                            item.attempts
+                        });
+                        self.retry_later(key, attempts);
+                    }
                 }
-                Err(e) => {
-                    metrics::counter!(m::DEAD_LETTER_WRITE_FAILURES).increment(1);
-                    tracing::error!(error = %e, "cannot write a dead letter; retrying (nothing after it is confirmed meanwhile)");
-                    let attempts = self.head_mut(&key).map_or(1, |item| {
-                        item.attempts += 1;
-                        item.attempts
-                    });
-                    self.retry_later(key, attempts);
-                }
-            },
+            }
             Done::Retry { key } => {
                 self.busy.remove(&key);
                 self.ready.push_back(key);
@@ -537,6 +561,9 @@ impl<P: Publisher> Pipeline<P> {
 
     /// Sends the heads of ready keys while the window has room.
     fn send_ready(&mut self) {
+        if self.stopping {
+            return;
+        }
         while self.in_flight < self.config.max_in_flight {
             let Some(key) = self.ready.pop_front() else {
                 return;
@@ -573,6 +600,7 @@ impl<P: Publisher> Pipeline<P> {
                     let pool = self.pool.clone();
                     let letter = store::dead_letter(poison, reason, item.attempts);
                     let timeout = self.config.db_timeout;
+                    self.writing_dead_letters += 1;
                     self.pending.push(Box::pin(async move {
                         let result = store::record_dead_letter(&pool, &letter, timeout)
                             .await
@@ -599,5 +627,103 @@ fn poison_of(envelope: &Envelope, row: Option<Uuid>, error: &PublishError) -> Po
         payload: envelope.payload.to_vec(),
         error: error.to_string(),
         row,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publisher::memory::MemoryPublisher;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Placed {
+        key: String,
+    }
+
+    impl envelope::Event for Placed {
+        const NAME: &'static str = "order.placed";
+        const VERSION: u32 = 1;
+        fn partition_key(&self) -> String {
+            self.key.clone()
+        }
+    }
+
+    fn message(key: &str) -> Decoded {
+        let source = envelope::HeaderText::new("source", "test").expect("source");
+        let envelope = Envelope::from_event(
+            source,
+            &Placed {
+                key: key.to_owned(),
+            },
+        )
+        .expect("envelope");
+        Decoded::Envelope {
+            envelope: Box::new(envelope),
+            row: None,
+        }
+    }
+
+    /// Log messages only: nothing here reaches the database, which this pool never connects
+    /// to.
+    fn pipeline(max_in_flight: usize) -> (Pipeline<MemoryPublisher>, MemoryPublisher) {
+        let publisher = MemoryPublisher::new("ORDERS", &["order."]);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let config = RelayConfig {
+            max_in_flight,
+            ..RelayConfig::default()
+        };
+        (
+            Pipeline::new(config, pool, Arc::new(publisher.clone())),
+            publisher,
+        )
+    }
+
+    async fn settle(pipeline: &mut Pipeline<MemoryPublisher>) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pipeline.settling() {
+                pipeline.step().await;
+            }
+        })
+        .await
+        .expect("settles");
+    }
+
+    #[tokio::test]
+    async fn a_transaction_is_confirmed_once_every_message_is_acknowledged() {
+        let (mut pipeline, publisher) = pipeline(1);
+        pipeline.begin_at(0, 7);
+        pipeline.push(message("a"));
+        pipeline.push(message("b"));
+        pipeline.commit(Lsn::from(100));
+        assert_eq!(pipeline.confirmed(), None);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pipeline.confirmed().is_none() {
+                pipeline.step().await;
+            }
+        })
+        .await
+        .expect("confirmed");
+        assert_eq!(pipeline.confirmed(), Some(Lsn::from(100)));
+        assert_eq!(publisher.stored().len(), 2);
+    }
+
+    /// A shutdown finishes what is out and starts nothing: with one publish in flight and
+    /// another message waiting, only the first is published, and the transaction (not
+    /// wholly acknowledged) is not confirmed; the next relay re-reads it.
+    #[tokio::test]
+    async fn a_stopping_pipeline_settles_what_is_out_and_sends_nothing_new() {
+        let (mut pipeline, publisher) = pipeline(1);
+        pipeline.begin_at(0, 7);
+        pipeline.push(message("a"));
+        pipeline.push(message("b"));
+        pipeline.commit(Lsn::from(100));
+        assert_eq!(pipeline.in_flight(), 1, "premise: one out, one waiting");
+        pipeline.stop_sending();
+        settle(&mut pipeline).await;
+        assert_eq!(pipeline.in_flight(), 0);
+        assert_eq!(publisher.stored().len(), 1, "nothing new was sent");
+        assert_eq!(pipeline.confirmed(), None, "a half-published transaction");
     }
 }

@@ -239,9 +239,11 @@ async fn session<P: Publisher>(
         }
     };
     if matches!(ended, Ended::Stopped) {
-        // Finish what is on the wire, confirm it, and see the confirmation sent.
+        // Finish what is on the wire (start nothing new), confirm it, and see the
+        // confirmation sent.
+        pipeline.stop_sending();
         let deadline = Instant::now() + config.publish_timeout * 2;
-        while pipeline.has_pending() && Instant::now() < deadline {
+        while pipeline.settling() && Instant::now() < deadline {
             let _ = tokio::time::timeout_at(deadline, pipeline.step()).await;
         }
         let saved = progress.save_now(pipeline.confirmed()).await;
