@@ -62,6 +62,33 @@ impl BrokerView {
             .map(|s| s.duplicate_window)
             .min()
     }
+
+    /// The duplicate window of the stream that stores `subject`; the smallest of all
+    /// ([`BrokerView::duplicate_window`]) when none does or no subject is given.
+    pub(crate) fn duplicate_window_for(&self, subject: Option<&str>) -> Option<Duration> {
+        subject
+            .and_then(|subject| {
+                self.streams
+                    .iter()
+                    .find(|s| s.subjects.iter().any(|f| subject_matches(f, subject)))
+            })
+            .map(|s| s.duplicate_window)
+            .or_else(|| self.duplicate_window())
+    }
+}
+
+/// Whether NATS subject filter `filter` (`*` one token, `>` the rest) matches `subject`.
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for part in filter.split('.') {
+        match (part, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
 }
 
 /// Reads every stream and durable within `deadline`.
@@ -165,5 +192,33 @@ mod tests {
         };
         assert_eq!(view.duplicate_window(), Some(Duration::from_secs(30)));
         assert_eq!(BrokerView::default().duplicate_window(), None);
+    }
+
+    #[test]
+    fn a_subject_takes_its_own_streams_window() {
+        let mut orders = stream("ORDERS", 120);
+        orders.subjects = vec!["orders.>".to_owned()];
+        let mut email = stream("EMAIL", 30);
+        email.subjects = vec!["email.*.sent".to_owned()];
+        let view = BrokerView {
+            streams: vec![orders, email],
+            durables: Vec::new(),
+        };
+        let window = |s| view.duplicate_window_for(Some(s)).map(|d| d.as_secs());
+        assert_eq!(window("orders.created"), Some(120));
+        assert_eq!(window("email.o-1.sent"), Some(30));
+        assert_eq!(
+            window("email.o-1.sent.late"),
+            Some(30),
+            "no stream: the smallest"
+        );
+        assert_eq!(
+            view.duplicate_window_for(None).map(|d| d.as_secs()),
+            Some(30)
+        );
+        assert!(subject_matches("a.*.c", "a.b.c"));
+        assert!(!subject_matches("a.*", "a.b.c"));
+        assert!(!subject_matches("a.>", "a"));
+        assert!(subject_matches("a", "a"));
     }
 }

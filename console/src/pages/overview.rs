@@ -99,7 +99,7 @@ fn red_flags(
     }
     let window = broker
         .and_then(|b| b.as_ref().ok())
-        .and_then(BrokerView::duplicate_window)
+        .and_then(|b| b.duplicate_window_for(s.backlog.oldest_subject.as_deref()))
         .unwrap_or(state.config.duplicate_window)
         .as_secs_f64();
     if s.backlog.unpublished > 0 && s.backlog.oldest_age_seconds > window {

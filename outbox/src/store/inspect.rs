@@ -20,6 +20,8 @@ pub struct Glance {
     pub retrying_capped: bool,
     /// Seconds since the oldest unpublished row was written (0 when none).
     pub oldest_age_seconds: f64,
+    /// The oldest unpublished row's subject (what decides its stream's duplicate window).
+    pub oldest_subject: Option<String>,
     /// Seconds since the oldest unpublished row that may be claimed now (not waiting out a
     /// backoff) was written (0 when none): how late the relays are.
     pub oldest_due_age_seconds: f64,
@@ -46,6 +48,8 @@ pub async fn glance(conn: &mut PgConnection, cap: i64) -> Result<Glance, sqlx::E
                 coalesce((SELECT extract(epoch FROM now() - created_at)::float8
                           FROM outbox_message WHERE status = 'pending'
                           ORDER BY seq LIMIT 1), 0) AS oldest_age_seconds,
+                (SELECT subject FROM outbox_message WHERE status = 'pending'
+                 ORDER BY seq LIMIT 1) AS oldest_subject,
                 coalesce((SELECT extract(epoch FROM now() - created_at)::float8
                           FROM outbox_message WHERE status = 'pending' AND available_at <= now()
                           ORDER BY seq LIMIT 1), 0) AS oldest_due_age_seconds
