@@ -29,7 +29,7 @@ async fn partition_of(pool: &PgPool, key: &str) -> i16 {
         .expect("partition")
 }
 
-/// Makes `key`'s row fail `attempts` times and wait an hour for its retry.
+/// Makes `key`'s row have failed twice, with `error`, and wait an hour for its retry.
 async fn back_off(pool: &PgPool, key: &str, error: &str) {
     sqlx::query(
         "UPDATE outbox_message SET attempts = 2, last_error = $2,

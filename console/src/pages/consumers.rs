@@ -13,7 +13,7 @@ use axum::response::Html;
 use maud::{Markup, html};
 use time::OffsetDateTime;
 
-use super::overview::query_value;
+use super::overview::{count_text, query_value};
 use super::{age_text, database, inert, layout};
 use crate::broker::{self, BrokerView, DurableView};
 use crate::config::Database;
@@ -118,7 +118,7 @@ pub(crate) async fn page(
                         tr data-inbox=(inert(&a.consumer)) {
                             td { (inert(&a.consumer)) }
                             td.num data-field="last-minute" { (a.last_minute) }
-                            td.num { a href={ (base) "/db/" (db.name) "/dead-letters?status=dead&consumer=" (query_value(&a.consumer)) } { (count(parked)) } }
+                            td.num { a href={ (base) "/db/" (db.name) "/dead-letters?status=dead&consumer=" (query_value(&a.consumer)) } { (count_text(parked.0, parked.1)) } }
                         }
                     } }
                 } }
@@ -133,14 +133,6 @@ pub(crate) async fn page(
     );
     let title = format!("{} · consumers", db.name);
     Ok(Html(layout(&state, base, &title, body).into_string()))
-}
-
-fn count((n, capped): (i64, bool)) -> String {
-    if capped {
-        format!("more than {n}")
-    } else {
-        n.to_string()
-    }
 }
 
 fn durables(

@@ -60,7 +60,7 @@ async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
 }
 
 /// `n`, or "more than n" when a count stopped at its cap.
-fn count_text(n: i64, capped: bool) -> String {
+pub(crate) fn count_text(n: i64, capped: bool) -> String {
     if capped {
         format!("more than {n}")
     } else {
