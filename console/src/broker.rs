@@ -91,12 +91,22 @@ fn subject_matches(filter: &str, subject: &str) -> bool {
     tokens.next().is_none()
 }
 
+/// What [`read`] looks up beyond the listings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Horizons {
+    /// Each durable's redelivery horizon: one message read per durable that is behind.
+    Read,
+    /// None (the overview, which shows counts only).
+    Skip,
+}
+
 /// Reads every stream and durable within `deadline`.
 pub(crate) async fn read(
     client: &async_nats::Client,
     deadline: Duration,
+    horizons: Horizons,
 ) -> Result<BrokerView, String> {
-    match tokio::time::timeout(deadline, read_all(client)).await {
+    match tokio::time::timeout(deadline, read_all(client, horizons)).await {
         Ok(result) => result,
         Err(_) => Err(format!(
             "the broker did not answer within {deadline:?} (state: {})",
@@ -105,7 +115,7 @@ pub(crate) async fn read(
     }
 }
 
-async fn read_all(client: &async_nats::Client) -> Result<BrokerView, String> {
+async fn read_all(client: &async_nats::Client, horizons: Horizons) -> Result<BrokerView, String> {
     let js = jetstream::new(client.clone());
     let infos: Vec<jetstream::stream::Info> = js
         .streams()
@@ -129,14 +139,15 @@ async fn read_all(client: &async_nats::Client) -> Result<BrokerView, String> {
             }
             let next = c.ack_floor.stream_sequence + 1;
             let behind = c.num_pending > 0 || c.num_ack_pending > 0;
-            let horizon = if behind && next <= info.state.last_sequence {
-                // The first message after the floor may have been removed (limits, purge):
-                // then the stream's first message is the oldest that can come.
-                let seq = next.max(info.state.first_sequence);
-                Some(stream.get_raw_message(seq).await.ok().map(|m| m.time))
-            } else {
-                None
-            };
+            let horizon =
+                if horizons == Horizons::Read && behind && next <= info.state.last_sequence {
+                    // The first message after the floor may have been removed (limits, purge):
+                    // then the stream's first message is the oldest that can come.
+                    let seq = next.max(info.state.first_sequence);
+                    Some(stream.get_raw_message(seq).await.ok().map(|m| m.time))
+                } else {
+                    None
+                };
             let horizon_unknown = matches!(horizon, Some(None));
             let horizon = horizon.flatten();
             view.durables.push(DurableView {

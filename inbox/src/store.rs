@@ -304,31 +304,50 @@ pub struct ConsumerActivity {
     pub last_minute: i64,
 }
 
-/// Every consumer with an inbox row (at most `limit`, by name, found by skipping from one
-/// name to the next over the primary key) and what it took in the last minute (from
-/// `inbox_message_received_at_idx`: a minute's rows, however large the inbox).
-pub async fn consumer_activity(
+/// Every consumer with an inbox row, by name, at most `limit`: found by skipping from one
+/// name to the next over the primary key, however large the inbox.
+pub async fn consumer_names(
     conn: &mut PgConnection,
     limit: i64,
-) -> Result<Vec<ConsumerActivity>, sqlx::Error> {
-    sqlx::query_as(
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
         "WITH RECURSIVE names AS (
              (SELECT consumer FROM inbox_message ORDER BY consumer LIMIT 1)
              UNION ALL
              SELECT n.consumer FROM names p CROSS JOIN LATERAL (
                  SELECT consumer FROM inbox_message WHERE consumer > p.consumer
                  ORDER BY consumer LIMIT 1) n
-         ), listed AS (SELECT consumer FROM names LIMIT $1),
-         recent AS (
-             SELECT consumer, count(*) AS n FROM inbox_message
-             WHERE received_at > now() - interval '1 minute' GROUP BY consumer)
-         SELECT l.consumer, coalesce(r.n, 0) AS last_minute
-         FROM listed l LEFT JOIN recent r USING (consumer)
-         ORDER BY l.consumer",
+         )
+         SELECT consumer FROM names LIMIT $1",
     )
     .bind(limit)
     .fetch_all(conn)
     .await
+}
+
+/// The consumers of [`consumer_names`] and what each took in the last minute (from
+/// `inbox_message_received_at_idx`: a minute's rows, however large the inbox).
+pub async fn consumer_activity(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<ConsumerActivity>, sqlx::Error> {
+    let names = consumer_names(&mut *conn, limit).await?;
+    let recent: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT consumer, count(*) FROM inbox_message
+         WHERE received_at > now() - interval '1 minute' AND consumer = ANY($1)
+         GROUP BY consumer",
+    )
+    .bind(&names)
+    .fetch_all(conn)
+    .await?;
+    let recent: std::collections::HashMap<String, i64> = recent.into_iter().collect();
+    Ok(names
+        .into_iter()
+        .map(|consumer| ConsumerActivity {
+            last_minute: recent.get(&consumer).copied().unwrap_or(0),
+            consumer,
+        })
+        .collect())
 }
 
 /// Seconds since the oldest inbox row was written (`None` when the inbox is empty): how far

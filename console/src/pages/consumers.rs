@@ -89,7 +89,9 @@ pub(crate) async fn page(
         None => Err(
             "no broker: start the console with --nats-url to see the durable consumers".to_owned(),
         ),
-        Some(client) => broker::read(client, state.config.broker_timeout).await,
+        Some(client) => {
+            broker::read(client, state.config.broker_timeout, broker::Horizons::Read).await
+        }
     };
     let names: Vec<&str> = inbox
         .activity

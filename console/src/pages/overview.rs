@@ -29,7 +29,8 @@ struct Summary {
     instances: Vec<relay::store::InstanceStatus>,
     slots: Vec<relay::wal::store::SlotStatus>,
     dead_letters: Vec<dlq::store::DeadByReason>,
-    consumers: Vec<inbox::store::ConsumerActivity>,
+    /// The inbox consumers' names.
+    consumers: Vec<String>,
     /// More (consumer, reason) groups wait than are listed.
     more_reasons: bool,
     /// Rows published in each of the last 60 minutes.
@@ -45,7 +46,7 @@ async fn summary(state: &State, db: &Database) -> Result<Summary, Failure> {
         dlq::store::dead_by_reason(&mut tx, REASON_GROUPS + 1, REASON_CAP).await?;
     let more_reasons = dead_letters.len() as i64 > REASON_GROUPS;
     dead_letters.truncate(REASON_GROUPS as usize);
-    let consumers = inbox::store::consumer_activity(&mut tx, 200).await?;
+    let consumers = inbox::store::consumer_names(&mut tx, 200).await?;
     let published = state.rates.last_hour(&db.name, &mut tx).await?;
     tx.commit().await?;
     Ok(Summary {
@@ -142,7 +143,9 @@ fn red_flags(
 pub(crate) async fn page(Extract(state): Extract<Arc<State>>) -> Html<String> {
     let base = state.config.base_path.as_str();
     let broker = match &state.config.broker {
-        Some(client) => Some(broker::read(client, state.config.broker_timeout).await),
+        Some(client) => {
+            Some(broker::read(client, state.config.broker_timeout, broker::Horizons::Skip).await)
+        }
         None => None,
     };
     let mut sections = Vec::with_capacity(state.config.databases.len());
@@ -177,7 +180,7 @@ fn database_section(
     let names: Vec<&str> = s
         .consumers
         .iter()
-        .map(|c| c.consumer.as_str())
+        .map(String::as_str)
         .chain(s.dead_letters.iter().map(|d| d.consumer.as_str()))
         .collect();
     let durables: Vec<&broker::DurableView> = match broker {
@@ -192,6 +195,7 @@ fn database_section(
         (capped, _) => count_text(s.backlog.unpublished, capped),
     };
     let retrying = count_text(s.backlog.retrying, s.backlog.retrying_capped);
+    let rate = rate_words(&s.published);
     html! {
         @if flags.is_empty() {
             p.fine { "Nothing needs a look." }
@@ -208,8 +212,8 @@ fn database_section(
             dt { "Oldest due" } dd data-field="oldest-due" { (age_text(s.backlog.oldest_due_age_seconds)) }
             dt { "Published, last hour" }
             dd data-field="published" {
-                (super::sparkline::bars(&s.published, &rate_label(&s.published)))
-                span.note { (rate_short(&s.published)) }
+                (super::sparkline::bars(&s.published, &rate.0))
+                span.note { (rate.1) }
             }
         }
         h3 { "Relays" }
@@ -296,21 +300,17 @@ fn database_section(
     }
 }
 
-/// The sparkline's words: the hour's total, the busiest minute, the last full minute.
-fn rate_label(per_minute: &[i64]) -> String {
+/// The sparkline's words: in full (its label), and short (shown under it).
+fn rate_words(per_minute: &[i64]) -> (String, String) {
     let total: i64 = per_minute.iter().sum();
     let peak = per_minute.iter().copied().max().unwrap_or(0);
     let last = per_minute.len().checked_sub(2).map_or(0, |i| per_minute[i]);
-    format!(
-        "{total} published in the last hour (table rows); busiest minute {peak}, last full minute {last}"
+    (
+        format!(
+            "{total} published in the last hour (table rows); busiest minute {peak}, last full minute {last}"
+        ),
+        format!("{total} in the hour, peak {peak}/min"),
     )
-}
-
-/// The sparkline's words, short: the hour's total and the busiest minute.
-fn rate_short(per_minute: &[i64]) -> String {
-    let total: i64 = per_minute.iter().sum();
-    let peak = per_minute.iter().copied().max().unwrap_or(0);
-    format!("{total} in the hour, peak {peak}/min")
 }
 
 /// A byte count, short: `512 B`, `3.2 kB`, `41 MB`.

@@ -32,7 +32,7 @@ struct Relays {
 
 async fn read(state: &State, db: &Database) -> Result<Relays, Failure> {
     let mut tx = store::begin(&db.pool, state.config.statement_timeout).await?;
-    let relays = Relays {
+    let mut relays = Relays {
         instances: relay::store::instances(&mut tx).await?,
         sessions: relay::store::instance_sessions(&mut tx).await?,
         owners: relay::store::partition_owners(&mut tx).await?,
@@ -40,7 +40,6 @@ async fn read(state: &State, db: &Database) -> Result<Relays, Failure> {
         stuck: outbox::store::inspect::stuck_keys(&mut tx, STUCK_KEYS_SHOWN).await?,
     };
     // Oldest first among those read.
-    let mut relays = relays;
     relays
         .stuck
         .sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
