@@ -82,12 +82,16 @@ pub async fn retry_candidates(
 }
 
 /// Retries the dead letters of `filter` (see [`retry_candidates`]) in one transaction: all
-/// of them, or, on an error, none.
+/// of them, or, on an error, none. Relay letters go back to the outbox in the order they were
+/// parked, so each key's messages are published in their order again.
 pub async fn retry(conn: &mut PgConnection, filter: &Filter) -> Result<Retried, ActionError> {
     let mut tx = conn.begin().await?;
     let letters = retry_candidates(&mut tx, filter).await?;
-    let (relay, consumers): (Vec<&Stored>, Vec<&Stored>) =
+    let (mut relay, consumers): (Vec<&Stored>, Vec<&Stored>) =
         letters.iter().partition(|l| l.source == "relay");
+    // Back to the outbox in the order they were parked (a key's head first), not the
+    // list's newest-first: the outbox publishes a key's rows in the order they are written.
+    relay.sort_by_key(|l| l.id);
     let consumer_ids: Vec<i64> = consumers.iter().map(|l| l.id).collect();
     store::request_retry(&mut tx, &consumer_ids).await?;
     for letter in &relay {

@@ -95,3 +95,99 @@ async fn two_retries_at_once_send_a_relay_letter_back_once() {
         .expect("count");
     assert_eq!(in_outbox, 1, "sent back once");
 }
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Placed {
+    key: u32,
+    n: u32,
+}
+
+impl envelope::Event for Placed {
+    const NAME: &'static str = "test.placed";
+    const VERSION: u32 = 1;
+    fn partition_key(&self) -> String {
+        format!("key-{}", self.key)
+    }
+}
+
+/// Relay dead letters of several keys, parked interleaved in a seeded order (each key's in
+/// its own order, as the relay parks a key's head first), all retried at once: each key's
+/// messages go back to the outbox in the order they were parked, so they are published in
+/// it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_relay_letters_keep_each_keys_order() {
+    let pg = testkit::Postgres::start().await.expect("PostgreSQL");
+    let url = pg.fresh_database().await.expect("db");
+    let pool = PgPool::connect(&url).await.expect("connect");
+    migrations::migrate(&mut pool.acquire().await.expect("acquire"))
+        .await
+        .expect("migrate");
+    for seed in [1u64, 2, 3] {
+        sqlx::raw_sql("DELETE FROM outbox_message; DELETE FROM dead_letter;")
+            .execute(&pool)
+            .await
+            .expect("reset");
+        // Which key parks next: a seeded walk over 4 keys, 6 letters each.
+        let mut state = seed;
+        let mut next = [0u32; 4];
+        let mut parked: Vec<(u32, String)> = Vec::new();
+        while parked.len() < 24 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let key = ((state >> 33) % 4) as usize;
+            if next[key] == 6 {
+                continue;
+            }
+            let env = Envelope::from_event(
+                HeaderText::new("s", "svc").expect("valid"),
+                &Placed {
+                    key: key as u32,
+                    n: next[key],
+                },
+            )
+            .expect("valid");
+            next[key] += 1;
+            let letter = DeadLetter {
+                source: Source::Relay,
+                consumer: "relay".into(),
+                message_id: env.id.to_string(),
+                subject: env.subject.as_str().to_owned(),
+                partition_key: Some(format!("key-{key}")),
+                headers: dlq::headers_to_json(&envelope::nats::to_headers(&env).expect("headers")),
+                payload: env.payload.to_vec(),
+                reason: "no_stream".into(),
+                error_chain: vec!["no stream".into()],
+                attempts: 5,
+                stream: None,
+                stream_seq: None,
+            };
+            dlq::store::record(&mut pool.acquire().await.expect("conn"), &letter)
+                .await
+                .expect("record");
+            parked.push((key as u32, env.id.to_string()));
+        }
+        let retried = actions::retry(&mut pool.acquire().await.expect("conn"), &Filter::default())
+            .await
+            .expect("retry all");
+        assert_eq!(retried.to_outbox, 24, "seed {seed}");
+        let outbox: Vec<(String, String)> =
+            sqlx::query_as("SELECT partition_key, id::text FROM outbox_message ORDER BY seq")
+                .fetch_all(&pool)
+                .await
+                .expect("outbox");
+        for key in 0..4u32 {
+            let want: Vec<&str> = parked
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, id)| id.as_str())
+                .collect();
+            let got: Vec<&str> = outbox
+                .iter()
+                .filter(|(k, _)| *k == format!("key-{key}"))
+                .map(|(_, id)| id.as_str())
+                .collect();
+            assert_eq!(got, want, "seed {seed}: key-{key} reordered");
+        }
+    }
+}

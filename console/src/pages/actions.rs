@@ -138,7 +138,8 @@ async fn act(
     let confirmed_max = field("max_id").and_then(|m| m.parse::<i64>().ok());
     let counted_at = field("counted_at")
         .and_then(|t| t.parse::<i128>().ok())
-        .and_then(|micros| OffsetDateTime::from_unix_timestamp_nanos(micros * 1000).ok());
+        .and_then(|micros| micros.checked_mul(1000))
+        .and_then(|nanos| OffsetDateTime::from_unix_timestamp_nanos(nanos).ok());
     let asked_until = filter.until;
     let mut tx = store::begin_snapshot(&db.pool, state.config.statement_timeout).await?;
     if confirmed.is_some() {
