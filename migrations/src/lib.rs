@@ -119,6 +119,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "dead_letter_reason_idx",
         sql: include_str!("../sql/0015_dead_letter_reason_idx.sql"),
     },
+    Migration {
+        version: 16,
+        name: "outbox_emit_check_cached",
+        sql: include_str!("../sql/0016_outbox_emit_check_cached.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -37,13 +37,18 @@ pub enum Storage {
     #[default]
     Table,
     /// One transactional logical decoding message per message
-    /// (`pg_logical_emit_message(true, 'outbox', ..)` through the SQL function
-    /// `outbox_emit_encoded`, in the format of [`envelope::wal`]): no row, no index, nothing
-    /// to mark, delete or vacuum. Only the WAL relay (`relay run --source wal`) reads it.
+    /// (`pg_logical_emit_message(true, 'outbox', ..)`, in the format of [`envelope::wal`]):
+    /// no row, no index, nothing to mark, delete or vacuum. Only the WAL relay
+    /// (`relay run --source wal`) reads it.
     ///
     /// Needs `wal_level = logical` and the relay's replication slot created *before* the
     /// first enqueue (`relay slot create`): a message written while no slot exists would
     /// never be published, so enqueue refuses it with a database error naming the cause.
+    /// The per-statement enqueue checks on every call (the SQL function
+    /// `outbox_emit_encoded`); the enqueue that rides with `COMMIT`
+    /// ([`OutboxTransaction`](crate::OutboxTransaction)) about once a second per session
+    /// (migration 0016), so a slot dropped under running producers is refused by each of
+    /// their sessions within about a second. Drop a slot only with its producers stopped.
     /// Ids are not checked unique at enqueue; the broker's duplicate window drops a reused
     /// id that it still remembers.
     Log,

@@ -16,8 +16,9 @@ use crate::store::{self, literal::Batch};
 ///
 /// Run the business statements on it as on a connection (`&mut *tx`); [`enqueue`] and
 /// [`enqueue_message`] validate a message at once and buffer it; [`commit`] sends the
-/// buffered messages (one multi-row `INSERT`, or one log emit with
-/// [`Storage::Log`](crate::Storage::Log)) and `COMMIT` in one simple query.
+/// buffered messages (one multi-row `INSERT`, or with [`Storage::Log`](crate::Storage::Log)
+/// one `pg_logical_emit_message` per message, the first behind the log storage's guard) and
+/// `COMMIT` in one simple query.
 ///
 /// # Guarantee
 /// Atomic: the business changes and every buffered message commit together, or none does.
@@ -113,7 +114,7 @@ impl OutboxTransaction {
         let batch = std::mem::replace(&mut self.batch, Batch::new(self.outbox.storage()));
         // The connection stays in `self` while the commit is under way: if this future is
         // dropped midway, the drop closes it.
-        match store::commit_with(&mut self, batch.finish()).await {
+        match store::commit_with(&mut self, batch.finish(std::time::SystemTime::now())).await {
             Ok(()) => {
                 // Committed: the connection goes back to the pool.
                 self.conn.take();

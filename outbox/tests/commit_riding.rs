@@ -311,6 +311,49 @@ async fn log_storage_without_a_slot_is_a_named_error() {
     );
 }
 
+/// The enqueue that rides with COMMIT checks the slot about once a second per session
+/// (migration 0016), not on every commit: a slot dropped under a running producer is refused
+/// by every session once a second has passed since the drop, and from then on.
+#[tokio::test]
+async fn a_dropped_slot_is_refused_by_every_session_within_the_check_interval() {
+    let (_pg, pool) = database().await;
+    let outbox = outbox(Storage::Log);
+    let commit = |i: usize| {
+        let (outbox, pool) = (outbox.clone(), pool.clone());
+        async move {
+            let mut tx = outbox.begin(&pool).await.expect("begin");
+            tx.enqueue_message(hostile(i)).expect("buffered");
+            tx.commit().await
+        }
+    };
+    // Both sessions of the pool pass the check and note it.
+    let (a, b) = tokio::join!(commit(0), commit(1));
+    a.expect("with the slot");
+    b.expect("with the slot");
+    let messages = stored(&pool, Storage::Log).await;
+    assert_eq!(messages.len(), 2, "both committed messages reach the slot");
+
+    sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(SLOT)
+        .execute(&pool)
+        .await
+        .expect("drop the slot");
+    let dropped = tokio::time::Instant::now();
+    // Once the interval has passed, no session still trusts its note: every commit, on
+    // either connection, is refused with the cause named.
+    tokio::time::sleep_until(dropped + Duration::from_millis(1_100)).await;
+    for i in 0..10 {
+        let (a, b) = tokio::join!(commit(10 + 2 * i), commit(11 + 2 * i));
+        for result in [a, b] {
+            let err = result.expect_err("a dropped slot, past the interval");
+            assert!(
+                err.to_string().contains("no logical replication slot"),
+                "{err}"
+            );
+        }
+    }
+}
+
 /// Commit refuses what PostgreSQL would let pass silently: an aborted transaction (a bare
 /// COMMIT rolls back without an error) and one a nested commit already ended.
 #[tokio::test]

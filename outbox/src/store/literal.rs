@@ -7,6 +7,8 @@
 //! (`decode('..', 'base64')`, whose alphabet has no quote or backslash); ids as the hex
 //! form of a UUID this crate formatted; times as integers this crate computed.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use envelope::Envelope;
@@ -15,13 +17,16 @@ use super::COLUMNS;
 use crate::config::Storage;
 use crate::error::Error;
 
-/// The enqueues of one transaction as one statement, built as they come: a multi-row
-/// `INSERT INTO outbox_message` (rows in order, so `seq` follows it) for table storage, one
-/// `outbox_emit_encoded(..)` call (messages in order) for log storage.
+/// The enqueues of one transaction as SQL, built as they come: a multi-row
+/// `INSERT INTO outbox_message` (rows in order, so `seq` follows it) for table storage; for
+/// log storage, one `pg_logical_emit_message(..)` statement per message, in order, the first
+/// gated by the log storage's guard ([`log_guard`]).
 #[derive(Debug)]
 pub(crate) struct Batch {
     storage: Storage,
     sql: String,
+    /// Log storage: where the first statement ends, for [`log_guard`].
+    first_end: usize,
 }
 
 impl Batch {
@@ -29,36 +34,75 @@ impl Batch {
         Batch {
             storage,
             sql: String::new(),
+            first_end: 0,
         }
     }
 
     /// Adds one validated envelope. An `Err` (a field too long for the log format) adds
     /// nothing.
     pub(crate) fn push(&mut self, env: &Envelope) -> Result<(), Error> {
-        let item = match self.storage {
-            Storage::Table => row(env),
-            Storage::Log => bytes(&envelope::wal::encode(env)?),
-        };
-        let opening = match self.storage {
-            Storage::Table => format!("INSERT INTO outbox_message ({COLUMNS}) VALUES "),
-            Storage::Log => "SELECT outbox_emit_encoded(VARIADIC ARRAY[".to_owned(),
-        };
-        self.sql
-            .push_str(if self.sql.is_empty() { &opening } else { "," });
-        self.sql.push_str(&item);
+        match self.storage {
+            Storage::Table => {
+                let item = row(env);
+                if self.sql.is_empty() {
+                    self.sql = format!("INSERT INTO outbox_message ({COLUMNS}) VALUES ");
+                } else {
+                    self.sql.push(',');
+                }
+                self.sql.push_str(&item);
+            }
+            Storage::Log => {
+                let item = bytes(&envelope::wal::encode(env)?);
+                if !self.sql.is_empty() {
+                    self.sql.push(';');
+                }
+                self.sql.push_str(&format!(
+                    "SELECT pg_logical_emit_message(true,'{}',{item})",
+                    envelope::wal::PREFIX
+                ));
+                if self.first_end == 0 {
+                    self.first_end = self.sql.len();
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The statement, or `None` when nothing was pushed.
-    pub(crate) fn finish(mut self) -> Option<String> {
+    /// The SQL, or `None` when nothing was pushed. `now` is the time the log storage's
+    /// guard is checked against.
+    pub(crate) fn finish(mut self, now: SystemTime) -> Option<String> {
         if self.sql.is_empty() {
             return None;
         }
         if self.storage == Storage::Log {
-            self.sql.push_str("]::bytea[])");
+            self.sql.insert_str(self.first_end, &log_guard(now));
         }
         Some(self.sql)
     }
+}
+
+/// How long a session skips the log storage's checks after they passed.
+pub(crate) const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The `WHERE` clause of the first emit of a log batch: true while this session's note of
+/// a passed check (`outbox.emit_checked_until`, set by `outbox_emit_check`, migration 0016)
+/// is later than `now`; otherwise the checks run (`wal_level` is `logical`, a slot reads the
+/// database: else an error aborts the transaction) and note `now` plus
+/// [`LOG_CHECK_INTERVAL`]. Both times are this process's clock, written as 20 digits of
+/// microseconds since 1970 and compared bytewise: the server never interprets them, so
+/// neither its clock nor its `DateStyle` or `TimeZone` matters. A one-time filter in
+/// PostgreSQL's plan: evaluated once, before the message is emitted.
+fn log_guard(now: SystemTime) -> String {
+    let micros = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros())
+            .min(u128::from(u64::MAX))
+    };
+    format!(
+        " WHERE coalesce(current_setting('outbox.emit_checked_until',true) COLLATE \"C\">'{:020}',false) OR outbox_emit_check('{:020}')",
+        micros(now),
+        micros(now + LOG_CHECK_INTERVAL)
+    )
 }
 
 /// The values of one row, in the order of [`COLUMNS`].
@@ -131,8 +175,47 @@ mod tests {
     }
 
     #[test]
+    fn a_log_batch_emits_in_order_and_guards_its_first_emit_only() {
+        let message = |key: &str| {
+            crate::Outbox::with_config(crate::OutboxConfig {
+                storage: Storage::Log,
+                ..crate::OutboxConfig::for_source("test")
+            })
+            .expect("config")
+            .prepare(crate::Message::raw(
+                "orders.created",
+                "order.created.v1",
+                key,
+                b"'); DROP TABLE orders; --".to_vec(),
+            ))
+            .expect("valid")
+        };
+        let mut batch = Batch::new(Storage::Log);
+        batch.push(&message("k'1")).expect("push");
+        batch.push(&message("k'2")).expect("push");
+        let now = UNIX_EPOCH + Duration::from_micros(1_796_348_227_222_851);
+        let sql = batch.finish(now).expect("sql");
+        let statements: Vec<&str> = sql.split(';').collect();
+        assert_eq!(statements.len(), 2, "{sql}");
+        assert!(
+            statements[0].ends_with(
+                " WHERE coalesce(current_setting('outbox.emit_checked_until',true) COLLATE \"C\">'00001796348227222851',false) OR outbox_emit_check('00001796348228222851')"
+            ),
+            "{sql}"
+        );
+        assert!(!statements[1].contains("WHERE"), "{sql}");
+        for statement in statements {
+            assert!(
+                statement.starts_with("SELECT pg_logical_emit_message(true,'outbox',decode('"),
+                "{statement}"
+            );
+        }
+        assert!(!sql.contains("DROP") && !sql.contains("k'"), "{sql}");
+    }
+
+    #[test]
     fn empty_batches_write_no_statement() {
-        assert_eq!(Batch::new(Storage::Table).finish(), None);
-        assert_eq!(Batch::new(Storage::Log).finish(), None);
+        assert_eq!(Batch::new(Storage::Table).finish(SystemTime::now()), None);
+        assert_eq!(Batch::new(Storage::Log).finish(SystemTime::now()), None);
     }
 }
