@@ -3,8 +3,10 @@
 //! Baseline: `events` messages published straight to JetStream with async-nats, `window` acks
 //! in flight, the headers the relay sends (`envelope::nats::to_headers`) and the same payload,
 //! to a second stream with identical settings. Then the same number of outbox rows are
-//! enqueued (not timed) and the relay runs in-process with the default configuration; the
-//! time runs from its start until the stream holds every message and no row is unpublished.
+//! enqueued (not timed) and the relay runs with the default configuration in a process of its
+//! own ([`crate::relay_process`]), as the sidecar does; the time runs from when it has
+//! connected until the stream holds every message and no row is unpublished, and `rss_mb` is
+//! that process's peak resident set.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use outbox::{Envelope, Message, Outbox};
 
-use crate::env::{self, Poll, RunningRelay};
+use crate::env::{self, Poll};
+use crate::relay_process::RelayProcess;
 use crate::stats;
 
 /// What `relay-drain` measures.
@@ -56,8 +59,8 @@ impl Default for DrainConfig {
 const ENQUEUE_CHUNK: usize = 1000;
 
 /// Runs the scenario; returns `relay-drain raw_eps=<n> relay_eps=<n> ratio=<r> source=<s>
-/// rss_mb=<n>` (the bench process's largest resident set while the relay drained: the relay
-/// runs in it).
+/// rss_mb=<n>` (the relay process's largest resident set, from its start to the end of the
+/// drain).
 pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<String> {
     if config.events == 0 || config.keys == 0 || config.window < 256 {
         bail!("relay-drain needs --events >= 1, --keys >= 1 and --window >= 256");
@@ -136,22 +139,24 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
         fill.elapsed()
     );
 
+    let relay = RelayProcess::start(
+        config.source,
+        servers.nats_url(),
+        &db.url,
+        "bench-relay-drain",
+        Duration::from_secs(60),
+    )
+    .await?;
     let start = Instant::now();
-    let relay_config = env::relay_config("bench-relay-drain");
-    let relay = if wal {
-        RunningRelay::start_wal(&servers, &db, relay_config).await?
-    } else {
-        RunningRelay::start(&servers, &db, relay_config).await?
-    };
+    let connected_rss = relay.rss_mb()?;
     let expected = config.events as u64;
     let deadline = Duration::from_secs(600);
-    let rss = std::cell::Cell::new(env::rss_mb().unwrap_or(0.0));
     env::poll(
         "relay publishing",
         Duration::from_millis(10),
         deadline,
         || async {
-            rss.set(rss.get().max(env::rss_mb().unwrap_or(0.0)));
+            relay.ensure_running()?;
             let n = env::stream_messages(&js, env::STREAM).await?;
             Ok(if n >= expected {
                 Poll::Done(())
@@ -166,6 +171,7 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
         Duration::from_millis(10),
         deadline,
         || async {
+            relay.ensure_running()?;
             let n = db.unpublished().await?;
             Ok(if n == 0 {
                 Poll::Done(())
@@ -176,7 +182,10 @@ pub async fn run(config: &DrainConfig, fast_unsafe_db: bool) -> anyhow::Result<S
     )
     .await?;
     let relay_elapsed = end - start;
-    let rss_mb = rss.get();
+    let rss_mb = relay.peak_rss_mb()?;
+    eprintln!(
+        "relay-drain: the relay process was {connected_rss:.0} MB resident once connected, {rss_mb:.0} MB at its peak"
+    );
     relay.stop(Duration::from_secs(60)).await?;
     let stored = env::stream_messages(&js, env::STREAM).await?;
     if stored != expected {

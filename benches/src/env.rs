@@ -103,6 +103,11 @@ impl Servers {
         }
     }
 
+    /// The NATS server's URL.
+    pub fn nats_url(&self) -> &str {
+        self.nats.url()
+    }
+
     /// A connected NATS client named `name`.
     pub async fn nats_client(&self, name: &str) -> anyhow::Result<async_nats::Client> {
         self.nats_config(name)
@@ -358,12 +363,7 @@ impl RunningRelay {
         db: &Database,
         config: RelayConfig,
     ) -> anyhow::Result<RunningRelay> {
-        let pool = db.pool(config.min_connections() + 2).await?;
-        let publisher = publisher(servers, &config).await?;
-        let relay = relay::Relay::new(config, pool, publisher).context("building the relay")?;
-        Ok(RunningRelay::spawn(relay.health(), |stop| {
-            relay.run(async move { stop.cancelled().await })
-        }))
+        RunningRelay::start_at(Source::Table, servers.nats.url(), &db.url, config).await
     }
 
     /// Starts the WAL relay (`--source wal`) in this process on the slot `relay::wal::SlotName::DEFAULT`
@@ -373,17 +373,52 @@ impl RunningRelay {
         db: &Database,
         config: RelayConfig,
     ) -> anyhow::Result<RunningRelay> {
-        let pool = db.pool(4).await?;
-        let publisher = publisher(servers, &config).await?;
-        let settings = relay::wal::WalSettings {
-            slot: relay::wal::SlotName::new(relay::wal::SlotName::DEFAULT)?,
-            database_url: db.url.clone(),
+        RunningRelay::start_at(Source::Wal, servers.nats.url(), &db.url, config).await
+    }
+
+    /// Starts a relay reading `source` of the database at `database_url` and publishing to
+    /// the NATS server at `nats_url`: what [`RunningRelay::start`] and
+    /// [`RunningRelay::start_wal`] do, for a process that has only the two URLs
+    /// ([`crate::relay_process`]).
+    pub async fn start_at(
+        source: Source,
+        nats_url: &str,
+        database_url: &str,
+        config: RelayConfig,
+    ) -> anyhow::Result<RunningRelay> {
+        let nats = NatsConfig {
+            url: nats_url.to_owned(),
+            name: Some(config.instance_id.clone()),
+            ..NatsConfig::default()
         };
-        let relay = relay::wal::WalRelay::new(config, settings, pool, publisher)
-            .context("building the WAL relay")?;
-        Ok(RunningRelay::spawn(relay.health(), |stop| {
-            relay.run(async move { stop.cancelled().await })
-        }))
+        let client = nats
+            .connect()
+            .await
+            .context("connecting the relay to NATS")?;
+        let publisher =
+            JetStreamPublisher::new(client, config.publish_timeout, config.max_in_flight);
+        match source {
+            Source::Table => {
+                let pool = pool(database_url, config.min_connections() + 2).await?;
+                let relay =
+                    relay::Relay::new(config, pool, publisher).context("building the relay")?;
+                Ok(RunningRelay::spawn(relay.health(), |stop| {
+                    relay.run(async move { stop.cancelled().await })
+                }))
+            }
+            Source::Wal => {
+                let pool = pool(database_url, 4).await?;
+                let settings = relay::wal::WalSettings {
+                    slot: relay::wal::SlotName::new(relay::wal::SlotName::DEFAULT)?,
+                    database_url: database_url.to_owned(),
+                };
+                let relay = relay::wal::WalRelay::new(config, settings, pool, publisher)
+                    .context("building the WAL relay")?;
+                Ok(RunningRelay::spawn(relay.health(), |stop| {
+                    relay.run(async move { stop.cancelled().await })
+                }))
+            }
+        }
     }
 
     /// Spawns `run` of a built relay, stopped by [`RunningRelay::stop`].
@@ -446,6 +481,24 @@ impl RunningRelay {
         self.health.report()
     }
 
+    /// Runs until `shutdown` completes, then stops as [`RunningRelay::stop`] does; fails at
+    /// once if the relay ends on its own before.
+    pub async fn run_until(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        tokio::select! {
+            joined = &mut self.task => {
+                joined
+                    .context("the relay task panicked")?
+                    .context("the relay failed")?;
+                bail!("the relay stopped before it was told to")
+            }
+            () = shutdown => self.stop(deadline).await,
+        }
+    }
+
     /// Stops the relay and waits (up to `deadline`) for it to finish; past the deadline the
     /// task is aborted and this fails.
     pub async fn stop(mut self, deadline: Duration) -> anyhow::Result<()> {
@@ -494,20 +547,6 @@ pub fn relay_config(instance_id: &str) -> RelayConfig {
     }
 }
 
-/// The relay's JetStream publisher, on a connection of its own named after the instance.
-async fn publisher(servers: &Servers, config: &RelayConfig) -> anyhow::Result<JetStreamPublisher> {
-    let client = servers
-        .nats_config(&config.instance_id)
-        .connect()
-        .await
-        .context("connecting the relay to NATS")?;
-    Ok(JetStreamPublisher::new(
-        client,
-        config.publish_timeout,
-        config.max_in_flight,
-    ))
-}
-
 /// Where the relay under test reads the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -527,12 +566,22 @@ impl Source {
     }
 }
 
-/// The resident set of this process now, in MB (from `/proc/self/status`), if readable.
-pub fn rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// The largest resident set process `pid` has had so far, in MB (`VmHWM` in
+/// `/proc/<pid>/status`), if readable.
+pub fn peak_rss_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmHWM:")
+}
+
+/// The resident set of process `pid` now, in MB (`VmRSS`), if readable.
+pub fn rss_mb(pid: u32) -> Option<f64> {
+    status_mb(pid, "VmRSS:")
+}
+
+fn status_mb(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()

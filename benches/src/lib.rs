@@ -13,6 +13,8 @@
 //! - [`producer`]: `producer-overhead`, business transactions with and without an enqueue.
 //! - [`backlog`]: `relay-backlog`, drain rate with a large backlog against a small one.
 //! - [`inbox`]: `inbox-consume`, the inbox consumer against raw pull consumption.
+//! - [`relay_process`]: the relay in a child process of the bench binary, whose memory
+//!   `relay-drain` reads apart.
 //! - [`console`]: `console`, the operator console's page times on a big database.
 //! - [`wal_read`]: `wal-read`, a logical replication reader against raw JetStream publishing.
 //! - [`stats`]: rates, percentiles and number formatting.
@@ -24,6 +26,7 @@ pub mod env;
 pub mod inbox;
 pub mod latency;
 pub mod producer;
+pub mod relay_process;
 pub mod stats;
 pub mod wal_read;
 

@@ -57,6 +57,21 @@ enum Scenario {
     /// The operator console's pages (p99) with a million dead letters and a million-row
     /// backlog, against the dead-letter page's raw keyset query.
     Console(ConsoleArgs),
+    /// The relay alone, run by `relay-drain` as a child process until its stdin closes.
+    #[command(hide = true)]
+    RelayProcess(RelayProcessArgs),
+}
+
+#[derive(Args)]
+struct RelayProcessArgs {
+    #[arg(long, value_parser = ["table", "wal"])]
+    source: String,
+    #[arg(long)]
+    database_url: String,
+    #[arg(long)]
+    nats_url: String,
+    #[arg(long)]
+    instance: String,
 }
 
 #[derive(Args)]
@@ -211,7 +226,8 @@ struct BacklogArgs {
     source: String,
 }
 
-/// The relay runs in this process: it allocates as the `relay` daemon does (mimalloc).
+/// The relay runs in this process (or a child of it): it allocates as the `relay` daemon
+/// does (mimalloc).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -258,6 +274,8 @@ fn main() -> ExitCode {
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         }
     });
+    // Not waiting for blocking reads still under way (the relay process's stdin).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match outcome {
         Ok(line) => {
             println!("{line}");
@@ -347,6 +365,15 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 requests: a.requests,
             };
             bench::console::run(&config, fast).await
+        }
+        Scenario::RelayProcess(a) => {
+            bench::relay_process::serve(
+                source(&a.source),
+                &a.nats_url,
+                &a.database_url,
+                &a.instance,
+            )
+            .await
         }
     }
 }
