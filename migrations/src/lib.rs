@@ -124,6 +124,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_emit_check_cached",
         sql: include_str!("../sql/0016_outbox_emit_check_cached.sql"),
     },
+    Migration {
+        version: 17,
+        name: "outbox_wal_progress_system",
+        sql: include_str!("../sql/0017_outbox_wal_progress_system.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -796,6 +796,50 @@ async fn an_idle_relay_lets_the_slot_reach_the_end_of_the_log() {
     assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
 }
 
+/// A recorded position another server wrote (a dump restored into this cluster brought the
+/// row) can fall between the slot's position and this server's WAL end, where the check
+/// above does not see it: a relay that started from it would skip every message before it.
+/// The relay ignores a record whose system identifier is not this server's, removes it,
+/// starts from the slot's position and publishes everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_position_from_another_server_is_not_trusted() {
+    let env = env_logical().await;
+    assert_eq!(slot_cli(&env, "create").0, 0);
+    let expected = enqueue_mixed(&env.pool, 0, 300, 5).await;
+    let written = wal_position(&env.pool).await;
+    // Past every message, below the WAL end, with another server's identifier.
+    sqlx::query(
+        "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn, system_identifier)
+         VALUES ('outbox_relay', $1::pg_lsn, 42)",
+    )
+    .bind(&written)
+    .execute(&env.pool)
+    .await
+    .expect("a record from another server");
+    let _relay = spawn_relay(&env, "wal-s", &["--source", "wal"]);
+    let client = env.nats_client().await;
+    wait_until(
+        Duration::from_secs(60),
+        "everything published, and the record rewritten by this server",
+        || async {
+            let ours: bool = sqlx::query_scalar(
+                "SELECT coalesce(bool_and(system_identifier =
+                     (SELECT system_identifier FROM pg_control_system())), false)
+                 FROM outbox_wal_progress",
+            )
+            .fetch_one(&env.pool)
+            .await
+            .expect("record");
+            stream_count(&client).await as usize >= expected.len()
+                && ours
+                && recorded_at_least(&env.pool, &written).await
+        },
+    )
+    .await
+    .expect("published");
+    assert_exactly_once_in_key_order(&expected, &stream_messages(&client).await);
+}
+
 /// A recorded position ahead of everything the server has written cannot be this server's
 /// (a restored backup brought the row, or the slot was recreated by hand): a relay that
 /// started from it would skip every message before it. The relay removes it, starts from
@@ -805,7 +849,8 @@ async fn a_recorded_position_ahead_of_the_log_is_not_trusted() {
     let env = env_logical().await;
     assert_eq!(slot_cli(&env, "create").0, 0);
     sqlx::query(
-        "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn) VALUES ('outbox_relay', 'FF/0')",
+        "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn, system_identifier)
+         VALUES ('outbox_relay', 'FF/0', (SELECT system_identifier FROM pg_control_system()))",
     )
     .execute(&env.pool)
     .await

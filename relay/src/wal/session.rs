@@ -140,9 +140,10 @@ pub(crate) async fn run<P: Publisher>(
 }
 
 /// Where a session starts: the greater of the slot's confirmed position and the relay's
-/// record of it. A record ahead of everything the server has written is not this server's
-/// (a restored backup, a slot recreated by hand): trusting it would skip messages, so it
-/// is removed and the slot's position used.
+/// record of it. A record ahead of everything the server has written, or written by
+/// another server (a dump restored into another cluster), is not this server's: trusting
+/// it would skip messages, so it is removed and the slot's position used (re-sending at
+/// most what the slot had not confirmed, which the duplicate window absorbs).
 async fn start_position(
     s: &store::SlotStatus,
     pool: &PgPool,
@@ -153,6 +154,13 @@ async fn start_position(
     let slot_position = lsn(s.confirmed_flush_lsn.as_deref());
     let record = lsn(s.relay_confirmed_lsn.as_deref());
     let current = lsn(s.current_lsn.as_deref());
+    if s.relay_record_foreign {
+        tracing::warn!(slot = %slot, record = %record, "the relay's recorded position was written by another server (or before migration 0017); removing it and resuming from the slot's position");
+        store::forget_progress(pool, slot, timeout)
+            .await
+            .map_err(|e| format!("cannot remove the foreign recorded position: {e}"))?;
+        return Ok(slot_position);
+    }
     if record > current && current > Lsn::ZERO {
         tracing::warn!(slot = %slot, record = %record, current = %current, "the relay's recorded position is ahead of the server's WAL; removing it and resuming from the slot's position");
         store::forget_progress(pool, slot, timeout)

@@ -81,6 +81,11 @@ pub struct SlotStatus {
     /// The server's current WAL position (a relay record ahead of it is not this server's:
     /// a restored backup, or a slot recreated by hand; it is ignored and removed).
     pub current_lsn: Option<String>,
+    /// The relay's record was not written by this server: its system identifier
+    /// (`pg_control_system()`, migration 0017) is another's, or it has none (written before
+    /// 0017). A dump restored into another cluster brings such a record, whose position
+    /// means nothing here; it is ignored and removed. False when there is no record.
+    pub relay_record_foreign: bool,
 }
 
 /// Refuses to start without `wal_level = logical` and a role that may replicate.
@@ -241,7 +246,9 @@ const SLOT_STATUS: &str = "SELECT s.slot_name::text AS slot, s.plugin::text AS p
         pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint AS retained_wal_bytes,
         pg_wal_lsn_diff(pg_current_wal_lsn(),
             GREATEST(s.confirmed_flush_lsn, p.confirmed_lsn))::bigint AS lag_bytes,
-        s.wal_status, pg_current_wal_lsn()::text AS current_lsn
+        s.wal_status, pg_current_wal_lsn()::text AS current_lsn,
+        p.slot_name IS NOT NULL AND p.system_identifier IS DISTINCT FROM
+            (SELECT system_identifier FROM pg_control_system()) AS relay_record_foreign
     FROM pg_replication_slots s
     LEFT JOIN outbox_wal_progress p ON p.slot_name = s.slot_name";
 
@@ -351,9 +358,11 @@ pub(crate) async fn save_progress(
     within(timeout, async {
         let mut conn = pool.acquire().await?;
         sqlx::query(
-            "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn) VALUES ($1, $2::pg_lsn)
+            "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn, system_identifier)
+             VALUES ($1, $2::pg_lsn, (SELECT system_identifier FROM pg_control_system()))
              ON CONFLICT (slot_name) DO UPDATE
                 SET confirmed_lsn = GREATEST(outbox_wal_progress.confirmed_lsn, EXCLUDED.confirmed_lsn),
+                    system_identifier = EXCLUDED.system_identifier,
                     updated_at = now()",
         )
         .bind(slot.as_str())
