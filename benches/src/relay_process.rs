@@ -20,7 +20,8 @@ use crate::env::{self, RunningRelay, Source};
 /// The hidden subcommand the child runs.
 pub const SUBCOMMAND: &str = "relay-process";
 
-/// What the child prints on stdout once its relay is connected and started.
+/// What the child prints on stdout once its relay is built (pool and NATS connected) and
+/// its task spawned.
 const READY: &str = "ready";
 
 /// A relay running in a child process of this binary.
@@ -67,6 +68,9 @@ impl RelayProcess {
             .with_context(|| format!("the relay process was not ready within {deadline:?}"))?
             .context("reading the relay process's stdout")?;
         if first.as_deref() != Some(READY) {
+            // It may still run (something else printed first): stop it before waiting.
+            drop(stdin);
+            child.kill().await.ok();
             let status = child
                 .wait()
                 .await

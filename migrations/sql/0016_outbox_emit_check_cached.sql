@@ -9,7 +9,7 @@
 -- outbox.emit_checked_until (undone if the transaction rolls back). The Rust Outbox's
 -- OutboxTransaction writes its first emit as
 --   SELECT pg_logical_emit_message(true, 'outbox', ...)
---   WHERE coalesce(current_setting('outbox.emit_checked_until', true) COLLATE "C" > '<now>', false)
+--   WHERE coalesce(current_setting('outbox.emit_checked_until', true) COLLATE "C" BETWEEN '<now>' AND '<now + 1 s>', false)
 --      OR outbox_emit_check('<now + 1 s>')
 -- with both times from its own clock, as 20 digits of microseconds since 1970, so that the
 -- server compares them bytewise and interprets neither.

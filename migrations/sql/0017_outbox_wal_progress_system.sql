@@ -5,6 +5,8 @@
 -- fell between the new slot's position and the new server's WAL end, a relay that trusted
 -- it would skip every message in between. The relay now writes the server's system
 -- identifier (pg_control_system()) with the position, and ignores and removes a record
--- whose identifier is another's or missing (written before this migration): it then starts
--- from the slot's own position, re-sending at most what the slot had not confirmed.
+-- whose identifier is another's: it then starts from the slot's own position, re-sending at
+-- most what the slot had not confirmed. A record without one (written before this
+-- migration, or by a relay not yet upgraded) is trusted as before and stamped at the next
+-- save: discarding it would give up what it is for, resuming after a PostgreSQL crash.
 ALTER TABLE outbox_wal_progress ADD COLUMN system_identifier bigint;

@@ -86,7 +86,9 @@ pub(crate) const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The `WHERE` clause of the first emit of a log batch: true while this session's note of
 /// a passed check (`outbox.emit_checked_until`, set by `outbox_emit_check`, migration 0016)
-/// is later than `now`; otherwise the checks run (`wal_level` is `logical`, a slot reads the
+/// lies between `now` and `now` plus [`LOG_CHECK_INTERVAL`] (a note further ahead, from a
+/// clock stepped back, another client of a pooled connection or a hand-set value, does not
+/// count); otherwise the checks run (`wal_level` is `logical`, a slot reads the
 /// database: else an error aborts the transaction) and note `now` plus
 /// [`LOG_CHECK_INTERVAL`]. Both times are this process's clock, written as 20 digits of
 /// microseconds since 1970 and compared bytewise: the server never interprets them, so
@@ -99,7 +101,7 @@ fn log_guard(now: SystemTime) -> String {
             .min(u128::from(u64::MAX))
     };
     format!(
-        " WHERE coalesce(current_setting('outbox.emit_checked_until',true) COLLATE \"C\">'{:020}',false) OR outbox_emit_check('{:020}')",
+        " WHERE coalesce(current_setting('outbox.emit_checked_until',true) COLLATE \"C\" BETWEEN '{0:020}' AND '{1:020}',false) OR outbox_emit_check('{1:020}')",
         micros(now),
         micros(now + LOG_CHECK_INTERVAL)
     )
@@ -199,7 +201,7 @@ mod tests {
         assert_eq!(statements.len(), 2, "{sql}");
         assert!(
             statements[0].ends_with(
-                " WHERE coalesce(current_setting('outbox.emit_checked_until',true) COLLATE \"C\">'00001796348227222851',false) OR outbox_emit_check('00001796348228222851')"
+                " WHERE coalesce(current_setting('outbox.emit_checked_until',true) COLLATE \"C\" BETWEEN '00001796348227222851' AND '00001796348228222851',false) OR outbox_emit_check('00001796348228222851')"
             ),
             "{sql}"
         );

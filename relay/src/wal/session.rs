@@ -155,7 +155,7 @@ async fn start_position(
     let record = lsn(s.relay_confirmed_lsn.as_deref());
     let current = lsn(s.current_lsn.as_deref());
     if s.relay_record_foreign {
-        tracing::warn!(slot = %slot, record = %record, "the relay's recorded position was written by another server (or before migration 0017); removing it and resuming from the slot's position");
+        tracing::warn!(slot = %slot, record = %record, "the relay's recorded position was written by another server; removing it and resuming from the slot's position");
         store::forget_progress(pool, slot, timeout)
             .await
             .map_err(|e| format!("cannot remove the foreign recorded position: {e}"))?;

@@ -81,10 +81,11 @@ pub struct SlotStatus {
     /// The server's current WAL position (a relay record ahead of it is not this server's:
     /// a restored backup, or a slot recreated by hand; it is ignored and removed).
     pub current_lsn: Option<String>,
-    /// The relay's record was not written by this server: its system identifier
-    /// (`pg_control_system()`, migration 0017) is another's, or it has none (written before
-    /// 0017). A dump restored into another cluster brings such a record, whose position
-    /// means nothing here; it is ignored and removed. False when there is no record.
+    /// The relay's record was written by another server: its system identifier
+    /// (`pg_control_system()`, migration 0017) is another's. A dump restored into another
+    /// cluster brings such a record, whose position means nothing here; it is ignored and
+    /// removed. False when there is no record, or one without an identifier (written before
+    /// 0017: trusted as before, and stamped at the next save).
     pub relay_record_foreign: bool,
 }
 
@@ -122,6 +123,18 @@ pub async fn check_prerequisites(conn: &mut PgConnection, slot: &SlotName) -> Re
     if !has_progress {
         return Err(refuse(
             "the table outbox_wal_progress is missing: apply the toolkit's migrations (`relay migrate`, or `relay run --migrate`)".to_owned(),
+        ));
+    }
+    let has_system: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM pg_attribute
+                        WHERE attrelid = to_regclass('outbox_wal_progress')
+                          AND attname = 'system_identifier' AND NOT attisdropped)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !has_system {
+        return Err(refuse(
+            "outbox_wal_progress has no system_identifier column: apply the toolkit's migrations up to 0017 (`relay migrate`, or `relay run --migrate`)".to_owned(),
         ));
     }
     Ok(())
@@ -247,8 +260,8 @@ const SLOT_STATUS: &str = "SELECT s.slot_name::text AS slot, s.plugin::text AS p
         pg_wal_lsn_diff(pg_current_wal_lsn(),
             GREATEST(s.confirmed_flush_lsn, p.confirmed_lsn))::bigint AS lag_bytes,
         s.wal_status, pg_current_wal_lsn()::text AS current_lsn,
-        p.slot_name IS NOT NULL AND p.system_identifier IS DISTINCT FROM
-            (SELECT system_identifier FROM pg_control_system()) AS relay_record_foreign
+        coalesce(p.system_identifier <>
+            (SELECT system_identifier FROM pg_control_system()), false) AS relay_record_foreign
     FROM pg_replication_slots s
     LEFT JOIN outbox_wal_progress p ON p.slot_name = s.slot_name";
 
@@ -361,7 +374,11 @@ pub(crate) async fn save_progress(
             "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn, system_identifier)
              VALUES ($1, $2::pg_lsn, (SELECT system_identifier FROM pg_control_system()))
              ON CONFLICT (slot_name) DO UPDATE
-                SET confirmed_lsn = GREATEST(outbox_wal_progress.confirmed_lsn, EXCLUDED.confirmed_lsn),
+                SET confirmed_lsn = CASE
+                        WHEN outbox_wal_progress.system_identifier <> EXCLUDED.system_identifier
+                            THEN EXCLUDED.confirmed_lsn
+                        ELSE GREATEST(outbox_wal_progress.confirmed_lsn, EXCLUDED.confirmed_lsn)
+                    END,
                     system_identifier = EXCLUDED.system_identifier,
                     updated_at = now()",
         )
