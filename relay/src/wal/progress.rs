@@ -87,6 +87,7 @@ impl Progress {
         match result {
             Ok(()) => {
                 self.saved = self.saved.max(lsn);
+                tracing::debug!(slot = %self.slot, lsn = %self.saved, "recorded the confirmed position");
                 Some(self.saved)
             }
             Err(e) => {

@@ -168,7 +168,9 @@ async fn start_position(
             .map_err(|e| format!("cannot remove the stale recorded position: {e}"))?;
         return Ok(slot_position);
     }
-    Ok(slot_position.max(record))
+    let start = slot_position.max(record);
+    tracing::info!(slot = %slot, start = %start, slot_position = %slot_position, record = %record, "resuming after the greater of the slot's confirmed position and the relay's record");
+    Ok(start)
 }
 
 /// One replication session, from `start` (confirmed: by the slot or in the relay's record).
