@@ -129,6 +129,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "outbox_wal_progress_system",
         sql: include_str!("../sql/0017_outbox_wal_progress_system.sql"),
     },
+    Migration {
+        version: 18,
+        name: "outbox_wal_progress_acknowledged",
+        sql: include_str!("../sql/0018_outbox_wal_progress_acknowledged.sql"),
+    },
 ];
 
 /// Why [`migrate`] failed. Nothing was applied when it returns an error: all migrations run

@@ -42,3 +42,7 @@ pub const WAL_STREAMING: &str = "relay_wal_streaming";
 /// committed but a DELETE cannot see yet (their commit still finishing, for example waiting
 /// for a synchronous standby).
 pub const WAL_INVISIBLE_ROW_WAITS: &str = "relay_wal_invisible_row_waits_total";
+/// WAL source, counter: messages read again after a restart that an earlier relay had
+/// acknowledged past its confirmed position (its record lists them), resolved without being
+/// published again.
+pub const WAL_SKIPPED_ACKNOWLEDGED: &str = "relay_wal_skipped_acknowledged_total";

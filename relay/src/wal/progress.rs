@@ -16,6 +16,7 @@ use std::time::Duration;
 use pgwire_replication::Lsn;
 use sqlx::PgPool;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use super::SlotName;
 use super::store;
@@ -23,7 +24,7 @@ use super::store;
 /// How often the confirmed position is written (and so reported to the slot) at most.
 pub(crate) const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
-type Saving = Pin<Box<dyn Future<Output = (Lsn, Result<(), sqlx::Error>)> + Send>>;
+type Saving = Pin<Box<dyn Future<Output = (Lsn, Vec<Uuid>, Result<(), sqlx::Error>)> + Send>>;
 
 /// See the module docs.
 pub(crate) struct Progress {
@@ -32,6 +33,8 @@ pub(crate) struct Progress {
     timeout: Duration,
     /// Committed to the table: the slot may be told.
     saved: Lsn,
+    /// The acknowledged messages past `saved` committed with it.
+    saved_acknowledged: Vec<Uuid>,
     saving: Option<Saving>,
     next_save: Instant,
 }
@@ -44,25 +47,33 @@ impl Progress {
             slot,
             timeout,
             saved: start,
+            saved_acknowledged: Vec::new(),
             saving: None,
             next_save: Instant::now(),
         }
     }
 
-    /// Starts writing `confirmed` if it is ahead of what is saved, no write is under way and
-    /// the last one began at least [`SAVE_INTERVAL`] ago.
-    pub(crate) fn offer(&mut self, confirmed: Option<Lsn>) {
-        let Some(lsn) = confirmed.filter(|c| *c > self.saved) else {
-            return;
-        };
+    /// Starts writing `confirmed`, with the messages acknowledged past it
+    /// (`acknowledged`, asked only when a write may start), if either changed since the last
+    /// write, no write is under way and the last one began at least [`SAVE_INTERVAL`] ago.
+    pub(crate) fn offer(
+        &mut self,
+        confirmed: Option<Lsn>,
+        acknowledged: impl FnOnce() -> Vec<Uuid>,
+    ) {
         if self.saving.is_some() || Instant::now() < self.next_save {
+            return;
+        }
+        let lsn = confirmed.map_or(self.saved, |c| c.max(self.saved));
+        let ids = acknowledged();
+        if lsn == self.saved && ids == self.saved_acknowledged {
             return;
         }
         self.next_save = Instant::now() + SAVE_INTERVAL;
         let (pool, slot, timeout) = (self.pool.clone(), self.slot.clone(), self.timeout);
         self.saving = Some(Box::pin(async move {
-            let result = store::save_progress(&pool, &slot, &lsn.to_string(), timeout).await;
-            (lsn, result)
+            let result = store::save_progress(&pool, &slot, &lsn.to_string(), &ids, timeout).await;
+            (lsn, ids, result)
         }));
     }
 
@@ -82,11 +93,12 @@ impl Progress {
         let Some(saving) = self.saving.as_mut() else {
             return std::future::pending().await;
         };
-        let (lsn, result) = saving.await;
+        let (lsn, ids, result) = saving.await;
         self.saving = None;
         match result {
             Ok(()) => {
                 self.saved = self.saved.max(lsn);
+                self.saved_acknowledged = ids;
                 tracing::debug!(slot = %self.slot, lsn = %self.saved, "recorded the confirmed position");
                 Some(self.saved)
             }
@@ -97,16 +109,31 @@ impl Progress {
         }
     }
 
-    /// Writes `confirmed` now if it is ahead of what is saved (at shutdown); returns what is
-    /// durable afterwards.
-    pub(crate) async fn save_now(&mut self, confirmed: Option<Lsn>) -> Lsn {
+    /// Writes `confirmed` and the messages `acknowledged` past it now if either changed (at
+    /// shutdown); returns the position durable afterwards.
+    pub(crate) async fn save_now(
+        &mut self,
+        confirmed: Option<Lsn>,
+        acknowledged: Vec<Uuid>,
+    ) -> Lsn {
         if self.saving.is_some() {
             let _ = self.step().await;
         }
-        if let Some(lsn) = confirmed.filter(|c| *c > self.saved) {
-            match store::save_progress(&self.pool, &self.slot, &lsn.to_string(), self.timeout).await
+        let lsn = confirmed.map_or(self.saved, |c| c.max(self.saved));
+        if lsn > self.saved || acknowledged != self.saved_acknowledged {
+            match store::save_progress(
+                &self.pool,
+                &self.slot,
+                &lsn.to_string(),
+                &acknowledged,
+                self.timeout,
+            )
+            .await
             {
-                Ok(()) => self.saved = lsn,
+                Ok(()) => {
+                    self.saved = lsn;
+                    self.saved_acknowledged = acknowledged;
+                }
                 Err(e) => {
                     tracing::warn!(slot = %self.slot, error = %e, "cannot record the confirmed position at shutdown")
                 }

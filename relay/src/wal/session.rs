@@ -195,7 +195,16 @@ async fn session<P: Publisher>(
     }
     tracing::info!(slot = %settings.slot, "streaming the outbox from the replication slot");
     health.set_wal(true, false);
-    let mut pipeline = Pipeline::new(config.clone(), pool.clone(), publisher);
+    // What an earlier relay had acknowledged past the start (its record lists it): not
+    // published again.
+    let acknowledged = store::acknowledged_ids(pool, &settings.slot, config.db_timeout)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(slot = %settings.slot, error = %e, "cannot read the acknowledged messages the record lists; publishing them again");
+            Vec::new()
+        });
+    let mut pipeline =
+        Pipeline::new(config.clone(), pool.clone(), publisher).skipping(acknowledged);
     let mut progress = Progress::new(
         pool.clone(),
         settings.slot.clone(),
@@ -244,7 +253,8 @@ async fn session<P: Publisher>(
             }
         }
         // Recorded first, reported to the slot when recorded (above).
-        progress.offer(pipeline.confirmed());
+        let confirmed = pipeline.confirmed();
+        progress.offer(confirmed, || pipeline.acknowledged_unconfirmed());
         if let Some(idle) = idle_report(&pipeline, &progress) {
             client.update_applied_lsn(idle);
         }
@@ -257,7 +267,8 @@ async fn session<P: Publisher>(
         while pipeline.settling() && Instant::now() < deadline {
             let _ = tokio::time::timeout_at(deadline, pipeline.step()).await;
         }
-        let saved = progress.save_now(pipeline.confirmed()).await;
+        let acknowledged = pipeline.acknowledged_unconfirmed();
+        let saved = progress.save_now(pipeline.confirmed(), acknowledged).await;
         let saved = idle_report(&pipeline, &progress).map_or(saved, |idle| idle.max(saved));
         if saved > start {
             client.update_applied_lsn(saved);

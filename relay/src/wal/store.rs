@@ -125,16 +125,16 @@ pub async fn check_prerequisites(conn: &mut PgConnection, slot: &SlotName) -> Re
             "the table outbox_wal_progress is missing: apply the toolkit's migrations (`relay migrate`, or `relay run --migrate`)".to_owned(),
         ));
     }
-    let has_system: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT FROM pg_attribute
-                        WHERE attrelid = to_regclass('outbox_wal_progress')
-                          AND attname = 'system_identifier' AND NOT attisdropped)",
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_attribute
+         WHERE attrelid = to_regclass('outbox_wal_progress') AND NOT attisdropped
+           AND attname IN ('system_identifier', 'acknowledged_ids')",
     )
     .fetch_one(&mut *conn)
     .await?;
-    if !has_system {
+    if columns < 2 {
         return Err(refuse(
-            "outbox_wal_progress has no system_identifier column: apply the toolkit's migrations up to 0017 (`relay migrate`, or `relay run --migrate`)".to_owned(),
+            "outbox_wal_progress lacks the columns of migrations 0017 and 0018: apply the toolkit's migrations (`relay migrate`, or `relay run --migrate`)".to_owned(),
         ));
     }
     Ok(())
@@ -366,13 +366,15 @@ pub(crate) async fn save_progress(
     pool: &PgPool,
     slot: &SlotName,
     lsn: &str,
+    acknowledged: &[Uuid],
     timeout: Duration,
 ) -> Result<(), sqlx::Error> {
     within(timeout, async {
         let mut conn = pool.acquire().await?;
         sqlx::query(
-            "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn, system_identifier)
-             VALUES ($1, $2::pg_lsn, (SELECT system_identifier FROM pg_control_system()))
+            "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn, system_identifier,
+                                              acknowledged_ids)
+             VALUES ($1, $2::pg_lsn, (SELECT system_identifier FROM pg_control_system()), $3)
              ON CONFLICT (slot_name) DO UPDATE
                 SET confirmed_lsn = CASE
                         WHEN outbox_wal_progress.system_identifier <> EXCLUDED.system_identifier
@@ -380,13 +382,35 @@ pub(crate) async fn save_progress(
                         ELSE GREATEST(outbox_wal_progress.confirmed_lsn, EXCLUDED.confirmed_lsn)
                     END,
                     system_identifier = EXCLUDED.system_identifier,
+                    acknowledged_ids = EXCLUDED.acknowledged_ids,
                     updated_at = now()",
         )
         .bind(slot.as_str())
         .bind(lsn)
+        .bind(acknowledged)
         .execute(&mut *conn)
         .await
         .map(drop)
+    })
+    .await
+}
+
+/// The messages the relay's record lists as acknowledged past its confirmed position
+/// (none without a record), within `timeout`.
+pub(crate) async fn acknowledged_ids(
+    pool: &PgPool,
+    slot: &SlotName,
+    timeout: Duration,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    within(timeout, async {
+        let mut conn = pool.acquire().await?;
+        let ids: Option<Vec<Uuid>> = sqlx::query_scalar(
+            "SELECT acknowledged_ids FROM outbox_wal_progress WHERE slot_name = $1",
+        )
+        .bind(slot.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(ids.unwrap_or_default())
     })
     .await
 }
