@@ -137,6 +137,10 @@ pub(crate) struct Pipeline<P> {
     /// Messages an earlier relay had acknowledged past its confirmed position
     /// ([`Pipeline::skipping`]): resolved without being published again.
     skip: HashSet<Uuid>,
+    /// The same, in the record's order.
+    skip_order: Vec<Uuid>,
+    /// The end of the last transaction the skipped list covers.
+    skip_until: Option<Lsn>,
     confirm_failures: u32,
     /// Consecutive confirmations that found rows not visible yet.
     invisible_polls: u32,
@@ -168,6 +172,8 @@ impl<P: Publisher> Pipeline<P> {
             confirming: false,
             resolved_acked: VecDeque::new(),
             skip: HashSet::new(),
+            skip_order: Vec::new(),
+            skip_until: None,
             confirm_failures: 0,
             invisible_polls: 0,
             confirmed: None,
@@ -178,21 +184,34 @@ impl<P: Publisher> Pipeline<P> {
     }
 
     /// Messages an earlier relay had acknowledged after the position this one starts from
-    /// (its record, [`Pipeline::acknowledged_unconfirmed`]): when the log gives them again
-    /// they are resolved (their rows still deleted, their transaction confirmed) without
-    /// being published again. A key whose message is held back no longer makes the next
-    /// relay re-send every later message of other keys, which could come past the stream's
-    /// duplicate window.
-    pub(crate) fn skipping(mut self, acknowledged: impl IntoIterator<Item = Uuid>) -> Self {
-        self.skip.extend(acknowledged);
+    /// (its record, [`Pipeline::acknowledged_unconfirmed`]), in transactions ending at or
+    /// before `until`: when the log gives them again they are resolved (their rows still
+    /// deleted, their transaction confirmed) without being published again. A key whose
+    /// message is held back no longer makes the next relay re-send every later message of
+    /// other keys, which could come past the stream's duplicate window. A list whose `until`
+    /// is not past `start` belongs to an older position (nothing of it is read again) and
+    /// is dropped; the rest is dropped once confirmation passes `until`.
+    pub(crate) fn skipping(
+        mut self,
+        acknowledged: Vec<Uuid>,
+        until: Option<Lsn>,
+        start: Lsn,
+    ) -> Self {
+        if until.is_some_and(|u| u > start) {
+            self.skip.extend(acknowledged.iter().copied());
+            self.skip_order = acknowledged;
+            self.skip_until = until;
+        }
         self
     }
 
-    /// The messages acknowledged whose transaction is not confirmed yet, and those still to
-    /// skip, sorted, at most [`MAX_ACKNOWLEDGED_LISTED`]: what a relay starting from
-    /// [`Pipeline::confirmed`] need not publish again. Messages outside a transaction are
-    /// not listed (nothing confirms them by position).
-    pub(crate) fn acknowledged_unconfirmed(&mut self) -> Vec<Uuid> {
+    /// What a relay starting from [`Pipeline::confirmed`] need not publish again: the
+    /// messages still to skip, then those acknowledged in committed transactions not yet
+    /// confirmed, in commit order (so that a cut keeps each key's earlier messages before
+    /// its later ones), at most [`MAX_ACKNOWLEDGED_LISTED`]; and the end of the last
+    /// transaction the list covers. Messages outside a transaction are not listed (nothing
+    /// confirms them by position), nor those of a transaction whose commit is not read yet.
+    pub(crate) fn acknowledged_unconfirmed(&mut self) -> (Vec<Uuid>, Option<Lsn>) {
         while self
             .resolved_acked
             .front()
@@ -200,25 +219,38 @@ impl<P: Publisher> Pipeline<P> {
         {
             self.resolved_acked.pop_front();
         }
+        if self
+            .skip_until
+            .is_some_and(|u| self.confirmed.is_some_and(|c| c >= u))
+        {
+            self.skip.clear();
+        }
+        if self.skip.is_empty() {
+            self.skip_order.clear();
+            self.skip_until = None;
+        }
+        let mut until = self.skip_until;
         let mut ids: Vec<Uuid> = self
-            .resolved_acked
+            .skip_order
             .iter()
-            .flat_map(|(_, ids)| ids.iter().copied())
-            .chain(
-                self.txns
-                    .iter()
-                    .filter(|t| t.xid != 0)
-                    .flat_map(|t| t.acked.iter().copied()),
-            )
-            // Still to be read again: listed until then, for a relay after this one.
-            .chain(self.skip.iter().copied())
+            .filter(|id| self.skip.contains(id))
+            .copied()
             .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        // Past the bound, some are published again after a crash (within or past the
+        for (end, acked) in &self.resolved_acked {
+            ids.extend(acked.iter().copied());
+            until = until.max(Some(*end));
+        }
+        for txn in self.txns.iter().filter(|t| t.xid != 0 && t.committed) {
+            ids.extend(txn.acked.iter().copied());
+            until = until.max(txn.end_lsn);
+        }
+        // Past the bound, the rest are published again after a crash (within or past the
         // duplicate window), as all were before this list existed.
         ids.truncate(MAX_ACKNOWLEDGED_LISTED);
-        ids
+        if ids.is_empty() {
+            until = None;
+        }
+        (ids, until)
     }
 
     /// From now on nothing new goes out: no publish, retry or dead letter starts; what is
@@ -820,20 +852,47 @@ mod tests {
         .await
         .expect("the later transaction is published");
         assert_eq!(first.confirmed(), None, "held back by the stuck key");
-        assert_eq!(first.acknowledged_unconfirmed(), vec![later_id]);
+        assert_eq!(
+            first.acknowledged_unconfirmed(),
+            (vec![later_id], Some(Lsn::from(200)))
+        );
 
         // The next relay, from the same (unconfirmed) start, with the record's list.
         let (second, republished) = pipeline(16);
-        let mut second = second.skipping(first.acknowledged_unconfirmed());
+        let (listed, until) = first.acknowledged_unconfirmed();
+        let mut second = second.skipping(listed, until, Lsn::from(50));
         second.begin_at(0, 8);
         second.push(later);
         second.commit(Lsn::from(200));
         assert_eq!(second.confirmed(), Some(Lsn::from(200)));
         assert!(republished.stored().is_empty(), "published again");
-        assert!(
-            second.acknowledged_unconfirmed().is_empty(),
+        assert_eq!(
+            second.acknowledged_unconfirmed(),
+            (vec![], None),
             "confirmed, no longer listed"
         );
+    }
+
+    /// A list that belongs to an older position (its last transaction ends before the
+    /// start) is dropped, and one whose messages are never read again is dropped once
+    /// confirmation passes its end: neither is listed forever.
+    #[tokio::test]
+    async fn a_stale_acknowledged_list_is_not_kept() {
+        let listed = vec![Uuid::now_v7()];
+        let (older, _) = pipeline(16);
+        let mut older = older.skipping(listed.clone(), Some(Lsn::from(100)), Lsn::from(100));
+        assert_eq!(older.acknowledged_unconfirmed(), (vec![], None));
+
+        let (unread, _) = pipeline(16);
+        let mut unread = unread.skipping(listed.clone(), Some(Lsn::from(150)), Lsn::from(100));
+        assert_eq!(
+            unread.acknowledged_unconfirmed(),
+            (listed, Some(Lsn::from(150)))
+        );
+        unread.begin_at(0, 9);
+        unread.commit(Lsn::from(160));
+        assert_eq!(unread.confirmed(), Some(Lsn::from(160)));
+        assert_eq!(unread.acknowledged_unconfirmed(), (vec![], None));
     }
 
     fn message_copy(decoded: &Decoded) -> Decoded {

@@ -24,7 +24,11 @@ use super::store;
 /// How often the confirmed position is written (and so reported to the slot) at most.
 pub(crate) const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
-type Saving = Pin<Box<dyn Future<Output = (Lsn, Vec<Uuid>, Result<(), sqlx::Error>)> + Send>>;
+/// Messages acknowledged past a confirmed position, and the end of the last transaction
+/// they cover (`Pipeline::acknowledged_unconfirmed`).
+pub(crate) type Acknowledged = (Vec<Uuid>, Option<Lsn>);
+
+type Saving = Pin<Box<dyn Future<Output = (Lsn, Acknowledged, Result<(), sqlx::Error>)> + Send>>;
 
 /// See the module docs.
 pub(crate) struct Progress {
@@ -33,8 +37,9 @@ pub(crate) struct Progress {
     timeout: Duration,
     /// Committed to the table: the slot may be told.
     saved: Lsn,
-    /// The acknowledged messages past `saved` committed with it.
-    saved_acknowledged: Vec<Uuid>,
+    /// The acknowledged messages past `saved` committed with it, and the end of the last
+    /// transaction they cover.
+    saved_acknowledged: Acknowledged,
     saving: Option<Saving>,
     next_save: Instant,
 }
@@ -47,7 +52,7 @@ impl Progress {
             slot,
             timeout,
             saved: start,
-            saved_acknowledged: Vec::new(),
+            saved_acknowledged: (Vec::new(), None),
             saving: None,
             next_save: Instant::now(),
         }
@@ -59,17 +64,18 @@ impl Progress {
     pub(crate) fn offer(
         &mut self,
         confirmed: Option<Lsn>,
-        acknowledged: impl FnOnce() -> Vec<Uuid>,
+        acknowledged: impl FnOnce() -> Acknowledged,
     ) {
         if self.saving.is_some() || Instant::now() < self.next_save {
             return;
         }
+        // Asked at most once per interval, whether or not anything is written.
+        self.next_save = Instant::now() + SAVE_INTERVAL;
         let lsn = confirmed.map_or(self.saved, |c| c.max(self.saved));
         let ids = acknowledged();
         if lsn == self.saved && ids == self.saved_acknowledged {
             return;
         }
-        self.next_save = Instant::now() + SAVE_INTERVAL;
         let (pool, slot, timeout) = (self.pool.clone(), self.slot.clone(), self.timeout);
         self.saving = Some(Box::pin(async move {
             let result = store::save_progress(&pool, &slot, &lsn.to_string(), &ids, timeout).await;
@@ -114,7 +120,7 @@ impl Progress {
     pub(crate) async fn save_now(
         &mut self,
         confirmed: Option<Lsn>,
-        acknowledged: Vec<Uuid>,
+        acknowledged: Acknowledged,
     ) -> Lsn {
         if self.saving.is_some() {
             let _ = self.step().await;
@@ -140,5 +146,30 @@ impl Progress {
             }
         }
         self.saved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Listing the acknowledged messages sorts through every unconfirmed transaction: it is
+    /// asked at most once per interval, even when nothing changed and nothing is written.
+    #[tokio::test]
+    async fn the_acknowledged_list_is_asked_at_most_once_per_interval() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let slot = SlotName::new("test_slot").expect("slot");
+        let mut progress = Progress::new(pool, slot, Duration::from_secs(1), Lsn::from(100));
+        let mut asked = 0;
+        for _ in 0..100 {
+            progress.offer(Some(Lsn::from(100)), || {
+                asked += 1;
+                (Vec::new(), None)
+            });
+        }
+        assert_eq!(asked, 1, "unchanged, so nothing written, and asked once");
+        assert!(!progress.is_saving());
     }
 }

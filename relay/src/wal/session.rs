@@ -197,14 +197,14 @@ async fn session<P: Publisher>(
     health.set_wal(true, false);
     // What an earlier relay had acknowledged past the start (its record lists it): not
     // published again.
-    let acknowledged = store::acknowledged_ids(pool, &settings.slot, config.db_timeout)
+    let (acknowledged, until) = store::acknowledged_ids(pool, &settings.slot, config.db_timeout)
         .await
         .unwrap_or_else(|e| {
             tracing::warn!(slot = %settings.slot, error = %e, "cannot read the acknowledged messages the record lists; publishing them again");
-            Vec::new()
+            (Vec::new(), None)
         });
     let mut pipeline =
-        Pipeline::new(config.clone(), pool.clone(), publisher).skipping(acknowledged);
+        Pipeline::new(config.clone(), pool.clone(), publisher).skipping(acknowledged, until, start);
     let mut progress = Progress::new(
         pool.clone(),
         settings.slot.clone(),

@@ -128,11 +128,11 @@ pub async fn check_prerequisites(conn: &mut PgConnection, slot: &SlotName) -> Re
     let columns: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_attribute
          WHERE attrelid = to_regclass('outbox_wal_progress') AND NOT attisdropped
-           AND attname IN ('system_identifier', 'acknowledged_ids')",
+           AND attname IN ('system_identifier', 'acknowledged_ids', 'acknowledged_until')",
     )
     .fetch_one(&mut *conn)
     .await?;
-    if columns < 2 {
+    if columns < 3 {
         return Err(refuse(
             "outbox_wal_progress lacks the columns of migrations 0017 and 0018: apply the toolkit's migrations (`relay migrate`, or `relay run --migrate`)".to_owned(),
         ));
@@ -366,15 +366,16 @@ pub(crate) async fn save_progress(
     pool: &PgPool,
     slot: &SlotName,
     lsn: &str,
-    acknowledged: &[Uuid],
+    acknowledged: &(Vec<Uuid>, Option<pgwire_replication::Lsn>),
     timeout: Duration,
 ) -> Result<(), sqlx::Error> {
     within(timeout, async {
         let mut conn = pool.acquire().await?;
         sqlx::query(
             "INSERT INTO outbox_wal_progress (slot_name, confirmed_lsn, system_identifier,
-                                              acknowledged_ids)
-             VALUES ($1, $2::pg_lsn, (SELECT system_identifier FROM pg_control_system()), $3)
+                                              acknowledged_ids, acknowledged_until)
+             VALUES ($1, $2::pg_lsn, (SELECT system_identifier FROM pg_control_system()), $3,
+                     $4::pg_lsn)
              ON CONFLICT (slot_name) DO UPDATE
                 SET confirmed_lsn = CASE
                         WHEN outbox_wal_progress.system_identifier <> EXCLUDED.system_identifier
@@ -383,11 +384,13 @@ pub(crate) async fn save_progress(
                     END,
                     system_identifier = EXCLUDED.system_identifier,
                     acknowledged_ids = EXCLUDED.acknowledged_ids,
+                    acknowledged_until = EXCLUDED.acknowledged_until,
                     updated_at = now()",
         )
         .bind(slot.as_str())
         .bind(lsn)
-        .bind(acknowledged)
+        .bind(&acknowledged.0)
+        .bind(acknowledged.1.map(|l| l.to_string()))
         .execute(&mut *conn)
         .await
         .map(drop)
@@ -395,22 +398,26 @@ pub(crate) async fn save_progress(
     .await
 }
 
-/// The messages the relay's record lists as acknowledged past its confirmed position
-/// (none without a record), within `timeout`.
+/// The messages the relay's record lists as acknowledged past its confirmed position, and
+/// the end of the last transaction they cover (none without a record), within `timeout`.
 pub(crate) async fn acknowledged_ids(
     pool: &PgPool,
     slot: &SlotName,
     timeout: Duration,
-) -> Result<Vec<Uuid>, sqlx::Error> {
+) -> Result<(Vec<Uuid>, Option<pgwire_replication::Lsn>), sqlx::Error> {
     within(timeout, async {
         let mut conn = pool.acquire().await?;
-        let ids: Option<Vec<Uuid>> = sqlx::query_scalar(
-            "SELECT acknowledged_ids FROM outbox_wal_progress WHERE slot_name = $1",
+        let row: Option<(Vec<Uuid>, Option<String>)> = sqlx::query_as(
+            "SELECT acknowledged_ids, acknowledged_until::text
+             FROM outbox_wal_progress WHERE slot_name = $1",
         )
         .bind(slot.as_str())
         .fetch_optional(&mut *conn)
         .await?;
-        Ok(ids.unwrap_or_default())
+        Ok(row.map_or((Vec::new(), None), |(ids, until)| {
+            let until = until.and_then(|u| pgwire_replication::Lsn::parse(&u).ok());
+            (ids, until)
+        }))
     })
     .await
 }
