@@ -167,8 +167,20 @@ async fn an_operator_filters_dead_letters_retries_one_and_the_consumer_processes
         .click("form.filters button[type='submit']")
         .await
         .expect("filter");
-    assert!(browser.url().await.expect("url").contains("reason=handler"));
-    assert_eq!(browser.count("tr[data-id]").await.expect("rows"), 1);
+    // The click starts the form's navigation; the filtered page may not be there yet.
+    testkit::wait_until(
+        Duration::from_secs(20),
+        "the filtered dead-letter page",
+        || async {
+            browser
+                .url()
+                .await
+                .is_ok_and(|url| url.contains("reason=handler"))
+                && browser.count("tr[data-id]").await.is_ok_and(|n| n == 1)
+        },
+    )
+    .await
+    .expect("filtered");
     assert_eq!(
         browser
             .count(&format!("tr[data-id='{retried}']"))
