@@ -310,8 +310,9 @@ impl<P: Publisher> Pipeline<P> {
         let Some(txn) = self.txns.back_mut() else {
             return;
         };
-        if let Decoded::Envelope { envelope, row } = &decoded
+        if !self.skip.is_empty()
             && txn.xid != 0
+            && let Decoded::Envelope { envelope, row } = &decoded
             && self.skip.remove(&envelope.id.as_uuid())
         {
             // Acknowledged before a restart: kept listed until its transaction is confirmed.
